@@ -1,0 +1,67 @@
+#include "comm/tensor_checks.h"
+
+#include <numeric>
+
+#include "tessera/core/error.h"
+
+namespace tessera::comm::detail {
+
+std::string dtypeName(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    default: return std::string("unsupported(") + c10::toString(type) + ")";
+  }
+}
+
+void checkTensor(const at::Tensor& t, const std::string& what, bool allowCuda) {
+  TESSERA_CHECK_ARG(t.defined(), what << ": tensor is undefined");
+  TESSERA_CHECK_ARG(t.is_contiguous(), what << ": tensor must be contiguous (call .contiguous() first)");
+  const bool deviceOk = t.device().is_cpu() || (allowCuda && t.device().is_cuda());
+  TESSERA_CHECK_ARG(deviceOk, what << ": tensor is on " << t.device().str() << " but this backend needs "
+                                   << (allowCuda ? "CPU or CUDA" : "CPU") << " tensors");
+  TESSERA_CHECK_ARG(dtypeName(t.scalar_type()).rfind("unsupported", 0) != 0,
+                    what << ": dtype " << c10::toString(t.scalar_type())
+                         << " is not supported; use float32, float64, bfloat16, float16, int32, "
+                            "int64, uint8 or int8");
+}
+
+void checkSameDtype(const at::Tensor& a, const at::Tensor& b, const std::string& what) {
+  TESSERA_CHECK_ARG(a.scalar_type() == b.scalar_type(),
+                    what << ": input is " << dtypeName(a.scalar_type()) << " but output is "
+                         << dtypeName(b.scalar_type()) << "; they must match");
+}
+
+std::vector<int64_t> resolveCounts(std::vector<int64_t> counts, int64_t total, int size,
+                                   const std::string& what) {
+  if (counts.empty()) {
+    TESSERA_CHECK_ARG(total % size == 0, what << ": " << total << " elements do not split evenly over "
+                                              << size << " ranks; pass explicit counts");
+    return std::vector<int64_t>(size, total / size);
+  }
+  TESSERA_CHECK_ARG(static_cast<int>(counts.size()) == size,
+                    what << ": got " << counts.size() << " counts for a group of " << size << " ranks");
+  for (size_t r = 0; r < counts.size(); ++r) {
+    TESSERA_CHECK_ARG(counts[r] >= 0, what << ": counts[" << r << "] = " << counts[r] << " is negative");
+  }
+  const int64_t sum = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+  TESSERA_CHECK_ARG(sum == total, what << ": counts sum to " << sum << " but the tensor has " << total
+                                       << " elements");
+  return counts;
+}
+
+std::vector<int64_t> exclusiveOffsets(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> offsets(counts.size(), 0);
+  for (size_t r = 1; r < counts.size(); ++r) offsets[r] = offsets[r - 1] + counts[r - 1];
+  return offsets;
+}
+
+int64_t byteSize(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
+}  // namespace tessera::comm::detail

@@ -1,0 +1,59 @@
+// JSON-lines metrics: one JSON object per line, flushed per record, so a run
+// that dies keeps every line written before it, and `tail -f`/jq work live.
+//
+//   MetricsWriter metrics("run.jsonl");
+//   metrics.write(MetricsRecord().add("step", 10).add("loss", 2.31));
+//
+// Not thread-safe: one writer per thread (rank 0's training loop, typically).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace tessera {
+
+// An ordered set of key/value pairs; keys keep insertion order in the output.
+class MetricsRecord {
+ public:
+  using Value = std::variant<int64_t, double, bool, std::string>;
+
+  MetricsRecord& add(std::string key, int64_t value);
+  MetricsRecord& add(std::string key, int value) { return add(std::move(key), int64_t{value}); }
+  MetricsRecord& add(std::string key, uint64_t value) {
+    return add(std::move(key), static_cast<int64_t>(value));
+  }
+  MetricsRecord& add(std::string key, double value);
+  MetricsRecord& add(std::string key, bool value);
+  MetricsRecord& add(std::string key, std::string value);
+  MetricsRecord& add(std::string key, const char* value) { return add(std::move(key), std::string(value)); }
+
+  // One line of JSON, no trailing newline. Non-finite doubles become null.
+  std::string toJson() const;
+
+ private:
+  std::vector<std::pair<std::string, Value>> fields_;
+};
+
+// Escapes a string for inclusion in JSON (quotes included).
+std::string jsonQuote(const std::string& text);
+
+class MetricsWriter {
+ public:
+  // Opens (truncating) path; "-" writes to stdout. Throws Error naming the path.
+  explicit MetricsWriter(const std::string& path);
+  ~MetricsWriter();
+  MetricsWriter(const MetricsWriter&) = delete;
+  MetricsWriter& operator=(const MetricsWriter&) = delete;
+
+  void write(const MetricsRecord& record);
+
+ private:
+  std::FILE* file_ = nullptr;
+  bool ownsFile_ = false;
+};
+
+}  // namespace tessera

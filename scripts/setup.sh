@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs every system package tessera builds, tests and demos with.
+# Idempotent: asks apt-get only for what is missing, so a second run is a no-op.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build ccache pkg-config
+  libtorch-dev libopenblas0-pthread          # libtorch; OpenBLAS (reference BLAS is ~27x slower)
+  libgloo-dev libopenmpi-dev openmpi-bin     # communication backends
+  libhdf5-dev libzstd-dev libxxhash-dev      # checkpoints
+  libgtest-dev libgmock-dev                  # tests
+  libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libssl-dev
+  fortunes dataset-fashion-mnist             # training data
+  python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+echo "setup: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
