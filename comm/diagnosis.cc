@@ -12,6 +12,7 @@ std::string OpInfo::describe() const {
   std::ostringstream out;
   out << toString(kind) << " #" << seq;
   if (!dtype.empty()) out << " " << dtype << "[" << numel << "]";
+  if (countsDigest != 0) out << " counts#" << std::hex << (countsDigest & 0xffff) << std::dec;
   if (peer >= 0) out << ((kind == OpKind::kSend || kind == OpKind::kRecv) ? " peer " : " root ") << peer;
   return out.str();
 }
@@ -19,7 +20,7 @@ std::string OpInfo::describe() const {
 std::string OpInfo::encode() const {
   std::ostringstream out;
   out << static_cast<int>(kind) << " " << seq << " " << (dtype.empty() ? "-" : dtype) << " " << numel << " "
-      << peer;
+      << peer << " " << countsDigest;
   return out.str();
 }
 
@@ -27,7 +28,7 @@ std::optional<OpInfo> OpInfo::decode(const std::string& text) {
   std::istringstream in(text);
   OpInfo info;
   int kind = 0;
-  if (!(in >> kind >> info.seq >> info.dtype >> info.numel >> info.peer)) return std::nullopt;
+  if (!(in >> kind >> info.seq >> info.dtype >> info.numel >> info.peer >> info.countsDigest)) return std::nullopt;
   if (kind < 0 || kind >= static_cast<int>(OpKind::kCount)) return std::nullopt;
   info.kind = static_cast<OpKind>(kind);
   if (info.dtype == "-") info.dtype.clear();
@@ -36,7 +37,19 @@ std::optional<OpInfo> OpInfo::decode(const std::string& text) {
 
 bool OpInfo::matches(const OpInfo& other) const {
   return kind == other.kind && seq == other.seq && dtype == other.dtype && numel == other.numel &&
-         peer == other.peer;
+         peer == other.peer && countsDigest == other.countsDigest;
+}
+
+uint64_t digestCounts(const std::vector<int64_t>& counts) {
+  if (counts.empty()) return 0;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over the little-endian bytes
+  for (int64_t c : counts) {
+    for (int b = 0; b < 8; ++b) {
+      h ^= static_cast<uint64_t>(c >> (8 * b)) & 0xff;
+      h *= 1099511628211ull;
+    }
+  }
+  return h == 0 ? 1 : h;
 }
 
 std::string summarizeReports(int myRank, const OpInfo& mine,
@@ -95,7 +108,7 @@ std::string diagnoseViaStore(Store& store, int rank, int size, const OpInfo& min
 }
 
 Timeout diagnosisGrace(Timeout opTimeout) {
-  return std::clamp<Timeout>(opTimeout / 2, Timeout(1000), Timeout(10000));
+  return std::clamp<Timeout>(opTimeout / 4, Timeout(1000), Timeout(5000));
 }
 
 }  // namespace tessera::comm::detail

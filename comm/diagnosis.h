@@ -22,6 +22,7 @@ struct OpInfo {
   std::string dtype;          // "float32", ...; empty for barrier
   int64_t numel = 0;          // elements this rank contributes
   int peer = -1;              // root (broadcast) or peer (send/recv)
+  uint64_t countsDigest = 0;  // hash of the per-rank counts of uneven ops (0: equal split)
 
   // "allreduce #12 float32[1000]"
   std::string describe() const;
@@ -29,6 +30,9 @@ struct OpInfo {
   static std::optional<OpInfo> decode(const std::string& text);
   bool matches(const OpInfo& other) const;
 };
+
+// A digest of a counts vector, for OpInfo::countsDigest (0 for empty counts).
+uint64_t digestCounts(const std::vector<int64_t>& counts);
 
 // reports[r]: what rank r said it was doing (nullopt: no report in time).
 std::string summarizeReports(int myRank, const OpInfo& mine,
@@ -38,8 +42,8 @@ std::string summarizeReports(int myRank, const OpInfo& mine,
 // ranks' reports. Never throws: a dead store yields a sentence saying so.
 std::string diagnoseViaStore(Store& store, int rank, int size, const OpInfo& mine, Timeout grace);
 
-// How long a failing rank waits for its peers' reports: half the operation's
-// timeout, clamped to [1 s, 10 s].
+// How long a failing rank waits for its peers' reports: a quarter of the
+// operation's timeout, clamped to [1 s, 5 s].
 Timeout diagnosisGrace(Timeout opTimeout);
 
 }  // namespace tessera::comm::detail

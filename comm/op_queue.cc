@@ -39,20 +39,12 @@ OpQueue::OpQueue(std::string name) : name_(std::move(name)) {
 }
 
 OpQueue::~OpQueue() {
-  bool stuck = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
-    // An operation running this long is blocked in a backend without timeouts
-    // (MPI); joining would hang the destructor forever.
-    stuck = busy_ && SteadyClock::now() - busySince_ > std::chrono::seconds(1);
   }
   wake_.notify_all();
-  if (stuck) {
-    thread_.detach();
-  } else {
-    thread_.join();
-  }
+  thread_.join();
 }
 
 std::shared_ptr<CompletionWork> OpQueue::enqueue(std::function<void()> fn, std::string description,
@@ -76,18 +68,12 @@ void OpQueue::run() {
       if (items_.empty()) return;  // stopping and drained
       item = std::move(items_.front());
       items_.pop_front();
-      busy_ = true;
-      busySince_ = SteadyClock::now();
     }
     std::exception_ptr error;
     try {
       item.fn();
     } catch (...) {
       error = std::current_exception();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      busy_ = false;
     }
     item.work->complete(error);
   }

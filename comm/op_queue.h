@@ -47,8 +47,9 @@ WorkPtr completedWork();
 class OpQueue {
  public:
   explicit OpQueue(std::string name);
-  // Stops the thread after the queued operations ran. If an operation is stuck
-  // (a backend without its own timeouts), the thread is detached, not joined.
+  // Runs the queued operations, then joins the thread. Operations must end by
+  // themselves (Gloo's carry timeouts); a backend whose operations can block
+  // forever (MPI) must leak the queue of a stuck group instead of destroying it.
   ~OpQueue();
 
   // Queues fn; the returned work completes when fn returns or throws.
@@ -67,8 +68,6 @@ class OpQueue {
   std::condition_variable wake_;
   std::deque<Item> items_;
   bool stopping_ = false;
-  bool busy_ = false;
-  SteadyClock::time_point busySince_{};
   std::thread thread_;
 };
 

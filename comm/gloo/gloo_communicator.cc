@@ -1,6 +1,7 @@
 #include "comm/gloo/gloo_communicator.h"
 
 #include <ATen/ops/empty.h>
+#include <gloo/allgather.h>
 #include <gloo/allgatherv.h>
 #include <gloo/allreduce.h>
 #include <gloo/alltoallv.h>
@@ -60,7 +61,13 @@ int binomialChildren(int rank, int root, int size) {
   return children;
 }
 
-using ContextPtr = std::shared_ptr<gloo::Context>;
+at::ScalarType dtypeCodeOf(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kInt, at::kLong, at::kByte,
+                           at::kChar}) {
+    if (dtypeName(t) == name) return t;
+  }
+  return at::ScalarType::Undefined;
+}
 
 uint32_t tagOf(uint64_t seq) { return static_cast<uint32_t>(seq & 0xffffffffu); }
 
@@ -75,6 +82,7 @@ GlooCommunicator::GlooCommunicator(StorePtr store, std::string prefix, int rank,
       device_(device ? std::move(device) : createDevice(options)),
       options_(options) {
   setTimeout(options.timeout);
+  if (const char* env = std::getenv("TESSERA_VERIFY_COLLECTIVES")) options_.verifyCollectives = std::string(env) != "0";
   auto context = std::make_shared<gloo::rendezvous::Context>(rank, size);
   context->setTimeout(options.timeout);
   GlooStoreAdapter adapter(store_, options.timeout);
@@ -120,16 +128,61 @@ OpInfo GlooCommunicator::nextOp(OpKind kind, const at::Tensor* tensor, int64_t n
   return info;
 }
 
-void GlooCommunicator::failOp(const OpInfo& info, Timeout timeout, const std::string& cause) {
-  // Drop the context first: closing its sockets makes peers blocked in the
-  // same operation fail now rather than at their timeout.
+void GlooCommunicator::markBroken(const std::string& reason) {
+  // Closing the context's sockets makes peers blocked in the same operation
+  // fail now rather than at their timeout.
   std::shared_ptr<gloo::Context> dropped;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     dropped = std::move(context_);
     context_.reset();
+    if (brokenReason_.empty()) brokenReason_ = reason;
   }
   dropped.reset();
+}
+
+void GlooCommunicator::verifyAcrossRanks(const ContextPtr& context, const OpInfo& info, Timeout timeout,
+                                         uint32_t tag) {
+  constexpr int kFields = 6;
+  const int64_t dtypeCode = info.dtype.empty() ? -1 : static_cast<int64_t>(dtypeCodeOf(info.dtype));
+  std::vector<int64_t> mine = {static_cast<int64_t>(info.kind), static_cast<int64_t>(info.seq), dtypeCode,
+                               info.numel, info.peer, static_cast<int64_t>(info.countsDigest)};
+  std::vector<int64_t> all(static_cast<size_t>(kFields) * size());
+  gloo::AllgatherOptions opts(context);
+  opts.setInput(mine.data(), kFields);
+  opts.setOutput(all.data(), all.size());
+  opts.setTag(tag);
+  opts.setTimeout(timeout);
+  gloo::allgather(opts);
+  std::vector<std::optional<OpInfo>> reports(size());
+  bool agree = true;
+  for (int r = 0; r < size(); ++r) {
+    const int64_t* f = all.data() + r * kFields;
+    OpInfo other;
+    other.kind = static_cast<OpKind>(f[0]);
+    other.seq = static_cast<uint64_t>(f[1]);
+    other.dtype = f[2] < 0 ? "" : dtypeName(static_cast<at::ScalarType>(f[2]));
+    other.numel = f[3];
+    other.peer = static_cast<int>(f[4]);
+    other.countsDigest = static_cast<uint64_t>(f[5]);
+    agree = agree && other.matches(info);
+    reports[r] = other;
+  }
+  if (agree) return;
+  const std::string message = info.describe() + " on group '" + name() + "' (gloo, rank " + std::to_string(rank()) +
+                              " of " + std::to_string(size()) + ") was not started: " +
+                              summarizeReports(rank(), info, reports, Timeout(0));
+  // The ranks disagree about the sequence of collectives, so nothing after this can match either.
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (brokenReason_.empty()) brokenReason_ = message;
+    context_.reset();
+  }
+  throw CommError(message);
+}
+
+void GlooCommunicator::failOp(const OpInfo& info, Timeout timeout, const std::string& cause) {
+  markBroken(info.describe() + " failed: " + cause);
   const bool timedOut = cause.find("Timed out") != std::string::npos || cause.find("timed out") != std::string::npos;
   const std::string diagnosis = diagnoseViaStore(*store_, rank(), size(), info, diagnosisGrace(timeout));
   const std::string message = info.describe() + " on group '" + name() + "' (gloo, rank " + std::to_string(rank()) +
@@ -157,6 +210,7 @@ WorkPtr GlooCommunicator::enqueueCollective(OpInfo info, Timeout timeout,
       context = context_;
     }
     try {
+      if (options_.verifyCollectives && size() > 1) verifyAcrossRanks(context, info, timeout, tagOf(info.seq));
       body(context, timeout, tagOf(info.seq));
     } catch (const tessera::Error&) {
       throw;
@@ -218,7 +272,8 @@ void GlooCommunicator::ringReduceScatter(const ContextPtr& context, uint8_t* scr
     const int recvChunk = ((r - s - 2) % n + n) % n;
     const size_t sendBytes = counts[sendChunk] * elementSize;
     const size_t recvBytes = counts[recvChunk] * elementSize;
-    const uint64_t slot = gloo::Slot::build(kRingSlotPrefix, tag) + static_cast<uint64_t>(s);
+    // One slot per (operation, step): prefix | 32-bit tag | 24-bit step.
+    const uint64_t slot = (uint64_t{kRingSlotPrefix} << 56) | (uint64_t{tag} << 24) | static_cast<uint64_t>(s);
     auto recvBuf = context->createUnboundBuffer(incoming.data(), recvBytes);
     auto sendBuf = context->createUnboundBuffer(scratch + offsets[sendChunk] * elementSize, sendBytes);
     // Post the receive before the send so that neither side waits on the other.
@@ -243,6 +298,7 @@ WorkPtr GlooCommunicator::reduceScatterAsync(at::Tensor input, at::Tensor output
   TESSERA_CHECK_ARG(output.numel() == counts[rank()], what << ": output has " << output.numel()
                                                           << " elements but this rank's count is " << counts[rank()]);
   OpInfo info = nextOp(OpKind::kReduceScatter, &input, input.numel());
+  info.countsDigest = digestCounts(counts);
   return enqueueCollective(info, effectiveTimeout(options),
                            [this, input, output, op, counts](const ContextPtr& context, Timeout timeout, uint32_t tag) {
     Stopwatch watch;
@@ -275,7 +331,8 @@ WorkPtr GlooCommunicator::allGatherAsync(at::Tensor input, at::Tensor output, st
   counts = resolveCounts(std::move(counts), output.numel(), size(), what);
   TESSERA_CHECK_ARG(input.numel() == counts[rank()], what << ": input has " << input.numel()
                                                          << " elements but this rank's count is " << counts[rank()]);
-  OpInfo info = nextOp(OpKind::kAllGather, &input, input.numel());
+  OpInfo info = nextOp(OpKind::kAllGather, &input, output.numel());
+  info.countsDigest = digestCounts(counts);
   return enqueueCollective(info, effectiveTimeout(options),
                            [this, input, output, counts](const ContextPtr& context, Timeout timeout, uint32_t tag) {
     Stopwatch watch;
@@ -336,7 +393,8 @@ WorkPtr GlooCommunicator::allToAllAsync(at::Tensor input, at::Tensor output, std
   checkSameDtype(input, output, what);
   sendCounts = resolveCounts(std::move(sendCounts), input.numel(), size(), what + " sendCounts");
   recvCounts = resolveCounts(std::move(recvCounts), output.numel(), size(), what + " recvCounts");
-  OpInfo info = nextOp(OpKind::kAllToAll, &input, input.numel());
+  // Send counts legitimately differ per rank, so only the op and dtype are verified.
+  OpInfo info = nextOp(OpKind::kAllToAll, &input, 0);
   return enqueueCollective(info, effectiveTimeout(options), [this, input, output, sendCounts, recvCounts](
                                                                 const ContextPtr& context, Timeout timeout, uint32_t tag) {
     Stopwatch watch;
@@ -388,14 +446,16 @@ namespace {
 class GlooP2PWork final : public Work {
  public:
   GlooP2PWork(std::unique_ptr<gloo::transport::UnboundBuffer> buffer, at::Tensor tensor, bool isSend,
-              std::string description, Timeout timeout, std::function<void(double)> onComplete)
+              std::string description, Timeout timeout, std::function<void(double)> onComplete,
+              std::function<void(const std::string&)> onFailure)
       : buffer_(std::move(buffer)),
         tensor_(std::move(tensor)),
         isSend_(isSend),
         description_(std::move(description)),
         timeout_(timeout),
         deadline_(timeout),
-        onComplete_(std::move(onComplete)) {}
+        onComplete_(std::move(onComplete)),
+        onFailure_(std::move(onFailure)) {}
 
   void wait(Timeout timeout) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -412,13 +472,17 @@ class GlooP2PWork final : public Work {
       }
     } catch (const std::exception& e) {
       const std::string what = e.what();
-      if (what.find("Timed out") != std::string::npos) {
-        throw TimeoutError(description_ + " timed out after " + std::to_string(limit.count()) +
-                           " ms: the peer never posted the matching " + (isSend_ ? "recv" : "send") +
-                           " with this tag (or it is dead)");
-      }
       done_ = true;
+      if (what.find("Timed out") != std::string::npos) {
+        error_ = description_ + " timed out after " + std::to_string(limit.count()) +
+                 " ms: the peer never posted the matching " + (isSend_ ? "recv" : "send") +
+                 " with this tag (or it is dead)";
+        // Gloo closes the pair on a timeout, so the group cannot continue.
+        onFailure_(error_);
+        throw TimeoutError(error_);
+      }
       error_ = description_ + " failed: " + what;
+      onFailure_(error_);
       throw CommError(error_);
     }
     finish();
@@ -437,6 +501,7 @@ class GlooP2PWork final : public Work {
       if (std::string(e.what()).find("Timed out") != std::string::npos) return false;
       done_ = true;
       error_ = description_ + " failed: " + e.what();
+      onFailure_(error_);
       return true;
     }
     finish();
@@ -458,6 +523,7 @@ class GlooP2PWork final : public Work {
   Deadline deadline_;
   Stopwatch watch_;
   std::function<void(double)> onComplete_;
+  std::function<void(const std::string&)> onFailure_;
   bool done_ = false;
   std::string error_;
 };
@@ -476,7 +542,8 @@ WorkPtr GlooCommunicator::sendAsync(at::Tensor tensor, int dst, int tag, CallOpt
                                   std::to_string(tensor.numel()) + "] to rank " + std::to_string(dst) + " tag " +
                                   std::to_string(tag) + " on group '" + name() + "' (gloo)";
   return std::make_shared<GlooP2PWork>(std::move(buffer), tensor, true, description, effectiveTimeout(options),
-                                       [this, bytes](double s) { recordOp(OpKind::kSend, bytes, 0, s); });
+                                       [this, bytes](double s) { recordOp(OpKind::kSend, bytes, 0, s); },
+                                       [this](const std::string& reason) { markBroken(reason); });
 }
 
 WorkPtr GlooCommunicator::recvAsync(at::Tensor tensor, int src, int tag, CallOptions options) {
@@ -491,7 +558,8 @@ WorkPtr GlooCommunicator::recvAsync(at::Tensor tensor, int src, int tag, CallOpt
                                   std::to_string(tensor.numel()) + "] from rank " + std::to_string(src) + " tag " +
                                   std::to_string(tag) + " on group '" + name() + "' (gloo)";
   return std::make_shared<GlooP2PWork>(std::move(buffer), tensor, false, description, effectiveTimeout(options),
-                                       [this, bytes](double s) { recordOp(OpKind::kRecv, 0, bytes, s); });
+                                       [this, bytes](double s) { recordOp(OpKind::kRecv, 0, bytes, s); },
+                                       [this](const std::string& reason) { markBroken(reason); });
 }
 
 CommPtr GlooCommunicator::split(int color, int key, const std::string& suffix) {

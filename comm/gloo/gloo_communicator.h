@@ -48,6 +48,7 @@ class GlooCommunicator final : public Communicator {
  private:
   // Runs body on the queue as collective `info`; on failure runs the
   // diagnosis and marks the communicator broken.
+  using ContextPtr = std::shared_ptr<gloo::Context>;
   using Body = std::function<void(const std::shared_ptr<gloo::Context>&, Timeout, uint32_t tag)>;
   WorkPtr enqueueCollective(OpInfo info, Timeout timeout, Body body);
   OpInfo nextOp(OpKind kind, const at::Tensor* tensor, int64_t numel, int peer = -1);
@@ -57,6 +58,11 @@ class GlooCommunicator final : public Communicator {
                          size_t elementSize, at::ScalarType dtype, ReduceOp op, uint32_t tag, Timeout timeout,
                          uint64_t* bytesSent, uint64_t* bytesReceived);
   void checkPeer(int peer, const char* what) const;
+  // Collective: every rank shares what it is about to run; throws CommError on
+  // every rank if they disagree.
+  void verifyAcrossRanks(const ContextPtr& context, const OpInfo& info, Timeout timeout, uint32_t tag);
+  // Drops the Gloo context after a failure (see the file comment).
+  void markBroken(const std::string& reason);
 
   StorePtr store_;          // already prefixed with this group's prefix
   std::string prefix_;      // full prefix in the root store (for children)

@@ -2,6 +2,8 @@
 // group (see mpi_group.h for the protocol).
 #include "comm/mpi/mpi_group.h"
 
+#include <algorithm>
+#include <cstring>
 #include <sstream>
 #include <thread>
 
@@ -13,13 +15,15 @@ namespace tessera::comm::detail {
 namespace {
 
 constexpr int kReportTag = 7777;
+// Room for OpInfo::encode(): six numbers and a dtype name, at most ~90 bytes.
+constexpr int kVerifyBytes = 128;
 
 std::string encodeReport(const OpInfo& info, bool timedOut) {
   return info.encode() + (timedOut ? " T" : " E");
 }
 
 std::optional<std::pair<OpInfo, bool>> decodeReport(const std::string& text) {
-  // OpInfo::decode reads its five fields and ignores the trailing flag.
+  // OpInfo::decode reads its own fields and ignores the trailing flag.
   auto info = OpInfo::decode(text);
   if (!info || text.size() < 2 || text[text.size() - 2] != ' ') return std::nullopt;
   return std::make_pair(*info, text.back() == 'T');
@@ -42,21 +46,19 @@ MpiGroup::MpiGroup(MPI_Comm comm, std::string name) : comm_(comm), name_(std::mo
 }
 
 MpiGroup::~MpiGroup() {
-  if (broken() || mpiFinalized()) return;  // leaked on purpose, see the header
-  reapPending();
-  {
-    std::lock_guard<std::mutex> lock(pendingMutex_);
-    // Dropped, still-pending sends/recvs: MPI keeps using their buffers, so
-    // their tensors are leaked with them rather than freed under MPI's feet.
-    for (auto& [request, tensor] : pending_) {
-      MPI_Request_free(&request);
-      (void)new at::Tensor(std::move(tensor));
-    }
-  }
+  if (mpiFinalized()) return;
   if (reportRecv_ != MPI_REQUEST_NULL) {
     MPI_Cancel(&reportRecv_);
     MPI_Wait(&reportRecv_, MPI_STATUS_IGNORE);
   }
+  reapPending();
+  for (auto& [request, tensor] : pending_) {
+    MPI_Request_free(&request);
+    (void)new at::Tensor(std::move(tensor));
+  }
+  for (MPI_Request& request : outgoingRequests_) MPI_Request_free(&request);
+  if (!outgoing_.empty()) (void)new std::deque<std::string>(std::move(outgoing_));
+  if (broken()) return;
   MPI_Comm_free(&reportComm_);
   MPI_Comm_free(&comm_);
 }
@@ -112,6 +114,11 @@ void MpiGroup::throwIfBroken() const {
                             "restart the job): " + errorMessage_);
 }
 
+std::string MpiGroup::failureMessage() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return errorMessage_;
+}
+
 std::exception_ptr MpiGroup::errorFor(uint64_t seq) const {
   std::lock_guard<std::mutex> lock(mutex_);
   if (errorSeq_ == seq) return error_;
@@ -143,6 +150,29 @@ void MpiGroup::breakWith(std::exception_ptr error, const std::string& message) {
   error_ = std::move(error);
   errorMessage_ = message;
   noteMpiGroupBroken();
+}
+
+void MpiGroup::verifyAcrossRanks(const OpInfo& info, Timeout timeout) {
+  const std::string text = info.encode();
+  std::vector<char> mine(kVerifyBytes, '\0');
+  std::copy_n(text.begin(), std::min<size_t>(text.size(), kVerifyBytes - 1), mine.begin());
+  std::vector<char> all(static_cast<size_t>(kVerifyBytes) * size_);
+  const int code = MPI_Allgather(mine.data(), kVerifyBytes, MPI_CHAR, all.data(), kVerifyBytes, MPI_CHAR, comm_);
+  if (code != MPI_SUCCESS) failOp(info, timeout, code);
+  std::vector<std::optional<OpInfo>> reports(size_);
+  bool agree = true;
+  for (int r = 0; r < size_; ++r) {
+    const char* field = all.data() + static_cast<size_t>(r) * kVerifyBytes;
+    reports[r] = OpInfo::decode(std::string(field, strnlen(field, kVerifyBytes)));
+    agree = agree && reports[r] && reports[r]->matches(info);
+  }
+  if (agree) return;
+  const std::string message = info.describe() + " on " + where() + " was not started: " +
+                              summarizeReports(rank_, info, reports, Timeout(0));
+  // The ranks disagree about the sequence of collectives: nothing later can match either.
+  breakWith(std::make_exception_ptr(CommError(message)), message);
+  TESSERA_LOG(kError) << message;
+  throw CommError(message);
 }
 
 void MpiGroup::checkHealth() {
@@ -179,6 +209,17 @@ void MpiGroup::checkHealth() {
   }
 }
 
+bool MpiGroup::failing() {
+  if (broken()) return true;
+  {
+    std::lock_guard<std::mutex> lock(reportsMutex_);
+    pollReportsLocked();
+    if (firstReporter_ >= 0) return true;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  return running_ && SteadyClock::now() - runningSince_ > running_->timeout;
+}
+
 void MpiGroup::breakGroup(const std::optional<Issued>& subject, bool timedOut, const std::string& cause) {
   std::lock_guard<std::mutex> breakLock(breakMutex_);
   if (broken()) return;
@@ -211,8 +252,8 @@ std::string MpiGroup::exchangeReports(const OpInfo& mine, bool timedOut, Timeout
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
       MPI_Request request = MPI_REQUEST_NULL;
-      // Never waited for: a dead peer never receives it. The buffer lives in
-      // outgoing_, which a broken group never frees.
+      // Never waited for: a dead peer never receives it. The buffer stays in
+      // outgoing_, which the destructor leaks rather than frees.
       if (MPI_Isend(text.data(), static_cast<int>(text.size()), MPI_CHAR, r, kReportTag, reportComm_, &request) ==
           MPI_SUCCESS) {
         outgoingRequests_.push_back(request);

@@ -26,6 +26,7 @@
 #include <mpi.h>
 
 #include <array>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <mutex>
@@ -47,8 +48,11 @@ class MpiGroup {
   // MPI_ERRORS_RETURN on it. Collective over comm: duplicates it once more
   // for failure reports. Throws CommError when MPI fails.
   MpiGroup(MPI_Comm comm, std::string name);
-  // Frees the communicators, unless the group is broken (a thread may still
-  // be blocked on them: they are leaked on purpose) or MPI is finalized.
+  // Runs when no thread uses the group any more (each holds a reference).
+  // Buffers MPI may still write or read (a pending send/recv, a report sent
+  // to a dead peer) are leaked with their requests rather than freed under
+  // MPI. The communicators are freed unless the group is broken: peers may
+  // still be inside an operation on them.
   ~MpiGroup();
   MpiGroup(const MpiGroup&) = delete;
   MpiGroup& operator=(const MpiGroup&) = delete;
@@ -79,6 +83,8 @@ class MpiGroup {
   bool broken() const;
   // Throws CommError carrying the first failure if the group is broken.
   void throwIfBroken() const;
+  // The first failure's message; empty while the group is healthy.
+  std::string failureMessage() const;
   // The error a waiter of collective `seq` throws once the group is broken:
   // the failure itself for the collective that failed, else a CommError
   // saying the operation was abandoned because of it.
@@ -89,9 +95,18 @@ class MpiGroup {
   // Breaks the group with an error found outside any collective (a send or
   // recv that timed out), without the report exchange.
   void breakWith(std::exception_ptr error, const std::string& message);
+  // Worker thread, between beginOp and endOp: one MPI_Allgather of every
+  // rank's OpInfo::encode() (kVerifyBytes each). If the ranks disagree, breaks
+  // the group and throws CommError naming each rank's operation, before any
+  // data moved: MPI would otherwise fail on one rank only (MPI_ERR_TRUNCATE)
+  // or, for a dtype mismatch of equal width, silently return garbage.
+  void verifyAcrossRanks(const OpInfo& info, Timeout timeout);
   // Waiters: breaks the group if a collective is overdue or a peer reported a
   // failure. Never throws; may block up to the diagnosis grace period.
   void checkHealth();
+  // Non-blocking: whether the group is broken or checkHealth() would break
+  // it, so that polling Work::isCompleted() sees a stuck operation end.
+  bool failing();
 
   // Takes over a send/recv whose Work was dropped before it completed: MPI
   // still owns the buffer, so the tensor stays referenced until MPI_Test says
@@ -140,7 +155,7 @@ class MpiGroup {
   std::array<char, 256> reportBuffer_{};
   std::vector<std::optional<PeerReport>> peerReports_;
   int firstReporter_ = -1;
-  std::vector<std::string> outgoing_;  // buffers of our reports, alive until exit
+  std::deque<std::string> outgoing_;  // buffers of our reports (a deque never moves them)
   std::vector<MPI_Request> outgoingRequests_;
 
   std::mutex pendingMutex_;

@@ -32,7 +32,9 @@ class MpiCollectiveWork final : public Work {
   // the latest its timeout plus the diagnosis grace after it started).
   // An explicit timeout only bounds this wait: TimeoutError, group intact.
   void wait(Timeout timeout = kUseCommTimeout) override;
-  bool isCompleted() override { return inner_->isCompleted(); }
+  // Also true once the group is failing (the operation will never succeed);
+  // wait() then throws the diagnosed error.
+  bool isCompleted() override { return inner_->isCompleted() || group_->failing(); }
 
  private:
   std::shared_ptr<CompletionWork> inner_;
@@ -55,7 +57,7 @@ class MpiP2PWork final : public Work {
   // TimeoutError and breaks the group (an unmatched request would match a
   // later message with the same tag and scramble the stream).
   void wait(Timeout timeout = kUseCommTimeout) override;
-  // One MPI_Test.
+  // One MPI_Test. Also true once the deadline passed (wait() then throws).
   bool isCompleted() override;
 
  private:

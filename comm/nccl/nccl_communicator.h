@@ -13,6 +13,9 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "comm/diagnosis.h"
 #include "comm/nccl/nccl_group.h"
@@ -48,7 +51,8 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   CommPtr split(int color, int key, const std::string& suffix) override;
 
  private:
-  using Body = std::function<void(ncclComm_t comm, cudaStream_t stream)>;
+  // Enqueues the NCCL calls of one operation; `label` names it for errors.
+  using Body = std::function<void(ncclComm_t comm, cudaStream_t stream, const std::string& label)>;
   // Enqueues body on the group's stream as `info`, records the completion
   // event and returns the Work. bytesSent/Received are recorded as stats when
   // the Work is first seen complete. Marks the group broken if body throws.
@@ -71,6 +75,8 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   std::mutex issueMutex_;       // collectives must reach NCCL in one order
   uint64_t collectiveSeq_ = 0;  // guarded by issueMutex_
   int splitSeq_ = 0;            // guarded by issueMutex_
+  std::vector<uint64_t> sendSeq_;  // sends issued per peer (NCCL's matching order); guarded by issueMutex_
+  std::vector<uint64_t> recvSeq_;  // recvs issued per peer; guarded by issueMutex_
 };
 
 }  // namespace tessera::comm::detail

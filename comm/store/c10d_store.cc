@@ -1,7 +1,5 @@
 #include "comm/store/c10d_store.h"
 
-#include <torch/csrc/distributed/c10d/FileStore.hpp>
-
 #include "tessera/core/error.h"
 
 namespace tessera::comm::detail {
@@ -82,35 +80,4 @@ bool C10dStore::check(const std::vector<std::string>& keys) {
   }
 }
 
-namespace {
-
-class FileStore final : public Store {
- public:
-  explicit FileStore(const std::string& path)
-      : store_(c10::make_intrusive<c10d::FileStore>(path, /*numWorkers=*/-1), "file store " + path) {}
-
-  void set(const std::string& key, const Bytes& value) override { store_.set(key, value); }
-  Bytes get(const std::string& key, std::chrono::milliseconds timeout) override {
-    return store_.get(key, timeout);
-  }
-  void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override {
-    store_.wait(keys, timeout);
-  }
-  int64_t add(const std::string& key, int64_t delta) override { return store_.add(key, delta); }
-  Bytes compareSet(const std::string& key, const Bytes& expected, const Bytes& desired) override {
-    return store_.compareSet(key, expected, desired);
-  }
-  bool deleteKey(const std::string& key) override { return store_.deleteKey(key); }
-  bool check(const std::vector<std::string>& keys) override { return store_.check(keys); }
-  std::string describe() const override { return store_.describe(); }
-
- private:
-  C10dStore store_;
-};
-
-}  // namespace
 }  // namespace tessera::comm::detail
-
-namespace tessera::comm {
-StorePtr makeFileStore(const std::string& path) { return std::make_shared<detail::FileStore>(path); }
-}  // namespace tessera::comm

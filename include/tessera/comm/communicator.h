@@ -5,8 +5,9 @@
 // Contracts that hold for every method below:
 // - Collective: every rank of the group must call it, in the same order, with
 //   matching dtypes and sizes. A mismatch is reported as a CommError naming each
-//   rank's operation, dtype and element count (checked when an operation fails,
-//   so the happy path pays nothing).
+//   rank's operation, dtype and element count: backends exchange a small
+//   description of each collective before running it (on by default; see
+//   verifyCollectives in the backend options).
 // - Tensors are contiguous, on the backend's device (CPU for Gloo/MPI, CUDA for
 //   NCCL), of float32, float64, bfloat16, float16, int32, int64, uint8 or int8.
 //   Anything else is an InvalidArgument that says how to fix it.

@@ -10,6 +10,11 @@ namespace tessera::comm {
 struct MpiOptions {
   std::string name = "world";           // group name in errors and logs
   Timeout timeout = kDefaultCommTimeout;  // default timeout of every operation
+  // Before each collective, ranks check that they all run the same operation
+  // (op, dtype, size), so a mismatch is a clear CommError rather than garbage
+  // or MPI_ERR_TRUNCATE. One small allgather per collective.
+  // TESSERA_VERIFY_COLLECTIVES=0 turns it off.
+  bool verifyCollectives = true;
 };
 
 // Whether this build of tessera includes the MPI backend.

@@ -15,6 +15,9 @@
 //   b matches the k-th recv on b from a. They share the stream with the
 //   collectives, so two ranks that both send to each other before receiving
 //   deadlock; order them (even ranks send first) or use allToAll.
+// - Traffic stats (ring model) are recorded when wait() or isCompleted()
+//   first sees an operation finished: an operation never waited for is not
+//   counted.
 // - Creating a group and split() are bounded by the timeout (a store
 //   rendezvous runs first and names the ranks that did not arrive); an
 //   operation that stops making progress is aborted (ncclCommAbort) when its

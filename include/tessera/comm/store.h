@@ -3,7 +3,7 @@
 // Every group (world, mesh axes, each re-formed elastic group) finds its peers
 // by writing and waiting for keys under its own prefix. Implementations:
 //   HashStore   in-process (threads of one process; tests)
-//   FileStore   a file on a shared filesystem (processes of one machine)
+//   FileStore   a directory on a (shared) filesystem
 //   TCPStore    a server hosted by the launcher or rank 0 (the normal case)
 //   PrefixStore a view of another store under "prefix/"
 // All implementations are thread-safe. Every blocking call takes a timeout and
@@ -62,8 +62,8 @@ using StorePtr = std::shared_ptr<Store>;
 // In-process store; waits use a condition variable.
 StorePtr makeHashStore();
 
-// A store in a file that several processes of one machine open by path.
-// The file is created if absent; numUsers is informational (cleanup is the caller's).
+// A store in a directory that several processes of one machine (or of a
+// shared filesystem) open by path. Created if absent; removing it is the caller's job.
 StorePtr makeFileStore(const std::string& path);
 
 // A view of `base` where every key is prefixed with "prefix/". Prefixes nest.

@@ -35,11 +35,11 @@ inline constexpr const char* kRank = "RANK";
 inline constexpr const char* kWorldSize = "WORLD_SIZE";
 inline constexpr const char* kLocalRank = "LOCAL_RANK";
 inline constexpr const char* kLocalWorldSize = "LOCAL_WORLD_SIZE";
-inline constexpr const char* kGroupRank = "GROUP_RANK";        // the node's rank (torchrun's name)
+inline constexpr const char* kGroupRank = "GROUP_RANK";  // the node's rank (torchrun's name)
 inline constexpr const char* kMasterAddr = "MASTER_ADDR";
 inline constexpr const char* kMasterPort = "MASTER_PORT";
-inline constexpr const char* kBackend = "TESSERA_BACKEND";     // gloo | mpi
-inline constexpr const char* kLauncher = "TESSERA_LAUNCHER";   // "tessera-run" under tessera-run
+inline constexpr const char* kBackend = "TESSERA_BACKEND";    // gloo | mpi
+inline constexpr const char* kLauncher = "TESSERA_LAUNCHER";  // "tessera-run" under tessera-run
 // "1" when a launcher hosts the TCP store at MASTER_ADDR:MASTER_PORT, so rank 0
 // must connect to it instead of hosting one itself.
 inline constexpr const char* kStoreHosted = "TESSERA_STORE_HOSTED";
@@ -54,15 +54,15 @@ inline constexpr const char* kGlooInterface = "TESSERA_GLOO_IFNAME";
 inline constexpr int kDefaultMasterPort = 29500;
 
 struct LaunchInfo {
-  int rank = 0;             // this process's rank in the world, in [0, worldSize)
-  int worldSize = 1;        // number of processes in the job
-  int localRank = 0;        // rank among the processes of this node, in [0, localWorldSize)
-  int localWorldSize = 1;   // processes on this node
-  int nodeRank = 0;         // index of this node in the job
+  int rank = 0;            // this process's rank in the world, in [0, worldSize)
+  int worldSize = 1;       // number of processes in the job
+  int localRank = 0;       // rank among the processes of this node, in [0, localWorldSize)
+  int localWorldSize = 1;  // processes on this node
+  int nodeRank = 0;        // index of this node in the job
   // Resolved backend: "gloo", "mpi", or "single" (a world of 1 with no backend).
   std::string backend = "single";
-  std::string masterAddr;   // host of the TCP store; empty when no store is needed
-  int masterPort = 0;       // port of the TCP store; 0 when no store is needed
+  std::string masterAddr;  // host of the TCP store; empty when no store is needed
+  int masterPort = 0;      // port of the TCP store; 0 when no store is needed
   // Who started us: "tessera-run", "mpirun", "slurm", "env" or "single".
   std::string launchedBy = "single";
   // A launcher (tessera-run, torchrun's agent) hosts the TCP store; every rank,
@@ -73,7 +73,8 @@ struct LaunchInfo {
 
   // Whether the job spans more than one node (rendezvous must not use loopback).
   bool multiNode() const { return localWorldSize < worldSize; }
-  // One line for logs: "rank 3/8 (local 1/4, node 1), gloo, store 10.0.0.1:29500, launched by slurm".
+  // One line for logs: "rank 5/8 (local 1/4, node 1), backend gloo, store
+  // 10.0.0.1:29500 hosted by rank 0, launched by slurm".
   std::string describe() const;
 };
 

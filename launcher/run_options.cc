@@ -1,0 +1,160 @@
+// tessera-run's flags (CLI11) and their validation. See run_options.h.
+#include "launcher/run_options.h"
+
+#include <CLI/CLI.hpp>
+#include <charconv>
+#include <cstdlib>
+#include <iostream>
+#include <sstream>
+
+#include "launcher/worker_process.h"
+#include "tessera/core/error.h"
+
+// Like TESSERA_CHECK_ARG, minus the file:line that means nothing to a CLI user.
+#define REQUIRE_FLAG(cond, msg)              \
+  do {                                       \
+    if (!(cond)) {                           \
+      std::ostringstream problem_;           \
+      problem_ << msg;                       \
+      throw InvalidArgument(problem_.str()); \
+    }                                        \
+  } while (0)
+
+namespace tessera::launcher {
+namespace {
+
+const char* const kFooter = R"(Examples:
+  tessera-run --nproc-per-node 4 ./train --steps 100
+  tessera-run --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500 --nproc-per-node 8 ./train
+  tessera-run --backend mpi --nproc-per-node 4 ./train      (runs mpirun -np 4 ./train)
+
+Each worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK,
+MASTER_ADDR, MASTER_PORT and TESSERA_BACKEND; tessera::init() reads them.
+Exit code: 0 when every worker exits 0; 1 when one fails; 2 on bad flags;
+128+N when tessera-run is stopped by signal N.)";
+
+void addFlags(CLI::App& app, RunOptions& o) {
+  app.add_option("--nproc-per-node,--nproc_per_node", o.nprocPerNode, "Workers to start on this node")
+      ->capture_default_str();
+  app.add_option("--nnodes", o.nnodes, "Nodes in the job (one tessera-run per node)")->capture_default_str();
+  app.add_option("--node-rank,--node_rank", o.nodeRank, "This node's index; node 0 hosts the store")
+      ->capture_default_str();
+  auto* rdzv = app.add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint,
+                              "host:port of the store node 0 hosts (instead of --master-addr/--master-port)");
+  auto* addr =
+      app.add_option("--master-addr,--master_addr", o.masterAddr, "Host of node 0's store")->capture_default_str();
+  auto* port = app.add_option("--master-port,--master_port", o.masterPort,
+                              "Port of node 0's store; 0 picks a free one (one node only)")
+                   ->capture_default_str();
+  rdzv->excludes(addr)->excludes(port);
+  app.add_option("--backend", o.backend, "gloo: start workers here; mpi: start them with mpirun")
+      ->capture_default_str();
+  app.add_option("--max-restarts,--max_restarts", o.maxRestarts,
+                 "Restart all workers this many times after a failure (one node only)")
+      ->capture_default_str();
+  app.add_option("--grace-period", o.gracePeriodSeconds, "Seconds between SIGTERM and SIGKILL when stopping workers")
+      ->capture_default_str();
+  app.add_option("--rdzv-timeout,--rdzv_timeout", o.rdzvTimeoutSeconds, "Seconds nodes > 0 wait for node 0's store")
+      ->capture_default_str();
+  app.add_option("--tail-lines", o.tailLines, "Lines of a failed worker's output to repeat")->capture_default_str();
+}
+
+// CLI11's usage line would say "[OPTIONS]" and hide that a program follows.
+class UsageFormatter : public CLI::Formatter {
+ public:
+  std::string make_usage(const CLI::App*, std::string) const override {
+    return "Usage: tessera-run [flags] PROGRAM [ARGS...]\n";
+  }
+};
+
+std::variant<RunOptions, int> usageError(const CLI::App& app, const std::string& problem) {
+  std::cerr << "tessera-run: " << problem << "\n\n" << app.help() << std::flush;
+  return 2;
+}
+
+}  // namespace
+
+Endpoint parseEndpoint(const std::string& text, const std::string& flag) {
+  const auto bad = [&](const std::string& why) {
+    return InvalidArgument(flag + " '" + text + "' " + why + ": give host:port, e.g. node0:29500 or [::1]:29500");
+  };
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0) throw bad("is not host:port");
+  std::string host = text.substr(0, colon);
+  if (host.front() == '[') {
+    if (host.size() < 3 || host.back() != ']') throw bad("has an unclosed [ ]");
+    host = host.substr(1, host.size() - 2);
+  } else if (host.find(':') != std::string::npos) {
+    throw bad("has an IPv6 address without [ ]");
+  }
+  const std::string portText = text.substr(colon + 1);
+  int port = -1;
+  auto [ptr, ec] = std::from_chars(portText.data(), portText.data() + portText.size(), port);
+  if (portText.empty() || ec != std::errc() || ptr != portText.data() + portText.size() || port < 0 || port > 65535) {
+    throw bad("has port '" + portText + "', not a number in 0..65535");
+  }
+  return {host, port};
+}
+
+Endpoint RunOptions::storeEndpoint() const {
+  if (!rdzvEndpoint.empty()) return parseEndpoint(rdzvEndpoint, "--rdzv-endpoint");
+  return {masterAddr, masterPort};
+}
+
+void RunOptions::validate() const {
+  REQUIRE_FLAG(nprocPerNode >= 1, "--nproc-per-node must be >= 1, got " << nprocPerNode);
+  REQUIRE_FLAG(nnodes >= 1, "--nnodes must be >= 1, got " << nnodes);
+  REQUIRE_FLAG(nodeRank >= 0 && nodeRank < nnodes,
+               "--node-rank " << nodeRank << " is out of range for --nnodes " << nnodes << ": use 0.." << nnodes - 1);
+  REQUIRE_FLAG(backend == "gloo" || backend == "mpi", "--backend must be gloo or mpi, got '" << backend << "'");
+  REQUIRE_FLAG(backend != "mpi" || nnodes == 1,
+               "--backend mpi starts one mpirun on this node; for several nodes run mpirun with a hostfile");
+  REQUIRE_FLAG(maxRestarts >= 0, "--max-restarts must be >= 0, got " << maxRestarts);
+  REQUIRE_FLAG(maxRestarts == 0 || nnodes == 1,
+               "--max-restarts works with --nnodes 1 only (restarting one node alone would desynchronise the job)");
+  REQUIRE_FLAG(gracePeriodSeconds >= 0, "--grace-period must be >= 0 seconds, got " << gracePeriodSeconds);
+  REQUIRE_FLAG(rdzvTimeoutSeconds > 0, "--rdzv-timeout must be > 0 seconds, got " << rdzvTimeoutSeconds);
+  REQUIRE_FLAG(tailLines >= 0, "--tail-lines must be >= 0, got " << tailLines);
+  const Endpoint store = storeEndpoint();
+  const std::string flag = rdzvEndpoint.empty() ? "--master-port" : "--rdzv-endpoint";
+  REQUIRE_FLAG(store.port >= 0 && store.port <= 65535, flag << " " << store.port << " is not a port: use 0..65535");
+  REQUIRE_FLAG(!store.host.empty(), "the store host is empty: give --master-addr or --rdzv-endpoint host:port");
+  REQUIRE_FLAG(store.port != 0 || nnodes == 1,
+               flag << " 0 (any free port) works with --nnodes 1 only: other nodes could not learn the port");
+  REQUIRE_FLAG(!command.empty(), "missing the program to run: tessera-run [flags] PROGRAM [ARGS...]");
+  // Parsing stops at the first word it does not know, so a misspelt flag arrives here as the "program".
+  REQUIRE_FLAG(command[0].empty() || command[0][0] != '-',
+               "unknown flag '" << command[0] << "' (tessera-run's flags go before the program; see --help)");
+  const char* path = std::getenv("PATH");
+  REQUIRE_FLAG(!findProgram(command[0], path ? path : "").empty(),
+               "program '" << command[0] << "' not found or not executable (give its path, or put it on PATH)");
+}
+
+std::variant<RunOptions, int> parseRunOptions(int argc, char** argv) {
+  RunOptions options;
+  CLI::App app("tessera-run: start the workers of a tessera job on this node", "tessera-run");
+  app.formatter(std::make_shared<UsageFormatter>());
+  app.footer(kFooter);
+  addFlags(app, options);
+  // Everything from the first positional on is the worker's command line,
+  // flags included: `tessera-run -n 2 ./train --lr 1` passes --lr to train.
+  app.prefix_command();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::cout << app.help() << std::flush;
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    return usageError(app, e.what());
+  }
+  options.command = app.remaining();
+  if (!options.command.empty() && options.command.front() == "--") options.command.erase(options.command.begin());
+  try {
+    options.validate();
+  } catch (const Error& e) {
+    return usageError(app, e.what());
+  }
+  return options;
+}
+
+}  // namespace tessera::launcher
