@@ -1,6 +1,9 @@
 #include "comm/store/c10d_store.h"
 
+#include <thread>
+
 #include "tessera/core/error.h"
+#include "tessera/core/timer.h"
 
 namespace tessera::comm::detail {
 
@@ -27,24 +30,22 @@ Bytes C10dStore::get(const std::string& key, std::chrono::milliseconds timeout) 
 }
 
 void C10dStore::wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
-  try {
-    store_->wait(keys, timeout);
-  } catch (const std::exception& e) {
-    // libtorch reports a timeout as a generic error; tell the caller which keys are missing.
-    std::string missing;
-    bool storeAlive = true;
-    try {
+  // Polls check() instead of calling the client's blocking wait: libtorch's
+  // client holds its connection lock for the whole wait, so another thread's
+  // set() on the same client would stall (or abort) behind it.
+  Deadline deadline(timeout);
+  auto pause = std::chrono::milliseconds(1);
+  while (!check(keys)) {
+    if (deadline.expired()) {
+      std::string missing;
       for (const auto& key : keys) {
-        if (!store_->check({key})) missing += (missing.empty() ? "" : ", ") + key;
+        if (!check({key})) missing += (missing.empty() ? "" : ", ") + key;
       }
-    } catch (const std::exception&) {
-      storeAlive = false;
-    }
-    if (storeAlive && !missing.empty()) {
       throw TimeoutError("store wait timed out after " + std::to_string(timeout.count()) + " ms on " +
                          description_ + "; missing keys: " + missing);
     }
-    rethrow("wait", keys.empty() ? "" : keys.front(), e);
+    std::this_thread::sleep_for(std::min(pause, deadline.remaining()));
+    pause = std::min(pause * 2, std::chrono::milliseconds(20));
   }
 }
 
