@@ -62,6 +62,31 @@ std::vector<int64_t> exclusiveOffsets(const std::vector<int64_t>& counts) {
   return offsets;
 }
 
+std::vector<int64_t> reduceScatterCounts(const at::Tensor& input, const at::Tensor& output,
+                                         std::vector<int64_t> counts, int rank, int size, const std::string& what) {
+  checkSameDtype(input, output, what);
+  counts = resolveCounts(std::move(counts), input.numel(), size, what);
+  TESSERA_CHECK_ARG(output.numel() == counts[rank], what << ": output has " << output.numel()
+                                                         << " elements but this rank's count is " << counts[rank]);
+  return counts;
+}
+
+std::vector<int64_t> allGatherCounts(const at::Tensor& input, const at::Tensor& output,
+                                     std::vector<int64_t> counts, int rank, int size, const std::string& what) {
+  checkSameDtype(input, output, what);
+  counts = resolveCounts(std::move(counts), output.numel(), size, what);
+  TESSERA_CHECK_ARG(input.numel() == counts[rank], what << ": input has " << input.numel()
+                                                        << " elements but this rank's count is " << counts[rank]);
+  return counts;
+}
+
+void allToAllCounts(const at::Tensor& input, const at::Tensor& output, std::vector<int64_t>* sendCounts,
+                    std::vector<int64_t>* recvCounts, int size, const std::string& what) {
+  checkSameDtype(input, output, what);
+  *sendCounts = resolveCounts(std::move(*sendCounts), input.numel(), size, what + " sendCounts");
+  *recvCounts = resolveCounts(std::move(*recvCounts), output.numel(), size, what + " recvCounts");
+}
+
 int64_t byteSize(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 
 }  // namespace tessera::comm::detail

@@ -24,6 +24,20 @@ std::vector<int64_t> resolveCounts(std::vector<int64_t> counts, int64_t total, i
 // offsets[r] = counts[0] + ... + counts[r-1].
 std::vector<int64_t> exclusiveOffsets(const std::vector<int64_t>& counts);
 
+// The argument rules of the split collectives, shared by every backend (the
+// tensors themselves are checked by the caller, which knows its device).
+// Each checks that input and output dtypes match, resolves counts (see
+// resolveCounts) and checks this rank's side against them; throws InvalidArgument.
+//   reduceScatter: input has sum(counts) elements, output counts[rank].
+std::vector<int64_t> reduceScatterCounts(const at::Tensor& input, const at::Tensor& output,
+                                         std::vector<int64_t> counts, int rank, int size, const std::string& what);
+//   allGather: output has sum(counts) elements, input counts[rank].
+std::vector<int64_t> allGatherCounts(const at::Tensor& input, const at::Tensor& output,
+                                     std::vector<int64_t> counts, int rank, int size, const std::string& what);
+//   allToAll: input has sum(sendCounts) elements, output sum(recvCounts).
+void allToAllCounts(const at::Tensor& input, const at::Tensor& output, std::vector<int64_t>* sendCounts,
+                    std::vector<int64_t>* recvCounts, int size, const std::string& what);
+
 // "float32", "bfloat16", ...
 std::string dtypeName(at::ScalarType type);
 int64_t byteSize(const at::Tensor& t);

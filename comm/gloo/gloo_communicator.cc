@@ -293,10 +293,7 @@ WorkPtr GlooCommunicator::reduceScatterAsync(at::Tensor input, at::Tensor output
   const std::string what = "reduceScatter on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), input.numel(), size(), what);
-  TESSERA_CHECK_ARG(output.numel() == counts[rank()], what << ": output has " << output.numel()
-                                                          << " elements but this rank's count is " << counts[rank()]);
+  counts = reduceScatterCounts(input, output, std::move(counts), rank(), size(), what);
   OpInfo info = nextOp(OpKind::kReduceScatter, &input, input.numel());
   info.countsDigest = digestCounts(counts);
   return enqueueCollective(info, effectiveTimeout(options),
@@ -327,10 +324,7 @@ WorkPtr GlooCommunicator::allGatherAsync(at::Tensor input, at::Tensor output, st
   const std::string what = "allGather on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), output.numel(), size(), what);
-  TESSERA_CHECK_ARG(input.numel() == counts[rank()], what << ": input has " << input.numel()
-                                                         << " elements but this rank's count is " << counts[rank()]);
+  counts = allGatherCounts(input, output, std::move(counts), rank(), size(), what);
   OpInfo info = nextOp(OpKind::kAllGather, &input, output.numel());
   info.countsDigest = digestCounts(counts);
   return enqueueCollective(info, effectiveTimeout(options),
@@ -390,9 +384,7 @@ WorkPtr GlooCommunicator::allToAllAsync(at::Tensor input, at::Tensor output, std
   const std::string what = "allToAll on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  sendCounts = resolveCounts(std::move(sendCounts), input.numel(), size(), what + " sendCounts");
-  recvCounts = resolveCounts(std::move(recvCounts), output.numel(), size(), what + " recvCounts");
+  allToAllCounts(input, output, &sendCounts, &recvCounts, size(), what);
   // Send counts legitimately differ per rank, so only the op and dtype are verified.
   OpInfo info = nextOp(OpKind::kAllToAll, &input, 0);
   return enqueueCollective(info, effectiveTimeout(options), [this, input, output, sendCounts, recvCounts](

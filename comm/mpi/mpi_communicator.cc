@@ -134,10 +134,7 @@ WorkPtr MpiCommunicator::reduceScatterAsync(at::Tensor input, at::Tensor output,
   const std::string what = "reduceScatter on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), input.numel(), size(), what);
-  TESSERA_CHECK_ARG(output.numel() == counts[rank()], what << ": output has " << output.numel()
-                                                          << " elements but this rank's count is " << counts[rank()]);
+  counts = reduceScatterCounts(input, output, std::move(counts), rank(), size(), what);
   mpiCount(input.numel(), what);
   const std::vector<int> recvCounts = mpiCounts(counts, what);
   const MPI_Datatype type = mpiDatatype(input.scalar_type());
@@ -158,10 +155,7 @@ WorkPtr MpiCommunicator::allGatherAsync(at::Tensor input, at::Tensor output, std
   const std::string what = "allGather on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), output.numel(), size(), what);
-  TESSERA_CHECK_ARG(input.numel() == counts[rank()], what << ": input has " << input.numel()
-                                                         << " elements but this rank's count is " << counts[rank()]);
+  counts = allGatherCounts(input, output, std::move(counts), rank(), size(), what);
   mpiCount(output.numel(), what);
   const std::vector<int> recvCounts = mpiCounts(counts, what);
   const std::vector<int> displacements = mpiDisplacements(counts, what);
@@ -200,9 +194,7 @@ WorkPtr MpiCommunicator::allToAllAsync(at::Tensor input, at::Tensor output, std:
   const std::string what = "allToAll on group '" + name() + "'";
   checkTensor(input, what + " input");
   checkTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  sendCounts = resolveCounts(std::move(sendCounts), input.numel(), size(), what + " sendCounts");
-  recvCounts = resolveCounts(std::move(recvCounts), output.numel(), size(), what + " recvCounts");
+  allToAllCounts(input, output, &sendCounts, &recvCounts, size(), what);
   mpiCount(input.numel(), what + " input");
   mpiCount(output.numel(), what + " output");
   const std::vector<int> sendInts = mpiCounts(sendCounts, what);

@@ -221,10 +221,7 @@ WorkPtr NcclCommunicator::reduceScatterAsync(at::Tensor input, at::Tensor output
   const std::string what = "reduceScatter on group '" + name() + "'";
   checkCudaTensor(input, what + " input");
   checkCudaTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), input.numel(), size(), what);
-  TESSERA_CHECK_ARG(output.numel() == counts[rank()], what << ": output has " << output.numel()
-                                                          << " elements but this rank's count is " << counts[rank()]);
+  counts = reduceScatterCounts(input, output, std::move(counts), rank(), size(), what);
   std::lock_guard<std::mutex> lock(issueMutex_);
   OpInfo info = nextCollective(OpKind::kReduceScatter, &input, input.numel());
   info.countsDigest = digestCounts(counts);
@@ -261,10 +258,7 @@ WorkPtr NcclCommunicator::allGatherAsync(at::Tensor input, at::Tensor output, st
   const std::string what = "allGather on group '" + name() + "'";
   checkCudaTensor(input, what + " input");
   checkCudaTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  counts = resolveCounts(std::move(counts), output.numel(), size(), what);
-  TESSERA_CHECK_ARG(input.numel() == counts[rank()], what << ": input has " << input.numel()
-                                                         << " elements but this rank's count is " << counts[rank()]);
+  counts = allGatherCounts(input, output, std::move(counts), rank(), size(), what);
   std::lock_guard<std::mutex> lock(issueMutex_);
   // Inputs differ in size when counts are uneven; the output and the counts agree everywhere.
   OpInfo info = nextCollective(OpKind::kAllGather, &input, output.numel());
@@ -321,9 +315,7 @@ WorkPtr NcclCommunicator::allToAllAsync(at::Tensor input, at::Tensor output, std
   const std::string what = "allToAll on group '" + name() + "'";
   checkCudaTensor(input, what + " input");
   checkCudaTensor(output, what + " output");
-  checkSameDtype(input, output, what);
-  sendCounts = resolveCounts(std::move(sendCounts), input.numel(), size(), what + " sendCounts");
-  recvCounts = resolveCounts(std::move(recvCounts), output.numel(), size(), what + " recvCounts");
+  allToAllCounts(input, output, &sendCounts, &recvCounts, size(), what);
   TESSERA_CHECK_ARG(sendCounts[rank()] == recvCounts[rank()],
                     what << ": this rank sends itself " << sendCounts[rank()] << " elements but expects to receive "
                          << recvCounts[rank()]);
