@@ -175,6 +175,50 @@ TESSERA_WORKER(all_collectives) {
   TESSERA_CHECK(stats.totalBytesSent() > 0, "no bytes counted: " << stats.toJson());
 }
 
+// split(): groups by color ordered by key, kNoColor opts out, and each child
+// is a working communicator with its own name and traffic counters.
+TESSERA_WORKER(split_and_stats) {
+  auto world = ctx.world();
+  const int r = world->rank();  // 4 ranks: color 0 = {2, 0} (key = -rank), color 1 = {1}, rank 3 opts out
+  const int color = r == 3 ? comm::Communicator::kNoColor : r % 2;
+  auto child = world->split(color, -r, "half");
+  if (r == 3) {
+    TESSERA_CHECK(child == nullptr, "kNoColor must give no communicator");
+  } else {
+    TESSERA_CHECK_EQ(child->name(), std::string("world/half"));
+    const std::vector<int> expectedMembers = color == 0 ? std::vector<int>{2, 0} : std::vector<int>{1};
+    TESSERA_CHECK_EQ(child->size(), static_cast<int>(expectedMembers.size()));
+    auto mine = at::full({1}, r, at::kLong);
+    auto members = at::empty({child->size()}, at::kLong);
+    child->allGather(mine, members);
+    for (int i = 0; i < child->size(); ++i) TESSERA_CHECK_EQ(members[i].item<int64_t>(), expectedMembers[i]);
+  }
+  // Stats: an allreduce of B bytes on n ranks moves 2(n-1)/n * B each way (ring).
+  world->resetStats();
+  auto t = at::ones({1000}, at::kFloat);
+  world->allReduce(t);
+  const comm::CommStats stats = world->stats();  // a snapshot, by value
+  const comm::OpStats s = stats.of(comm::OpKind::kAllReduce);
+  const uint64_t expected = 4000ull * 2 * (world->size() - 1) / world->size();
+  TESSERA_CHECK_EQ(s.calls, 1u);
+  TESSERA_CHECK_EQ(s.bytesSent, expected);
+  TESSERA_CHECK_EQ(s.bytesReceived, expected);
+  TESSERA_CHECK(s.seconds > 0, "no time counted");
+  TESSERA_CHECK_EQ(world->stats().of(comm::OpKind::kBroadcast).calls, 0u);
+}
+
+TEST(Split, GroupsByColorOrderedByKeyOnGlooAndMpi) {
+  for (const std::string backend : {"gloo", "mpi"}) {
+    if (backend == "mpi" && !testing::mpiAvailable()) continue;
+    testing::RunOptions options;
+    options.ranks = 4;
+    options.backend = backend;
+    options.deadline = std::chrono::seconds(120);
+    const auto result = testing::runWorkers("split_and_stats", options);
+    ASSERT_TRUE(result.ok()) << backend << "\n" << result.report();
+  }
+}
+
 struct Case {
   std::string backend;
   int ranks;

@@ -48,7 +48,8 @@ struct OpStats {
 struct CommStats {
   std::array<OpStats, static_cast<int>(OpKind::kCount)> perOp{};
 
-  const OpStats& of(OpKind kind) const { return perOp[static_cast<int>(kind)]; }
+  // By value, so that stats().of(kind) never refers into a dead snapshot.
+  OpStats of(OpKind kind) const { return perOp[static_cast<int>(kind)]; }
   uint64_t totalBytesSent() const;
   uint64_t totalBytesReceived() const;
   double totalSeconds() const;
