@@ -223,6 +223,7 @@ struct Case {
   std::string backend;
   int ranks;
 };
+void PrintTo(const Case& c, std::ostream* os) { *os << c.backend << "x" << c.ranks; }
 
 class CollectivesTest : public ::testing::TestWithParam<Case> {};
 

@@ -18,6 +18,7 @@ struct StoreFactory {
   std::string name;
   std::function<StorePtr()> make;
 };
+void PrintTo(const StoreFactory& f, std::ostream* os) { *os << f.name; }
 
 class StoreTest : public ::testing::TestWithParam<StoreFactory> {
  protected:

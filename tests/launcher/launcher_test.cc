@@ -138,6 +138,8 @@ struct BadFlags {
 };
 
 class TesseraRunBadFlags : public ::testing::TestWithParam<BadFlags> {};
+// Short names in test listings (CTest shows what gtest prints for a parameter).
+void PrintTo(const BadFlags& c, std::ostream* os) { *os << c.name; }
 
 TEST_P(TesseraRunBadFlags, PrintUsageAndExitTwo) {
   std::vector<std::string> args = GetParam().args;

@@ -1,0 +1,175 @@
+// DistributedDataParallel: every rank of a data-parallel group holds a full
+// replica of the model, runs forward/backward on its own slice of the global
+// batch, and averages gradients with its peers so that every replica takes the
+// same optimizer step.
+//
+// Gradients are grouped into buckets (flat buffers of about bucketCapBytes)
+// and each bucket is all-reduced asynchronously as soon as all its gradients
+// are ready, while backward is still computing earlier layers. Parameters are
+// assigned to buckets in reverse registration order because backward produces
+// gradients roughly in that order, so the first bucket fills first.
+//
+// A step, on every rank of the group:
+//
+//   auto loss = lossOf(model->forward(x));       // this rank's slice
+//   loss.backward();                             // hooks launch all-reduces
+//   ddp.finishGradientSync();                    // wait; .grad = average
+//   optimizer.step();
+//
+// Gradient accumulation: backward passes inside a `noSync()` scope only
+// accumulate into .grad locally (no communication); the first backward outside
+// the scope syncs the accumulated sum.
+//
+// What this deliberately does not do: sharding (FSDP lives in its own file),
+// re-broadcasting buffers every forward (buffers are broadcast once, at
+// construction), sparse gradients, or mixed-precision communication.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tessera/comm/communicator.h"
+
+namespace torch::nn {
+class Module;
+}
+
+namespace tessera::parallel {
+
+struct DdpConfig {
+  // Target size of one gradient bucket, in bytes. A parameter larger than
+  // this gets a bucket of its own. Smaller buckets start communicating
+  // earlier but pay more per-call latency. Must be > 0.
+  int64_t bucketCapBytes = 25 * 1024 * 1024;
+  // What happens to a parameter that received no gradient in a synced step
+  // (not used by this rank's forward, or frozen mid-graph):
+  // - true: finishGradientSync() marks it ready with its local .grad (zeros
+  //   when it has none) so its bucket is all-reduced normally; afterwards its
+  //   .grad is the group's average like every other parameter's.
+  // - false: the same happens (so peers never hang in a half-launched
+  //   bucket), then finishGradientSync() throws InvalidArgument naming the
+  //   parameters and pointing at this option.
+  // Either way an unused parameter costs overlap: buckets launch in index
+  // order, so its bucket and every later one wait for finishGradientSync().
+  // (Unlike PyTorch, the autograd graph is not searched for unused
+  // parameters before backward.)
+  bool findUnusedParameters = false;
+  // Broadcast parameters and buffers from rank 0 at construction, so every
+  // replica starts identical. Turn off only when replicas are known equal.
+  bool broadcastAtConstruction = true;
+
+  // Throws ConfigError ("ddp.bucket_cap_bytes") for a bad value.
+  void validate() const;
+};
+
+// Communication time of one synced step, or summed over steps.
+//
+// commSeconds is the wall time during which at least one bucket's all-reduce
+// was in flight (the union of [launch, completion] over buckets). Completion
+// is observed by polling at every gradient hook and exactly at
+// finishGradientSync(), so it is an upper bound by at most the time between
+// two hooks. exposedSeconds is the time finishGradientSync() spent launching
+// leftover buckets and blocked in wait(): communication the backward did not
+// hide. hidden = comm - exposed.
+struct DdpSyncStats {
+  int64_t steps = 0;            // synced steps counted
+  int64_t buckets = 0;          // buckets all-reduced
+  int64_t bucketsLaunchedInBackward = 0;  // of those, launched by a gradient hook (overlappable)
+  int64_t bytes = 0;            // gradient bytes all-reduced (each rank's buffer)
+  double commSeconds = 0;       // see above
+  double exposedSeconds = 0;    // see above
+
+  double hiddenSeconds() const { return commSeconds > exposedSeconds ? commSeconds - exposedSeconds : 0.0; }
+  // In [0, 1]; 0 when nothing was communicated.
+  double hiddenFraction() const { return commSeconds > 0 ? hiddenSeconds() / commSeconds : 0.0; }
+  DdpSyncStats& operator+=(const DdpSyncStats& other);
+};
+
+// Not copyable; movable. The hooks it installs on the parameters are removed
+// by its destructor, so the module may outlive it (and be wrapped again).
+//
+// Thread-safety: the hooks may run on autograd worker threads; internal state
+// is guarded by a mutex, and bucket all-reduces are issued under it in bucket
+// order, so the collective order is the same on every rank whatever thread
+// runs the hook. The public methods must be called from the training thread,
+// not concurrently with backward.
+class DistributedDataParallel {
+  struct State;
+
+ public:
+  using NamedParameter = std::pair<std::string, at::Tensor>;
+
+  // Collective over comm (when config.broadcastAtConstruction): every rank
+  // passes a module with the same parameter names, shapes and dtypes, in the
+  // same order. Parameters with requires_grad are synced; buffers are only
+  // broadcast. The module is referenced, not owned: it must outlive this
+  // object. Throws ConfigError for a bad config, InvalidArgument for a
+  // parameter that is not a dense CPU-or-comm-device tensor, and what the
+  // communicator throws (CommError when ranks disagree on the layout).
+  DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config = {});
+  // The same over an explicit list of parameters (leaf tensors with
+  // requires_grad; names are used in errors only) and no buffers.
+  DistributedDataParallel(std::vector<NamedParameter> parameters, comm::CommPtr comm, DdpConfig config = {});
+  ~DistributedDataParallel();
+  DistributedDataParallel(const DistributedDataParallel&) = delete;
+  DistributedDataParallel& operator=(const DistributedDataParallel&) = delete;
+  DistributedDataParallel(DistributedDataParallel&&) noexcept;
+  DistributedDataParallel& operator=(DistributedDataParallel&&) noexcept;
+
+  // Collective: every rank calls it once after each synced backward (the
+  // same number of times, in the same order relative to other collectives on
+  // comm). Launches the buckets that are not yet launched (handling unused
+  // parameters as DdpConfig::findUnusedParameters says), waits for all of
+  // them, and writes the group's average into every synced parameter's
+  // .grad. Afterwards the next backward starts a new step. Called with no
+  // backward since the last call, it syncs the current .grad values (all
+  // parameters count as unused). Inside a noSync() scope it does nothing.
+  // Throws what wait() throws (TimeoutError, CommError: the object is
+  // unusable afterwards) and InvalidArgument for unused parameters (see
+  // DdpConfig).
+  void finishGradientSync();
+
+  // RAII scope for gradient accumulation. While one is alive, backward passes
+  // do not communicate and .grad accumulates locally. Scopes nest. Every rank
+  // must use the same pattern of synced and unsynced backward passes.
+  class NoSyncGuard {
+   public:
+    ~NoSyncGuard();
+    NoSyncGuard(const NoSyncGuard&) = delete;
+    NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+    NoSyncGuard(NoSyncGuard&& other) noexcept;
+    NoSyncGuard& operator=(NoSyncGuard&&) = delete;
+
+   private:
+    friend class DistributedDataParallel;
+    explicit NoSyncGuard(std::shared_ptr<State> state);
+    std::shared_ptr<State> state_;
+  };
+  // Throws InvalidArgument when a synced backward has started but
+  // finishGradientSync() has not run yet (its gradients would be half-sent).
+  [[nodiscard]] NoSyncGuard noSync();
+
+  // Statistics of the last synced step and summed since construction or
+  // resetStats().
+  DdpSyncStats lastStepStats() const;
+  DdpSyncStats totalStats() const;
+  void resetStats();
+
+  // The bucket layout: names of each bucket's parameters, bucket 0 first
+  // (it holds the last registered parameters).
+  std::vector<std::vector<std::string>> bucketParameterNames() const;
+  const comm::CommPtr& comm() const;
+  const DdpConfig& config() const;
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+using Ddp = DistributedDataParallel;
+
+}  // namespace tessera::parallel

@@ -1,0 +1,428 @@
+// DistributedDataParallel: bucket layout, gradient hooks, the per-step state
+// machine and the overlap bookkeeping.
+//
+// Per parameter, a hook registered with Tensor::register_hook runs when
+// autograd has the parameter's gradient for this backward (summed over every
+// use), just before AccumulateGrad adds it into .grad. The hook copies
+// (.grad so far + this gradient) into the parameter's slice of its bucket's
+// flat buffer and returns nothing, so autograd still accumulates the local
+// gradient into .grad as usual; finishGradientSync() later overwrites .grad
+// with the averaged slice. Copying (rather than aliasing .grad into the
+// bucket) keeps the hook independent of whether autograd steals or copies
+// the gradient, which differs between libtorch versions.
+//
+// Why the ordering is safe: a bucket is launched only once every one of its
+// slices is written, and backward never writes a slice again in that step
+// (a second gradient for a parameter is an error), so the all-reduce reads a
+// buffer nobody else touches until wait() returns in finishGradientSync().
+// Buckets are launched strictly in index order (bucket i waits for buckets
+// < i), so every rank issues the same sequence of collectives even when its
+// gradients become ready in a different order.
+#include "tessera/parallel/ddp.h"
+
+#include <torch/nn/module.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <mutex>
+#include <sstream>
+#include <unordered_set>
+
+#include "tessera/core/config.h"
+#include "tessera/core/error.h"
+#include "tessera/core/timer.h"
+
+namespace tessera::parallel {
+
+void DdpConfig::validate() const {
+  TESSERA_CHECK_CONFIG(bucketCapBytes > 0, "ddp.bucket_cap_bytes", "must be > 0, got " << bucketCapBytes);
+}
+
+DdpSyncStats& DdpSyncStats::operator+=(const DdpSyncStats& other) {
+  steps += other.steps;
+  buckets += other.buckets;
+  bucketsLaunchedInBackward += other.bucketsLaunchedInBackward;
+  bytes += other.bytes;
+  commSeconds += other.commSeconds;
+  exposedSeconds += other.exposedSeconds;
+  return *this;
+}
+
+namespace {
+
+// One synced parameter and its slice of a bucket.
+struct Slot {
+  std::string name;
+  at::Tensor param;
+  int bucket = -1;
+  at::Tensor view;       // param-shaped view into the bucket's flat buffer
+  bool ready = false;    // slice written in the current step
+  unsigned hookHandle = 0;
+};
+
+// Parameters of one dtype whose gradients travel in one all-reduce.
+struct Bucket {
+  at::Tensor flat;              // (sum of numels,), the all-reduce buffer
+  std::vector<int> slots;       // indexes into State::slots
+  int pending = 0;              // slices not yet written this step
+  comm::WorkPtr work;           // set when launched
+  bool done = false;            // completion observed
+  SteadyClock::time_point launchedAt;
+  SteadyClock::time_point doneAt;
+};
+
+}  // namespace
+
+struct DistributedDataParallel::State {
+  comm::CommPtr comm;
+  DdpConfig config;
+  std::vector<Slot> slots;      // registration order
+  std::vector<Bucket> buckets;  // bucket 0 holds the last registered parameters
+
+  // Guards everything below; hooks may run on autograd worker threads.
+  mutable std::mutex mutex;
+  int noSyncDepth = 0;
+  bool stepActive = false;      // a synced backward has started, finish not yet run
+  size_t nextToLaunch = 0;
+  DdpSyncStats last;
+  DdpSyncStats total;
+
+  void beginStep() {
+    stepActive = true;
+    nextToLaunch = 0;
+    for (Slot& slot : slots) slot.ready = false;
+    for (Bucket& bucket : buckets) {
+      bucket.pending = static_cast<int>(bucket.slots.size());
+      bucket.work.reset();
+      bucket.done = false;
+    }
+  }
+
+  // Writes (.grad so far + grad) into the slot's slice; grad may be undefined
+  // (an unused parameter: its .grad so far, or zeros).
+  void fillSlot(Slot& slot, const at::Tensor& grad) {
+    at::NoGradGuard noGrad;
+    const at::Tensor& local = slot.param.grad();
+    if (local.defined()) {
+      slot.view.copy_(local);
+      if (grad.defined()) slot.view.add_(grad);
+    } else if (grad.defined()) {
+      slot.view.copy_(grad);
+    } else {
+      slot.view.zero_();
+    }
+    slot.ready = true;
+    --buckets[slot.bucket].pending;
+  }
+
+  // Launches complete buckets in index order; see the file comment for why
+  // the order must not depend on which bucket filled first.
+  void launchReadyBuckets() {
+    while (nextToLaunch < buckets.size() && buckets[nextToLaunch].pending == 0) {
+      Bucket& bucket = buckets[nextToLaunch];
+      bucket.launchedAt = SteadyClock::now();
+      bucket.work = comm->allReduceAsync(bucket.flat, comm::ReduceOp::kAvg);
+      ++nextToLaunch;
+    }
+  }
+
+  // Operations of one communicator complete in issue order, so stop at the
+  // first bucket still running.
+  void pollCompletions() {
+    for (size_t i = 0; i < nextToLaunch; ++i) {
+      Bucket& bucket = buckets[i];
+      if (bucket.done) continue;
+      if (!bucket.work->isCompleted()) break;
+      bucket.done = true;
+      bucket.doneAt = SteadyClock::now();
+    }
+  }
+
+  void onGradient(int index, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (noSyncDepth > 0) return;  // accumulate locally; autograd adds grad into .grad
+    if (!stepActive) beginStep();
+    Slot& slot = slots[index];
+    TESSERA_CHECK_ARG(!slot.ready, "parameter '" << slot.name
+                                                 << "' received a second gradient before finishGradientSync(); "
+                                                    "call finishGradientSync() after every synced backward, or "
+                                                    "accumulate inside ddp.noSync()");
+    fillSlot(slot, grad);
+    launchReadyBuckets();
+    pollCompletions();
+  }
+
+  // Collective: every bucket's parameters take rank 0's values.
+  void broadcastParameters() {
+    at::NoGradGuard noGrad;
+    for (Bucket& bucket : buckets) {
+      for (int i : bucket.slots) slots[i].view.copy_(slots[i].param);
+      comm->broadcast(bucket.flat, /*root=*/0);
+      for (int i : bucket.slots) slots[i].param.copy_(slots[i].view);
+    }
+  }
+
+  // Collective: each buffer (running statistics, ...) takes rank 0's value.
+  void broadcastBuffers(const std::vector<at::Tensor>& buffers) {
+    at::NoGradGuard noGrad;
+    for (const at::Tensor& buffer : buffers) {
+      at::Tensor staged = buffer.contiguous();
+      comm->broadcast(staged, /*root=*/0);
+      if (!staged.is_same(buffer)) buffer.copy_(staged);
+    }
+  }
+
+  // Seconds during which at least one bucket was in flight: the union of
+  // [launchedAt, doneAt], whose starts are sorted because launch order is
+  // bucket order.
+  double inFlightSeconds() const {
+    double seconds = 0;
+    SteadyClock::time_point start{}, end{};
+    bool open = false;
+    for (const Bucket& bucket : buckets) {
+      if (open && bucket.launchedAt <= end) {
+        end = std::max(end, bucket.doneAt);
+        continue;
+      }
+      if (open) seconds += std::chrono::duration<double>(end - start).count();
+      start = bucket.launchedAt;
+      end = bucket.doneAt;
+      open = true;
+    }
+    if (open) seconds += std::chrono::duration<double>(end - start).count();
+    return seconds;
+  }
+};
+
+namespace {
+
+std::vector<DistributedDataParallel::NamedParameter> namedParametersOf(torch::nn::Module& module) {
+  std::vector<DistributedDataParallel::NamedParameter> out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    if (item.value().requires_grad()) out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+void checkParameter(const std::string& name, const at::Tensor& param) {
+  TESSERA_CHECK_ARG(param.defined(), "DDP parameter '" << name << "' is an undefined tensor");
+  TESSERA_CHECK_ARG(param.requires_grad() && param.is_leaf(),
+                    "DDP parameter '" << name << "' must be a leaf tensor with requires_grad; pass only trainable "
+                                      << "parameters");
+  TESSERA_CHECK_ARG(param.layout() == at::kStrided,
+                    "DDP parameter '" << name << "' has a sparse layout; DDP syncs dense gradients only");
+}
+
+// Assigns slots to buckets in reverse registration order; a new bucket starts
+// when the dtype or device changes or the cap would be exceeded.
+std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, int64_t capBytes) {
+  std::vector<Bucket> buckets;
+  std::vector<int64_t> bytes;
+  for (int i = static_cast<int>(slots.size()) - 1; i >= 0; --i) {
+    const at::Tensor& param = slots[i].param;
+    const int64_t paramBytes = param.numel() * static_cast<int64_t>(param.element_size());
+    bool fits = !buckets.empty();
+    if (fits) {
+      const at::Tensor& first = slots[buckets.back().slots.front()].param;
+      fits = first.scalar_type() == param.scalar_type() && first.device() == param.device() &&
+             bytes.back() + paramBytes <= capBytes;
+    }
+    if (!fits) {
+      buckets.emplace_back();
+      bytes.push_back(0);
+    }
+    buckets.back().slots.push_back(i);
+    bytes.back() += paramBytes;
+    slots[i].bucket = static_cast<int>(buckets.size()) - 1;
+  }
+  for (Bucket& bucket : buckets) {
+    const at::Tensor& first = slots[bucket.slots.front()].param;
+    int64_t numel = 0;
+    for (int i : bucket.slots) numel += slots[i].param.numel();
+    bucket.flat = at::zeros({numel}, first.options().requires_grad(false));
+    int64_t offset = 0;
+    for (int i : bucket.slots) {
+      const int64_t n = slots[i].param.numel();
+      slots[i].view = bucket.flat.narrow(0, offset, n).view(slots[i].param.sizes());
+      offset += n;
+    }
+  }
+  return buckets;
+}
+
+}  // namespace
+
+// The module overload collects the trainable parameters, delegates, then
+// broadcasts the buffers too.
+DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config)
+    : DistributedDataParallel(namedParametersOf(module), std::move(comm), config) {
+  if (!state_->config.broadcastAtConstruction) return;
+  std::vector<at::Tensor> buffers;
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) buffers.push_back(item.value());
+  state_->broadcastBuffers(buffers);
+}
+
+DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> parameters, comm::CommPtr comm,
+                                                 DdpConfig config)
+    : state_(std::make_shared<State>()) {
+  config.validate();
+  TESSERA_CHECK_ARG(comm != nullptr, "DDP needs a communicator (the mesh's \"dp\" group), got nullptr");
+  state_->comm = std::move(comm);
+  state_->config = config;
+
+  std::unordered_set<const void*> seen;  // a shared (tied) parameter is synced once
+  for (auto& [name, param] : parameters) {
+    checkParameter(name, param);
+    if (!seen.insert(param.unsafeGetTensorImpl()).second) continue;
+    Slot slot;
+    slot.name = name;
+    slot.param = param;
+    state_->slots.push_back(std::move(slot));
+  }
+  state_->buckets = assignBuckets(state_->slots, config.bucketCapBytes);
+
+  // Broadcast before installing hooks, so that a failed broadcast leaves no
+  // hooks behind (the copies run under NoGradGuard and fire none anyway).
+  // Buffers follow in the module overload.
+  if (config.broadcastAtConstruction) state_->broadcastParameters();
+
+  // The hooks hold the state weakly: after this object is gone, a hook that
+  // somehow survives removal does nothing.
+  std::weak_ptr<State> weak = state_;
+  for (size_t i = 0; i < state_->slots.size(); ++i) {
+    const int index = static_cast<int>(i);
+    state_->slots[i].hookHandle = state_->slots[i].param.register_hook([weak, index](const at::Tensor& grad) {
+      if (auto state = weak.lock()) state->onGradient(index, grad);
+    });
+  }
+}
+
+DistributedDataParallel::~DistributedDataParallel() {
+  if (!state_) return;
+  for (Slot& slot : state_->slots) slot.param.remove_hook(slot.hookHandle);
+}
+
+DistributedDataParallel::DistributedDataParallel(DistributedDataParallel&&) noexcept = default;
+
+DistributedDataParallel& DistributedDataParallel::operator=(DistributedDataParallel&& other) noexcept {
+  if (this != &other) {
+    DistributedDataParallel dying(std::move(*this));  // removes this object's hooks
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+void DistributedDataParallel::finishGradientSync() {
+  TESSERA_CHECK_ARG(state_ != nullptr, "finishGradientSync() on a moved-from DistributedDataParallel");
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.noSyncDepth > 0) return;
+  Stopwatch exposed;
+  if (!s.stepActive) s.beginStep();
+  s.pollCompletions();
+  const size_t launchedInBackward = s.nextToLaunch;
+
+  // Unused parameters: mark them ready with what they hold locally, so the
+  // remaining buckets launch (in order) on every rank.
+  std::vector<std::string> unused;
+  for (Slot& slot : s.slots) {
+    if (slot.ready) continue;
+    unused.push_back(slot.name);
+    s.fillSlot(slot, at::Tensor());
+  }
+  s.launchReadyBuckets();
+  TESSERA_CHECK_EQ(s.nextToLaunch, s.buckets.size());
+
+  DdpSyncStats step;
+  step.steps = 1;
+  step.bucketsLaunchedInBackward = static_cast<int64_t>(launchedInBackward);
+  for (Bucket& bucket : s.buckets) {
+    if (!bucket.done) {
+      bucket.work->wait();
+      bucket.done = true;
+      bucket.doneAt = SteadyClock::now();
+    }
+    ++step.buckets;
+    step.bytes += bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
+  }
+  step.exposedSeconds = exposed.seconds();
+  step.commSeconds = std::max(s.inFlightSeconds(), step.exposedSeconds);
+
+  {
+    at::NoGradGuard noGrad;
+    for (Slot& slot : s.slots) {
+      at::Tensor& grad = slot.param.mutable_grad();
+      if (grad.defined()) {
+        grad.copy_(slot.view);
+      } else {
+        grad = slot.view.clone();
+      }
+    }
+  }
+  s.stepActive = false;
+  s.last = step;
+  s.total += step;
+
+  if (!unused.empty() && !s.config.findUnusedParameters) {
+    std::ostringstream names;
+    for (size_t i = 0; i < unused.size(); ++i) names << (i ? ", " : "") << "'" << unused[i] << "'";
+    throw InvalidArgument("DDP: " + std::to_string(unused.size()) +
+                          " parameter(s) received no gradient in this step: " + names.str() +
+                          ". Their buckets were still all-reduced (with this rank's local .grad or zeros) so "
+                          "peers did not hang; set DdpConfig::findUnusedParameters = true if this is expected, "
+                          "or exclude frozen parameters from DDP");
+  }
+}
+
+DistributedDataParallel::NoSyncGuard DistributedDataParallel::noSync() {
+  TESSERA_CHECK_ARG(state_ != nullptr, "noSync() on a moved-from DistributedDataParallel");
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  TESSERA_CHECK_ARG(!state_->stepActive,
+                    "noSync() entered after a synced backward started; call finishGradientSync() first");
+  ++state_->noSyncDepth;
+  return NoSyncGuard(state_);
+}
+
+DistributedDataParallel::NoSyncGuard::NoSyncGuard(std::shared_ptr<DistributedDataParallel::State> state)
+    : state_(std::move(state)) {}
+
+DistributedDataParallel::NoSyncGuard::NoSyncGuard(NoSyncGuard&& other) noexcept
+    : state_(std::move(other.state_)) {}
+
+DistributedDataParallel::NoSyncGuard::~NoSyncGuard() {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  --state_->noSyncDepth;
+}
+
+DdpSyncStats DistributedDataParallel::lastStepStats() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->last;
+}
+
+DdpSyncStats DistributedDataParallel::totalStats() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->total;
+}
+
+void DistributedDataParallel::resetStats() {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->last = {};
+  state_->total = {};
+}
+
+std::vector<std::vector<std::string>> DistributedDataParallel::bucketParameterNames() const {
+  std::vector<std::vector<std::string>> out;
+  for (const Bucket& bucket : state_->buckets) {
+    out.emplace_back();
+    for (int i : bucket.slots) out.back().push_back(state_->slots[i].name);
+  }
+  return out;
+}
+
+const comm::CommPtr& DistributedDataParallel::comm() const { return state_->comm; }
+
+const DdpConfig& DistributedDataParallel::config() const { return state_->config; }
+
+}  // namespace tessera::parallel
