@@ -1,0 +1,76 @@
+// DataParallel: what a training loop needs from a data-parallel strategy
+// (none, DDP, FSDP/ZeRO-3, hybrid), so that the loop is written once and the
+// strategy is a config value.
+//
+// Usage per optimizer step (k micro-batches):
+//   for (i < k) {
+//     auto guard = i + 1 < k ? dp.noSync() : nullptr;   // accumulate locally
+//     dp.beforeForward();
+//     loss = model.loss(batch_i) / k;  loss.backward();
+//   }
+//   dp.finishGradientSync();          // collective
+//   double norm = dp.gradNorm();      // collective
+//   optimizer.step() on dp.optimizerParameters();
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tessera/comm/communicator.h"
+#include "tessera/parallel/ddp.h"
+
+namespace torch::nn {
+class Module;
+}
+
+namespace tessera::parallel {
+
+// Communication a strategy did for gradients (and, for FSDP, parameters).
+struct DataParallelStats {
+  int64_t bytes = 0;           // payload bytes this rank all-reduced / gathered / scattered
+  double commSeconds = 0;      // time at least one transfer was in flight
+  double exposedSeconds = 0;   // of that, time the training loop waited for it
+  double hiddenFraction() const { return commSeconds > 0 ? 1.0 - exposedSeconds / commSeconds : 0.0; }
+};
+
+// While alive, backward accumulates gradients locally without communicating.
+class NoSyncScope {
+ public:
+  virtual ~NoSyncScope() = default;
+};
+
+class DataParallel {
+ public:
+  virtual ~DataParallel() = default;
+  // "none", "ddp", "fsdp", "hybrid".
+  virtual std::string name() const = 0;
+  // The tensors the optimizer updates: the full parameters (none, DDP) or
+  // this rank's shards (FSDP). The same tensors for the object's lifetime.
+  virtual std::vector<at::Tensor> optimizerParameters() = 0;
+  // Before each forward (FSDP may gather parameters here). Default: nothing.
+  virtual void beforeForward() {}
+  // Collective: after the last backward of a step. Afterwards the gradients of
+  // optimizerParameters() are the averages over every data-parallel rank.
+  virtual void finishGradientSync() = 0;
+  // Collective when sharded: the L2 norm of the whole model's gradient (after
+  // finishGradientSync), the same on every rank; used for clipping.
+  virtual double gradNorm() = 0;
+  // See NoSyncScope; nested scopes are allowed.
+  virtual std::unique_ptr<NoSyncScope> noSync() = 0;
+  // Since construction.
+  virtual DataParallelStats stats() const = 0;
+};
+
+// A single replica (world of 1, or replication handled elsewhere): no communication.
+std::unique_ptr<DataParallel> makeNoDataParallel(torch::nn::Module& model);
+
+// DDP over `comm` (collective: broadcasts rank 0's parameters).
+std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config = {});
+
+// The L2 norm of the gradients of `parameters` (undefined grads count as 0).
+double localGradNorm(const std::vector<at::Tensor>& parameters);
+
+}  // namespace tessera::parallel

@@ -1,0 +1,77 @@
+#include "tessera/parallel/data_parallel.h"
+
+#include <torch/nn/module.h>
+
+#include <cmath>
+
+namespace tessera::parallel {
+namespace {
+
+std::vector<at::Tensor> trainableParameters(torch::nn::Module& model) {
+  std::vector<at::Tensor> out;
+  for (auto& p : model.parameters()) {
+    if (p.requires_grad()) out.push_back(p);
+  }
+  return out;
+}
+
+class NoDataParallel final : public DataParallel {
+ public:
+  explicit NoDataParallel(torch::nn::Module& model) : parameters_(trainableParameters(model)) {}
+  std::string name() const override { return "none"; }
+  std::vector<at::Tensor> optimizerParameters() override { return parameters_; }
+  void finishGradientSync() override {}
+  double gradNorm() override { return localGradNorm(parameters_); }
+  std::unique_ptr<NoSyncScope> noSync() override { return std::make_unique<NoSyncScope>(); }
+  DataParallelStats stats() const override { return {}; }
+
+ private:
+  std::vector<at::Tensor> parameters_;
+};
+
+class DdpDataParallel final : public DataParallel {
+ public:
+  DdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config)
+      : parameters_(trainableParameters(model)), ddp_(model, std::move(comm), config) {}
+  std::string name() const override { return "ddp"; }
+  std::vector<at::Tensor> optimizerParameters() override { return parameters_; }
+  void finishGradientSync() override { ddp_.finishGradientSync(); }
+  // After the sync every replica holds the same averaged gradient, so the
+  // local norm is the global one: no communication needed.
+  double gradNorm() override { return localGradNorm(parameters_); }
+  std::unique_ptr<NoSyncScope> noSync() override {
+    struct Scope final : NoSyncScope {
+      explicit Scope(DistributedDataParallel::NoSyncGuard g) : guard(std::move(g)) {}
+      DistributedDataParallel::NoSyncGuard guard;
+    };
+    return std::make_unique<Scope>(ddp_.noSync());
+  }
+  DataParallelStats stats() const override {
+    const DdpSyncStats s = ddp_.totalStats();
+    return DataParallelStats{s.bytes, s.commSeconds, s.exposedSeconds};
+  }
+
+ private:
+  std::vector<at::Tensor> parameters_;
+  DistributedDataParallel ddp_;
+};
+
+}  // namespace
+
+std::unique_ptr<DataParallel> makeNoDataParallel(torch::nn::Module& model) {
+  return std::make_unique<NoDataParallel>(model);
+}
+
+std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config) {
+  return std::make_unique<DdpDataParallel>(model, std::move(comm), config);
+}
+
+double localGradNorm(const std::vector<at::Tensor>& parameters) {
+  double sumSquares = 0;
+  for (const auto& p : parameters) {
+    if (p.grad().defined()) sumSquares += p.grad().to(at::kDouble).pow(2).sum().item<double>();
+  }
+  return std::sqrt(sumSquares);
+}
+
+}  // namespace tessera::parallel
