@@ -158,7 +158,10 @@ GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
   if (wpe) x = x + wpe->forward(torch::arange(T, idx.options()));  // (B, T, C) + (T, C)
   if (config_.dropout > 0) x = torch::dropout(x, config_.dropout, is_training());
   GptOutput out;
-  for (const auto& block : *blocks) x = block->as<BlockImpl>()->forward(x, &out.aux_loss);  // (B, T, C)
+  for (size_t i = 0; i < blocks->size(); ++i) {  // (B, T, C) -> (B, T, C)
+    x = block_runner_ ? block_runner_(static_cast<int64_t>(i), x)
+                      : blocks[i]->as<BlockImpl>()->forward(x, &out.aux_loss);
+  }
   x = ln_f->forward(x);  // (B, T, C)
   out.logits = head ? head->forward(x) : torch::linear(x, wte->weight);  // (B, T, V)
   if (!out.aux_loss.defined()) out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat));

@@ -23,7 +23,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <utility>
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -123,6 +125,13 @@ class GptImpl : public torch::nn::Module {
 
   const GptConfig& config() const { return config_; }
 
+  // Runs block `index` on x (B, T, C) -> (B, T, C) in place of calling the
+  // block directly; lets a wrapper (FSDP) gather the block's parameters around
+  // it. Empty (the default) calls blocks[index] itself. With a runner set,
+  // MoE aux losses are not collected (wrappers that set one reject MoE).
+  using BlockRunner = std::function<torch::Tensor(int64_t index, const torch::Tensor& x)>;
+  void setBlockRunner(BlockRunner runner) { block_runner_ = std::move(runner); }
+
   torch::nn::Embedding wte{nullptr};
   torch::nn::Embedding wpe{nullptr};   // null with rotary positions
   torch::nn::ModuleList blocks{nullptr};
@@ -133,6 +142,7 @@ class GptImpl : public torch::nn::Module {
   void initParameters();
 
   GptConfig config_;
+  BlockRunner block_runner_;
 };
 TORCH_MODULE(Gpt);
 

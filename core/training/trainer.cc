@@ -1,0 +1,187 @@
+#include "tessera/core/training/trainer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/tensor.h>
+#include <torch/nn/module.h>
+#include <torch/utils.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <mutex>
+
+#include "tessera/core/error.h"
+#include "tessera/core/timer.h"
+#include "tessera/optim/grad_clip.h"
+
+namespace tessera {
+
+Trainer::Trainer(TrainerParts parts, TrainConfig config) : parts_(std::move(parts)), config_(config) {
+  config_.validate();
+  TESSERA_CHECK_ARG(parts_.model && parts_.dp && parts_.optimizer && parts_.train && parts_.schedule,
+                    "Trainer: model, dp, optimizer, schedule and train source are required");
+  torch::manual_seed(config_.seed);
+  if (parts_.val) valStart_ = parts_.val->state();
+}
+
+// The loop. Every rank runs it; the comments mark the collectives.
+StepReport Trainer::run() {
+  StepReport report;
+  report.totalSteps = config_.steps;
+  sinceRunStart_.restart();
+  while (state_.step < config_.steps) {
+    for (auto& hook : callbacks_.beforeStep) hook(state_.step);
+    const Stopwatch stepTimer;
+
+    const double lr = parts_.schedule(state_.step);
+    parts_.optimizer->setLearningRate(lr);
+    const double loss = forwardBackward();                              // DDP all-reduces inside the last backward
+    parts_.dp->finishGradientSync();                                     // collective
+    const double gradNorm = optim::clipGradNorm(*parts_.dp, config_.clip);  // collective when sharded
+    const optim::OptimizerStepResult stepped = parts_.optimizer->step();     // may be collective (DiLoCo)
+    parts_.optimizer->zeroGrad();
+    ++state_.step;
+    stepSeconds_ += stepTimer.seconds();
+    windowSeconds_ += stepTimer.seconds();
+
+    report = makeReport(loss, lr, gradNorm, stepped.outerStep);         // collective: averages the loss
+    if (isEvalStep()) {
+      report.valLoss = evaluate();                                       // collective
+      for (auto& hook : callbacks_.afterEval) hook(state_.step, *report.valLoss);
+    }
+    for (auto& hook : callbacks_.afterStep) hook(report);
+    if (report.outerStep) {
+      for (auto& hook : callbacks_.afterOuterStep) hook(report);
+    }
+    if (isLogStep()) writeMetrics(report);
+    printProgress(report, state_.step == config_.steps);
+  }
+  return report;
+}
+
+double Trainer::forwardBackward() {
+  const int64_t k = config_.grad_accum;
+  double lossSum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    // Only the last micro-batch's backward communicates (DDP) or reduce-scatters (FSDP).
+    auto guard = i + 1 < k ? parts_.dp->noSync() : nullptr;
+    const Batch batch = parts_.train->next();
+    parts_.dp->beforeForward();
+    const at::Tensor loss = parts_.model->loss(batch);
+    // Dividing by k makes the summed gradient that of the mean over k micro-batches.
+    (loss / static_cast<double>(k)).backward();
+    lossSum += loss.item<double>();
+    state_.tokens += batch.tokens * (parts_.dpComm ? parts_.dpComm->size() : 1);
+    windowTokens_ += batch.tokens * (parts_.dpComm ? parts_.dpComm->size() : 1);
+  }
+  return lossSum / static_cast<double>(k);
+}
+
+double Trainer::evaluate() {
+  if (!parts_.val || config_.eval_batches == 0) return std::numeric_limits<double>::quiet_NaN();
+  parts_.val->loadState(valStart_);
+  torch::nn::Module& module = parts_.model->module();
+  const bool wasTraining = module.is_training();
+  module.eval();
+  double sum = 0;
+  {
+    torch::NoGradGuard noGrad;
+    for (int64_t i = 0; i < config_.eval_batches; ++i) {
+      parts_.dp->beforeForward();
+      sum += parts_.model->loss(parts_.val->next()).item<double>();
+    }
+  }
+  module.train(wasTraining);
+  return averageOverDp(sum / static_cast<double>(config_.eval_batches));
+}
+
+StepReport Trainer::makeReport(double localLoss, double lr, double gradNorm, bool outerStep) {
+  StepReport r;
+  r.step = state_.step;
+  r.totalSteps = config_.steps;
+  r.loss = averageOverDp(localLoss);
+  r.lr = lr;
+  r.gradNorm = gradNorm;
+  r.tokens = state_.tokens;
+  r.tokensPerSecond = windowSeconds_ > 0 ? static_cast<double>(windowTokens_) / windowSeconds_ : 0.0;
+  r.commSeconds = parts_.dp->stats().exposedSeconds;
+  r.computeSeconds = std::max(0.0, stepSeconds_ - r.commSeconds);
+  r.timeSeconds = sinceRunStart_.seconds();
+  r.commBytes = 0;
+  if (parts_.trafficComms.empty()) {
+    if (parts_.dpComm) r.commBytes = parts_.dpComm->stats().totalBytesSent();
+  } else {
+    for (const auto& c : parts_.trafficComms) r.commBytes += c->stats().totalBytesSent();
+  }
+  r.outerStep = outerStep;
+  return r;
+}
+
+double Trainer::averageOverDp(double value) {
+  if (!parts_.dpComm || parts_.dpComm->size() == 1) return value;
+  at::Tensor t = at::tensor({value}, at::kDouble);
+  parts_.dpComm->allReduce(t, comm::ReduceOp::kAvg);
+  return t.item<double>();
+}
+
+bool Trainer::isEvalStep() const {
+  if (!parts_.val || config_.eval_batches == 0) return false;
+  if (state_.step == config_.steps) return true;
+  return config_.eval_every > 0 && state_.step % config_.eval_every == 0;
+}
+
+bool Trainer::isLogStep() const { return state_.step % config_.log_every == 0 || state_.step == config_.steps; }
+
+void Trainer::writeMetrics(const StepReport& r) {
+  if (parts_.metrics) {
+    MetricsRecord record;
+    record.add("step", r.step).add("loss", r.loss);
+    if (r.valLoss) record.add("val_loss", *r.valLoss);
+    record.add("lr", r.lr)
+        .add("tokens", r.tokens)
+        .add("tokens_per_s", r.tokensPerSecond)
+        .add("time_s", r.timeSeconds)
+        .add("compute_s", r.computeSeconds)
+        .add("comm_s", r.commSeconds)
+        .add("comm_bytes", r.commBytes);
+    parts_.metrics->write(record);
+  }
+  windowTokens_ = 0;
+  windowSeconds_ = 0;
+}
+
+void Trainer::printProgress(const StepReport& r, bool last) const {
+  if (!parts_.isRank0 || !config_.progress || !isatty(STDERR_FILENO)) return;
+  const double perStep = stepSeconds_ / static_cast<double>(std::max<int64_t>(1, r.step));
+  const auto eta = static_cast<int64_t>(perStep * static_cast<double>(r.totalSteps - r.step));
+  std::fprintf(stderr, "\rstep %lld/%lld  loss %.4f  %.0f tok/s  ETA %lld:%02lld   ", static_cast<long long>(r.step),
+               static_cast<long long>(r.totalSteps), r.loss, r.tokensPerSecond, static_cast<long long>(eta / 60),
+               static_cast<long long>(eta % 60));
+  if (last) std::fputc('\n', stderr);
+  std::fflush(stderr);
+}
+
+TrainingState Trainer::snapshot() const {
+  TrainingState s = state_;
+  s.trainSampler = parts_.train->state();
+  s.optimizer = parts_.optimizer->saveState();
+  at::Generator generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  s.rng = generator.get_state();
+  return s;
+}
+
+void Trainer::restore(const TrainingState& s) {
+  parts_.train->loadState(s.trainSampler);
+  parts_.optimizer->loadState(s.optimizer);
+  if (s.rng.defined()) {
+    at::Generator generator = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(s.rng);
+  }
+  state_.step = s.step;
+  state_.tokens = s.tokens;
+}
+
+}  // namespace tessera

@@ -1,0 +1,72 @@
+// The optimizer interface the training loop steps, and a factory that builds
+// AdamW or SGD (torch::optim's implementations) from the [optim] section.
+//
+// Why an interface of our own rather than torch::optim::Optimizer: the
+// communication-light optimizers of later issues (DiLoCo, DeMo) communicate
+// inside step() and have an outer step every H inner steps; the loop must
+// not care. So step() may be collective, and reports whether it was an outer
+// step (the Trainer fires its outer-step hooks then).
+//
+// Not here: the learning-rate schedule (lr_schedule.h; the loop sets the rate
+// before every step), clipping (grad_clip.h), parameter groups.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tessera::optim {
+
+// The algorithm part of the [optim] section. Plain struct; validate() before use.
+struct OptimizerConfig {
+  std::string name = "adamw";  // "adamw" (decoupled weight decay, Loshchilov & Hutter 1711.05101) or "sgd"
+  double beta1 = 0.9;          // adamw: first-moment decay, in [0, 1)
+  double beta2 = 0.95;         // adamw: second-moment decay, in [0, 1)
+  double eps = 1e-8;           // adamw: added to sqrt(v_hat); > 0
+  double weight_decay = 0.1;   // adamw: decoupled (p -= lr * wd * p); sgd: L2 added to the gradient; >= 0
+  double momentum = 0.0;       // sgd: momentum, in [0, 1)
+  bool nesterov = false;       // sgd: Nesterov momentum (needs momentum > 0)
+
+  // Throws ConfigError naming the field (prefix + "beta1") and the accepted values.
+  void validate(const std::string& prefix = "optim.") const;
+};
+
+// What one step did.
+struct OptimizerStepResult {
+  bool outerStep = false;  // an outer step of a two-level optimizer (DiLoCo) ran in this step
+};
+
+// Updates a fixed list of tensors from their .grad. Not thread-safe.
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  // "adamw", "sgd", ...
+  virtual std::string name() const = 0;
+  // The rate the next step() uses (the schedule's value for that step).
+  virtual void setLearningRate(double lr) = 0;
+  virtual double learningRate() const = 0;
+  // Applies one update from the current gradients. May be collective for
+  // optimizers that communicate (their header says so); the Trainer calls it
+  // on every rank at every step, so such optimizers need no special handling.
+  // Local for AdamW and SGD.
+  virtual OptimizerStepResult step() = 0;
+  // Zeroes every parameter's gradient (keeps the tensors: DDP and FSDP hold
+  // no references to them, so either would do; zeros behave the same on
+  // libtorch 1.13 and 2.x).
+  virtual void zeroGrad() = 0;
+  // The optimizer's state (moments, step counts) as opaque bytes, for
+  // training-state snapshots; loadState() of the same kind of optimizer over
+  // tensors of the same shapes restores it. Throws Error on a mismatch.
+  virtual std::string saveState() const = 0;
+  virtual void loadState(const std::string& bytes) = 0;
+};
+
+// AdamW or SGD over `parameters` (e.g. DataParallel::optimizerParameters()),
+// starting at learning rate `lr`. The tensors are shared, not copied: they
+// must outlive the optimizer. Throws ConfigError for a bad config.
+std::unique_ptr<Optimizer> makeOptimizer(const OptimizerConfig& config, std::vector<at::Tensor> parameters,
+                                         double lr);
+
+}  // namespace tessera::optim

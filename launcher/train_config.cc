@@ -1,0 +1,284 @@
+#include "launcher/train_config.h"
+
+#include <toml++/toml.h>
+
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <variant>
+
+#include "tessera/core/config.h"
+
+namespace tessera::launcher {
+namespace {
+
+// Where a key's value goes; the pointer's type is the key's type.
+using Target = std::variant<int64_t*, int*, uint64_t*, double*, bool*, std::string*, std::vector<int64_t>*>;
+struct Field {
+  std::string key;
+  Target target;
+};
+// Dotted section name ("optim", "model.moe") -> its keys, in documentation order.
+using Schema = std::map<std::string, std::vector<Field>>;
+
+const char* const kSectionNames = "model, data, optim, train, parallel";
+
+// The keys of every section, pointing into `c`. [model] lists the keys of c.model.kind only.
+Schema schemaOf(TrainJobConfig& c) {
+  Schema s;
+  auto& g = c.model.gpt;
+  auto& m = c.model.mlp;
+  if (c.model.kind == "mlp") {
+    s["model"] = {{"kind", &c.model.kind}, {"input_dim", &m.input_dim}, {"hidden_sizes", &m.hidden_sizes},
+                  {"num_classes", &m.num_classes}, {"dropout", &m.dropout}, {"seed", &m.seed}};
+  } else {
+    s["model"] = {{"kind", &c.model.kind},   {"vocab_size", &g.vocab_size}, {"block_size", &g.block_size},
+                  {"n_layer", &g.n_layer},    {"n_head", &g.n_head},         {"d_model", &g.d_model},
+                  {"mlp_ratio", &g.mlp_ratio}, {"positions", &g.positions},  {"rope_base", &g.rope_base},
+                  {"tie_weights", &g.tie_weights}, {"dropout", &g.dropout}, {"init_std", &g.init_std},
+                  {"seed", &g.seed},          {"use_moe", &g.use_moe}};
+    s["model.moe"] = {{"num_experts", &g.moe.num_experts}, {"top_k", &g.moe.top_k},
+                      {"capacity_factor", &g.moe.capacity_factor}, {"aux_loss_weight", &g.moe.aux_loss_weight}};
+  }
+  auto& d = c.data;
+  s["data"] = {{"dataset", &d.dataset}, {"dir", &d.dir},          {"seq_len", &d.seq_len}, {"val_fraction", &d.val_fraction},
+               {"normalize", &d.normalize}, {"batch_size", &d.batch_size}, {"seed", &d.seed}, {"shuffle", &d.shuffle}};
+  auto& o = c.optim;
+  auto& l = c.schedule;
+  s["optim"] = {{"name", &o.name},         {"lr", &l.lr},
+                {"min_lr", &l.min_lr},     {"schedule", &l.schedule},
+                {"warmup_steps", &l.warmup_steps}, {"decay_fraction", &l.decay_fraction},
+                {"beta1", &o.beta1},       {"beta2", &o.beta2},
+                {"eps", &o.eps},           {"weight_decay", &o.weight_decay},
+                {"momentum", &o.momentum}, {"nesterov", &o.nesterov}};
+  auto& t = c.train;
+  s["train"] = {{"steps", &t.steps},           {"grad_accum", &t.grad_accum}, {"clip", &t.clip},
+                {"eval_every", &t.eval_every}, {"eval_batches", &t.eval_batches}, {"log_every", &t.log_every},
+                {"seed", &t.seed},             {"threads", &t.threads},       {"progress", &t.progress}};
+  auto& p = c.parallel;
+  s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
+                   {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
+                   {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}};
+  return s;
+}
+
+std::string typeName(const toml::node& node) {
+  switch (node.type()) {
+    case toml::node_type::string: return "a string";
+    case toml::node_type::integer: return "an integer";
+    case toml::node_type::floating_point: return "a float";
+    case toml::node_type::boolean: return "a boolean";
+    case toml::node_type::array: return "an array";
+    case toml::node_type::table: return "a table";
+    default: return "a date/time";
+  }
+}
+
+[[noreturn]] void wrongType(const std::string& key, const char* expected, const toml::node& node) {
+  throw ConfigError(key, std::string("expected ") + expected + ", got " + typeName(node));
+}
+
+int64_t integerOf(const toml::node& node, const std::string& key, int64_t lo, int64_t hi) {
+  if (!node.is_integer()) wrongType(key, "an integer", node);
+  const int64_t v = *node.value<int64_t>();
+  TESSERA_CHECK_CONFIG(v >= lo && v <= hi, key, "must be in [" << lo << ", " << hi << "], got " << v);
+  return v;
+}
+
+// Stores `node` into `target`, checking its TOML type.
+void assign(const toml::node& node, const Target& target, const std::string& key) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  if (auto* p = std::get_if<int64_t*>(&target)) {
+    **p = integerOf(node, key, std::numeric_limits<int64_t>::min(), kMax);
+  } else if (auto* p = std::get_if<int*>(&target)) {
+    **p = static_cast<int>(integerOf(node, key, std::numeric_limits<int>::min(), std::numeric_limits<int>::max()));
+  } else if (auto* p = std::get_if<uint64_t*>(&target)) {
+    **p = static_cast<uint64_t>(integerOf(node, key, 0, kMax));
+  } else if (auto* p = std::get_if<double*>(&target)) {
+    if (node.is_integer()) {
+      **p = static_cast<double>(*node.value<int64_t>());
+    } else if (node.is_floating_point()) {
+      **p = *node.value<double>();
+    } else {
+      wrongType(key, "a number", node);
+    }
+  } else if (auto* p = std::get_if<bool*>(&target)) {
+    if (!node.is_boolean()) wrongType(key, "a boolean (true or false)", node);
+    **p = *node.value<bool>();
+  } else if (auto* p = std::get_if<std::string*>(&target)) {
+    if (!node.is_string()) wrongType(key, "a string", node);
+    **p = *node.value<std::string>();
+  } else if (auto* p = std::get_if<std::vector<int64_t>*>(&target)) {
+    if (!node.is_array()) wrongType(key, "an array of integers", node);
+    std::vector<int64_t> values;
+    for (const toml::node& item : *node.as_array()) values.push_back(integerOf(item, key, 0, kMax));
+    **p = std::move(values);
+  }
+}
+
+std::string validKeys(const Schema& schema, const std::string& section) {
+  std::string out;
+  for (const Field& f : schema.at(section)) out += (out.empty() ? "" : ", ") + f.key;
+  for (const auto& [name, fields] : schema) {
+    if (name.rfind(section + ".", 0) == 0) out += ", " + name.substr(section.size() + 1) + ".*";
+  }
+  return out;
+}
+
+// Applies `node` to section.key of `config`, recursing into sub-tables ([model.moe]).
+void applyKey(TrainJobConfig& config, const std::string& section, const std::string& key, const toml::node& node) {
+  const Schema schema = schemaOf(config);
+  const std::string dotted = section + "." + key;
+  if (schema.count(dotted)) {
+    const toml::table* table = node.as_table();
+    if (!table) wrongType(dotted, "a table", node);
+    for (const auto& [k, v] : *table) applyKey(config, dotted, std::string(k.str()), v);
+    return;
+  }
+  if (dotted == "model.kind") return;  // read first (it decides the schema); checked there
+  for (const Field& f : schema.at(section)) {
+    if (f.key == key) return assign(node, f.target, dotted);
+  }
+  std::string valid = "valid: " + validKeys(schema, section);
+  if (section.rfind("model", 0) == 0) valid += "; for model.kind = \"" + config.model.kind + "\"";
+  throw ConfigError(dotted, "unknown key (" + valid + ")");
+}
+
+void applySection(TrainJobConfig& config, const std::string& section, const toml::node& node) {
+  const Schema schema = schemaOf(config);
+  if (section.find('.') != std::string::npos || !schema.count(section)) {
+    throw ConfigError(section, std::string("unknown section (valid: ") + kSectionNames + ")");
+  }
+  const toml::table* table = node.as_table();
+  if (!table) wrongType(section, "a table", node);
+  for (const auto& [k, v] : *table) applyKey(config, section, std::string(k.str()), v);
+}
+
+toml::table parseToml(const std::string& text, const std::string& sourceName) {
+  try {
+    return toml::parse(text, sourceName);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream out;
+    out << sourceName << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    throw InvalidArgument(out.str());
+  }
+}
+
+struct Override {
+  std::string section;  // "optim", "model.moe"
+  std::string key;      // "lr"
+  toml::table value;    // {"v": the value}
+};
+
+// "optim.lr=1e-3" -> {optim, lr, 1e-3}. The value is parsed as TOML; text
+// that is not TOML is taken as a string, so `--set optim.name=sgd` works.
+Override parseOverride(const std::string& text) {
+  const auto eq = text.find('=');
+  const std::string path = text.substr(0, eq);
+  const auto dot = path.rfind('.');
+  TESSERA_CHECK_ARG(eq != std::string::npos && dot != std::string::npos && dot > 0 && dot + 1 < path.size(),
+                    "--set '" << text << "': expected section.key=value, e.g. --set optim.lr=1e-3");
+  Override o{path.substr(0, dot), path.substr(dot + 1), {}};
+  const std::string value = text.substr(eq + 1);
+  try {
+    o.value = toml::parse("v = " + value);
+  } catch (const toml::parse_error&) {
+    o.value.insert_or_assign("v", value);
+  }
+  return o;
+}
+
+}  // namespace
+
+void ParallelSection::validate(int worldSize) const {
+  TESSERA_CHECK_CONFIG(strategy == "none" || strategy == "ddp" || strategy == "fsdp" || strategy == "hybrid",
+                       "parallel.strategy", "got '" << strategy << "' (valid: none, ddp, fsdp, hybrid)");
+  TESSERA_CHECK_CONFIG(backend == "auto" || backend == "gloo" || backend == "mpi", "parallel.backend",
+                       "got '" << backend << "' (valid: auto, gloo, mpi)");
+  TESSERA_CHECK_CONFIG(bucket_mb > 0, "parallel.bucket_mb", "must be > 0, got " << bucket_mb);
+  try {
+    mesh.validate(worldSize);
+  } catch (const ConfigError& e) {
+    // The mesh names its fields "mesh.*"; in this file they are "parallel.*".
+    const std::string what = e.what();
+    const std::string problem = what.substr(what.find("': ") + 3);
+    throw ConfigError("parallel" + e.field().substr(4), problem);
+  }
+  for (const auto& [axis, degree] : {std::pair{"tp", mesh.tp}, {"pp", mesh.pp}, {"ep", mesh.ep}}) {
+    TESSERA_CHECK_CONFIG(degree == 1, std::string("parallel.") + axis,
+                         "is " << degree << ", but tessera-train does not run that parallelism yet (valid: 1)");
+  }
+  if (strategy == "none") {
+    TESSERA_CHECK_CONFIG(mesh.dp_replicate * mesh.dp_shard == 1, "parallel.strategy",
+                         "\"none\" trains one replica, but dp_replicate x dp_shard = "
+                             << mesh.dp_replicate * mesh.dp_shard << " (valid: ddp, fsdp, hybrid; or degrees 1)");
+  } else if (strategy == "ddp") {
+    TESSERA_CHECK_CONFIG(mesh.dp_shard == 1, "parallel.dp_shard",
+                         "strategy \"ddp\" replicates over dp_replicate; dp_shard must be 1, got "
+                             << mesh.dp_shard << " (use strategy = \"fsdp\" or \"hybrid\" to shard)");
+  } else if (strategy == "fsdp") {
+    TESSERA_CHECK_CONFIG(mesh.dp_replicate == 1, "parallel.dp_replicate",
+                         "strategy \"fsdp\" shards over dp_shard; dp_replicate must be 1, got "
+                             << mesh.dp_replicate << " (use strategy = \"hybrid\" to also replicate)");
+  }
+}
+
+void TrainJobConfig::validate() const {
+  TESSERA_CHECK_CONFIG(model.kind == "gpt" || model.kind == "mlp", "model.kind",
+                       "got '" << model.kind << "' (valid: gpt, mlp)");
+  if (model.kind == "gpt") {
+    model.gpt.validate("model.");
+    TESSERA_CHECK_CONFIG(data.dataset == "fortunes", "data.dataset",
+                         "model.kind = \"gpt\" trains on \"fortunes\", got \"" << data.dataset << "\"");
+    TESSERA_CHECK_CONFIG(data.seq_len <= model.gpt.block_size, "data.seq_len",
+                         "must be <= model.block_size (" << model.gpt.block_size << "), got " << data.seq_len);
+  } else {
+    model.mlp.validate("model.");
+    TESSERA_CHECK_CONFIG(data.dataset == "fashion-mnist", "data.dataset",
+                         "model.kind = \"mlp\" trains on \"fashion-mnist\", got \"" << data.dataset << "\"");
+  }
+  TESSERA_CHECK_CONFIG(model.kind == "gpt" || (parallel.strategy != "fsdp" && parallel.strategy != "hybrid"),
+                       "parallel.strategy", "\"" << parallel.strategy << "\" shards GPT blocks; model.kind = \""
+                                                  << model.kind << "\" supports none, ddp");
+  data.validate();
+  optim.validate("optim.");
+  schedule.validate("optim.");
+  train.validate("train.");
+}
+
+TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vector<std::string>& overrides,
+                                   const std::string& sourceName) {
+  const toml::table root = parseToml(tomlText, sourceName);
+  std::vector<Override> parsed;
+  for (const auto& text : overrides) parsed.push_back(parseOverride(text));
+
+  // model.kind decides which [model] keys exist, so it is read first.
+  TrainJobConfig config;
+  if (const toml::node* kind = root.at_path("model.kind").node()) assign(*kind, &config.model.kind, "model.kind");
+  for (const auto& o : parsed) {
+    if (o.section == "model" && o.key == "kind") assign(*o.value.get("v"), &config.model.kind, "model.kind");
+  }
+  TESSERA_CHECK_CONFIG(config.model.kind == "gpt" || config.model.kind == "mlp", "model.kind",
+                       "got '" << config.model.kind << "' (valid: gpt, mlp)");
+
+  for (const auto& [section, node] : root) applySection(config, std::string(section.str()), node);
+  for (const auto& o : parsed) {
+    if (!schemaOf(config).count(o.section)) {
+      throw ConfigError(o.section, std::string("unknown section (valid: ") + kSectionNames + ")");
+    }
+    applyKey(config, o.section, o.key, *o.value.get("v"));
+  }
+  config.validate();
+  return config;
+}
+
+TrainJobConfig loadTrainJobConfig(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path);
+  TESSERA_CHECK_ARG(in.good(), "cannot read the config file '" << path << "'");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parseTrainJobConfig(text.str(), overrides, path);
+}
+
+}  // namespace tessera::launcher

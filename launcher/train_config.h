@@ -1,0 +1,72 @@
+// tessera-train's job description: a TOML file with sections [model] [data]
+// [optim] [train] [parallel], plus `--set section.key=value` overrides, read
+// into the plain config structs of each layer. Private to the launcher (and
+// its tests).
+//
+// Every key is checked: an unknown section or key, or a value of the wrong
+// type, is a ConfigError naming the dotted key and listing the valid ones,
+//   config field 'optim.lrr': unknown key (valid: name, lr, min_lr, ...)
+// and the values are then validated by each struct's validate().
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "tessera/core/data/config.h"
+#include "tessera/core/models/gpt.h"
+#include "tessera/core/models/mlp_classifier.h"
+#include "tessera/core/training/train_config.h"
+#include "tessera/optim/lr_schedule.h"
+#include "tessera/optim/optimizer.h"
+#include "tessera/parallel/device_mesh.h"
+
+namespace tessera::launcher {
+
+// [model]: which model, and its config (only the one `kind` names is used).
+struct ModelSection {
+  std::string kind = "gpt";          // "gpt" (byte-level LM on fortunes) or "mlp" (fashion-MNIST classifier)
+  models::GptConfig gpt;             // keys of kind = "gpt"
+  models::MlpClassifierConfig mlp;   // keys of kind = "mlp"
+};
+
+// [parallel]: the mesh degrees and how data parallelism runs on them.
+struct ParallelSection {
+  parallel::MeshShape mesh;          // dp_replicate, dp_shard, tp, pp, ep; product = world size
+  // "none" (one replica), "ddp" (replicate over dp_replicate), "fsdp" (shard
+  // over dp_shard) or "hybrid" (shard within dp_shard, replicate across dp_replicate).
+  std::string strategy = "ddp";
+  double bucket_mb = 25;             // DDP gradient bucket size in MiB; > 0
+  std::string backend = "auto";      // communicator: "auto", "gloo" or "mpi" (see InitOptions::backend)
+
+  // Throws ConfigError ("parallel.dp_shard", ...) when the degrees do not fit
+  // worldSize or the strategy, or a strategy or axis is not built yet.
+  void validate(int worldSize) const;
+};
+
+struct TrainJobConfig {
+  ModelSection model;
+  data::DataConfig data;
+  optim::OptimizerConfig optim;       // [optim]: name, betas, eps, weight_decay, momentum, nesterov
+  optim::LrScheduleConfig schedule;   // [optim] too: lr, min_lr, schedule, warmup_steps, decay_fraction
+  TrainConfig train;
+  ParallelSection parallel;
+
+  // Every section's validate() and the checks across sections (the model
+  // fits the dataset; gpt: data.seq_len <= model.block_size; fsdp and
+  // hybrid need model.kind = "gpt"). Not the
+  // world-size checks: parallel.validate(worldSize) does those.
+  void validate() const;
+};
+
+// Parses TOML text (`sourceName` appears in syntax errors), applies
+// `overrides` ("section.key=value"; the value is TOML, or a bare string), and
+// validates. Throws ConfigError naming the key; InvalidArgument for a TOML
+// syntax error or a malformed override.
+TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vector<std::string>& overrides = {},
+                                   const std::string& sourceName = "config");
+
+// Reads `path` and parses it as above. Throws InvalidArgument naming the path
+// when it cannot be read.
+TrainJobConfig loadTrainJobConfig(const std::string& path, const std::vector<std::string>& overrides = {});
+
+}  // namespace tessera::launcher

@@ -1,0 +1,523 @@
+// FullyShardedDataParallel: unit layout, the gather/run/free autograd
+// function with recomputation in backward, the gradient reduce-scatter
+// pipeline, and the DataParallel adapter.
+//
+// How a module parameter points at gathered storage: Tensor::set_data (C++'s
+// `param.data = ...`) swaps the parameter's storage and shape while keeping
+// its autograd identity (leaf, requires_grad, .grad). Gathering a unit makes
+// each parameter a view into the unit's full flat buffer; freeing it swaps
+// in an empty (0) tensor, so the flat buffer dies once nothing else refers to
+// it. The forward runs under no-grad, so nothing saves those views; the
+// backward's recomputed graph saves them, and torch::autograd::grad releases
+// that graph before the unit is freed again.
+#include "tessera/parallel/fsdp.h"
+
+#include <torch/autograd.h>
+#include <torch/nn/module.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+
+#include "tessera/core/error.h"
+#include "tessera/core/models/gpt.h"
+#include "tessera/core/timer.h"
+
+namespace tessera::parallel {
+
+namespace {
+
+// One unit: its parameters' place in the flat buffer and this rank's shard.
+struct Unit {
+  std::string name;                          // the prefix, or "<root>"
+  std::vector<std::string> paramNames;
+  std::vector<at::Tensor> params;            // the module's parameter tensors
+  std::vector<std::vector<int64_t>> shapes;  // their full shapes
+  std::vector<int64_t> offsets;              // into the flat buffer
+  int64_t numel = 0;                         // P
+  int64_t paddedNumel = 0;                   // P' = ceil(P / N) * N
+  int64_t shardNumel = 0;                    // P' / N
+  at::Tensor shard;                          // (P'/N,) fp32 leaf, requires_grad
+  at::Tensor full;                           // (P',) while gathered, else undefined
+  at::Tensor accumulated;                    // (P',) noSync gradient sum, else undefined
+  std::function<at::Tensor(const at::Tensor&)> forward;  // empty for the root
+};
+
+// A reduce-scatter in flight: `input` is the unit's full flat gradient,
+// `output` receives this rank's averaged slice.
+struct PendingReduce {
+  size_t unit = 0;
+  at::Tensor input;
+  at::Tensor output;
+  comm::WorkPtr work;
+  SteadyClock::time_point launchedAt;
+  bool done = false;
+};
+
+bool hasPrefix(const std::string& name, const std::string& prefix) {
+  return name == prefix || (name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0 &&
+                            name[prefix.size()] == '.');
+}
+
+double secondsBetween(SteadyClock::time_point from, SteadyClock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+}  // namespace
+
+struct FullyShardedDataParallel::State {
+  comm::CommPtr shardComm;
+  comm::CommPtr replicateComm;  // null unless hybrid with > 1 replica
+  std::vector<Unit> units;      // spec order; the root last when it has parameters
+  bool hasRoot = false;
+  bool unsharded = false;       // unshard() in effect
+
+  // Guards noSyncDepth, pending and stats: unit backward runs on autograd's thread.
+  mutable std::mutex mutex;
+  int noSyncDepth = 0;
+  std::vector<PendingReduce> pending;
+  DataParallelStats stats;
+
+  Unit& root() { return units.back(); }
+
+  // Makes the unit's parameters views of `full` (P',).
+  static void bind(Unit& unit, at::Tensor full) {
+    at::NoGradGuard noGrad;
+    for (size_t i = 0; i < unit.params.size(); ++i) {
+      const int64_t n = c10::multiply_integers(unit.shapes[i]);
+      unit.params[i].set_data(full.narrow(0, unit.offsets[i], n).view(unit.shapes[i]));
+    }
+    unit.full = std::move(full);
+  }
+
+  static void release(Unit& unit) {
+    at::NoGradGuard noGrad;
+    for (at::Tensor& param : unit.params) param.set_data(at::empty({0}, at::kFloat));
+    unit.full = at::Tensor();
+  }
+
+  // Collective over shardComm: all-gather the unit's shards into its parameters.
+  void gather(Unit& unit) {
+    at::Tensor full = at::empty({unit.paddedNumel}, at::kFloat);
+    Stopwatch watch;
+    shardComm->allGather(unit.shard.detach(), full);
+    const double seconds = watch.seconds();
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stats.bytes += unit.paddedNumel * static_cast<int64_t>(sizeof(float));
+      stats.commSeconds += seconds;
+      stats.exposedSeconds += seconds;  // blocking: nothing overlaps it
+    }
+    bind(unit, std::move(full));
+  }
+
+  // Operations of one communicator complete in issue order: stop at the first
+  // still running. Caller holds the mutex.
+  void pollCompletions() {
+    for (PendingReduce& p : pending) {
+      if (p.done) continue;
+      if (!p.work->isCompleted()) break;
+      p.done = true;
+      stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
+    }
+  }
+
+  // A unit's full flat gradient (P',) from its backward: accumulate it inside
+  // noSync, otherwise (plus what noSync accumulated) reduce-scatter it.
+  void reduceUnitGradient(size_t index, at::Tensor flat) {
+    std::lock_guard<std::mutex> lock(mutex);
+    Unit& unit = units[index];
+    if (noSyncDepth > 0) {
+      if (unit.accumulated.defined()) {
+        unit.accumulated.add_(flat);
+      } else {
+        unit.accumulated = std::move(flat);
+      }
+      return;
+    }
+    if (unit.accumulated.defined()) {
+      flat.add_(unit.accumulated);
+      unit.accumulated = at::Tensor();
+    }
+    PendingReduce p;
+    p.unit = index;
+    p.input = std::move(flat);
+    p.output = at::empty({unit.shardNumel}, at::kFloat);
+    p.launchedAt = SteadyClock::now();
+    p.work = shardComm->reduceScatterAsync(p.input, p.output, comm::ReduceOp::kAvg);
+    stats.bytes += unit.paddedNumel * static_cast<int64_t>(sizeof(float));
+    pending.push_back(std::move(p));
+    pollCompletions();
+  }
+
+  // The root's full gradients (accumulated in .grad by autograd) go the same
+  // way as a unit's; then its full parameters are freed.
+  void reduceRootGradient() {
+    Unit& r = root();
+    at::Tensor flat = at::zeros({r.paddedNumel}, at::kFloat);
+    {
+      at::NoGradGuard noGrad;
+      for (size_t i = 0; i < r.params.size(); ++i) {
+        at::Tensor& grad = r.params[i].mutable_grad();
+        if (grad.defined()) flat.narrow(0, r.offsets[i], grad.numel()).copy_(grad.reshape({-1}));
+        grad = at::Tensor();
+      }
+    }
+    reduceUnitGradient(units.size() - 1, std::move(flat));
+    release(r);
+  }
+};
+
+namespace {
+
+// Collective: the unit is gathered while this object lives and freed after,
+// also when the unit's forward throws.
+class GatheredUnit {
+ public:
+  GatheredUnit(FullyShardedDataParallel::State& state, Unit& unit) : unit_(unit) { state.gather(unit); }
+  ~GatheredUnit() { FullyShardedDataParallel::State::release(unit_); }
+  GatheredUnit(const GatheredUnit&) = delete;
+  GatheredUnit& operator=(const GatheredUnit&) = delete;
+
+ private:
+  Unit& unit_;
+};
+
+// gather -> run under no-grad -> free in forward; gather -> recompute with
+// grad -> backpropagate -> free -> reduce-scatter in backward. The shard is an
+// input only so that autograd calls backward even when x needs no gradient
+// (the first unit); its gradient reaches .grad through finishGradientSync(),
+// not through autograd, so backward returns none for it.
+struct UnitFunction : public torch::autograd::Function<UnitFunction> {
+  using State = FullyShardedDataParallel::State;
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shard,
+                            State* state, int64_t index) {
+    (void)shard;
+    Unit& unit = state->units[static_cast<size_t>(index)];
+    at::Tensor y;
+    {
+      const GatheredUnit gathered(*state, unit);
+      y = unit.forward(x);
+    }
+    ctx->save_for_backward({x});
+    // The State outlives every backward (documented in fsdp.h); IValue holds no raw pointers.
+    ctx->saved_data["state"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(state));
+    ctx->saved_data["index"] = index;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list gradOutputs) {
+    auto* state = reinterpret_cast<State*>(static_cast<intptr_t>(ctx->saved_data["state"].toInt()));
+    const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
+    Unit& unit = state->units[index];
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    const bool needsX = ctx->needs_input_grad(0);
+
+    std::vector<at::Tensor> inputs = unit.params;
+    at::Tensor xd = x.detach().requires_grad_(needsX);
+    if (needsX) inputs.push_back(xd);
+    torch::autograd::variable_list grads;
+    {
+      const GatheredUnit gathered(*state, unit);
+      at::AutoGradMode enable(true);
+      const at::Tensor y = unit.forward(xd);  // recomputation
+      grads = torch::autograd::grad({y}, inputs, {gradOutputs[0]}, /*retain_graph=*/false,
+                                    /*create_graph=*/false, /*allow_unused=*/true);
+    }
+
+    at::Tensor flat = at::zeros({unit.paddedNumel}, at::kFloat);  // (P',), padding stays 0
+    for (size_t i = 0; i < unit.params.size(); ++i) {
+      if (grads[i].defined()) flat.narrow(0, unit.offsets[i], grads[i].numel()).copy_(grads[i].reshape({-1}));
+    }
+    state->reduceUnitGradient(index, std::move(flat));
+    return {needsX ? grads.back() : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Collective: `tensor` takes the value of rank 0 of the whole data-parallel
+// group (replicate first, then shard: see the constructor).
+void broadcastFromFirstReplica(at::Tensor tensor, const comm::CommPtr& shardComm,
+                               const comm::CommPtr& replicateComm) {
+  if (replicateComm) replicateComm->broadcast(tensor, /*root=*/0);
+  shardComm->broadcast(tensor, /*root=*/0);
+}
+
+std::vector<FsdpUnitSpec> gptUnits(models::GptImpl& gpt) {
+  const models::GptConfig& config = gpt.config();
+  TESSERA_CHECK_ARG(!config.use_moe, "FSDP does not support MoE blocks (model.use_moe): their aux loss leaves the "
+                                     "block outside the unit's output; use DDP for MoE models");
+  TESSERA_CHECK_ARG(config.dropout == 0, "FSDP recomputes each block in backward and needs model.dropout = 0, got "
+                                             << config.dropout);
+  std::vector<FsdpUnitSpec> units;
+  for (size_t i = 0; i < gpt.blocks->size(); ++i) {
+    models::BlockImpl* block = gpt.blocks[i]->as<models::BlockImpl>();
+    units.push_back({"blocks." + std::to_string(i), [block](const at::Tensor& x) { return block->forward(x); }});
+  }
+  return units;
+}
+
+}  // namespace
+
+FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> specs,
+                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm)
+    : state_(std::make_shared<State>()) {
+  TESSERA_CHECK_ARG(shardComm != nullptr, "FSDP needs a dp_shard communicator, got nullptr");
+  State& s = *state_;
+  s.shardComm = std::move(shardComm);
+  if (replicateComm && replicateComm->size() > 1) s.replicateComm = std::move(replicateComm);
+
+  // A parameter reachable under two names (tied) is used by two parts of the
+  // model, so it cannot be freed after one unit: it joins the root.
+  const auto named = module.named_parameters(/*recurse=*/true);
+  std::unordered_map<const void*, int> uses;
+  for (const auto& item : named) ++uses[item.value().unsafeGetTensorImpl()];
+
+  for (const FsdpUnitSpec& spec : specs) {
+    TESSERA_CHECK_ARG(!spec.prefix.empty() && spec.forward, "every FSDP unit needs a non-empty prefix and a forward");
+    Unit unit;
+    unit.name = spec.prefix;
+    unit.forward = spec.forward;
+    s.units.push_back(std::move(unit));
+  }
+  Unit root;
+  root.name = "<root>";
+  std::unordered_map<const void*, bool> placed;
+  for (const auto& item : named) {
+    const at::Tensor& param = item.value();
+    if (!param.requires_grad() || placed[param.unsafeGetTensorImpl()]) continue;
+    placed[param.unsafeGetTensorImpl()] = true;
+    TESSERA_CHECK_ARG(param.scalar_type() == at::kFloat && param.layout() == at::kStrided && param.is_cpu(),
+                      "FSDP parameter '" << item.key() << "' must be a dense CPU float32 tensor, got "
+                                         << param.scalar_type() << " on " << param.device());
+    Unit* owner = &root;
+    if (uses[param.unsafeGetTensorImpl()] == 1) {
+      for (Unit& unit : s.units) {
+        if (hasPrefix(item.key(), unit.name)) owner = &unit;
+      }
+    }
+    owner->paramNames.push_back(item.key());
+    owner->params.push_back(param);
+  }
+  for (const Unit& unit : s.units) {
+    TESSERA_CHECK_ARG(!unit.params.empty(), "FSDP unit '" << unit.name << "' matches no trainable parameter "
+                                                          << "(names are like '" << named[0].key() << "')");
+  }
+  s.hasRoot = !root.params.empty();
+  if (s.hasRoot) s.units.push_back(std::move(root));
+
+  // Layout, rank 0's values everywhere, then keep only this rank's slice.
+  const int64_t n = s.shardComm->size();
+  at::NoGradGuard noGrad;
+  for (Unit& unit : s.units) {
+    for (const at::Tensor& param : unit.params) {
+      unit.offsets.push_back(unit.numel);
+      unit.shapes.push_back(param.sizes().vec());
+      unit.numel += param.numel();
+    }
+    unit.paddedNumel = (unit.numel + n - 1) / n * n;
+    unit.shardNumel = unit.paddedNumel / n;
+    at::Tensor flat = at::zeros({unit.paddedNumel}, at::kFloat);
+    for (size_t i = 0; i < unit.params.size(); ++i) {
+      flat.narrow(0, unit.offsets[i], unit.params[i].numel()).copy_(unit.params[i].reshape({-1}));
+    }
+    broadcastFromFirstReplica(flat, s.shardComm, s.replicateComm);
+    unit.shard = flat.narrow(0, s.shardComm->rank() * unit.shardNumel, unit.shardNumel).clone();
+    unit.shard.requires_grad_(true);
+    State::release(unit);
+  }
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    at::Tensor staged = item.value().contiguous();
+    broadcastFromFirstReplica(staged, s.shardComm, s.replicateComm);
+    if (!staged.is_same(item.value())) item.value().copy_(staged);
+  }
+}
+
+FullyShardedDataParallel::FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
+                                                   comm::CommPtr replicateComm)
+    : FullyShardedDataParallel(gpt, gptUnits(gpt), std::move(shardComm), std::move(replicateComm)) {
+  gpt_ = &gpt;
+  gpt.setBlockRunner([this](int64_t index, const at::Tensor& x) { return forwardUnit(static_cast<size_t>(index), x); });
+}
+
+FullyShardedDataParallel::~FullyShardedDataParallel() {
+  if (gpt_ != nullptr) gpt_->setBlockRunner(nullptr);
+}
+
+at::Tensor FullyShardedDataParallel::forwardUnit(size_t index, const at::Tensor& x) {
+  State& s = *state_;
+  TESSERA_CHECK_ARG(index < s.units.size() - (s.hasRoot ? 1 : 0),
+                    "FSDP unit index " << index << " out of range; there are "
+                                       << s.units.size() - (s.hasRoot ? 1 : 0) << " units");
+  Unit& unit = s.units[index];
+  if (s.unsharded) return unit.forward(x);
+  if (!at::GradMode::is_enabled()) {
+    const GatheredUnit gathered(s, unit);
+    return unit.forward(x);
+  }
+  return UnitFunction::apply(x, unit.shard, state_.get(), static_cast<int64_t>(index));
+}
+
+void FullyShardedDataParallel::beforeForward() {
+  State& s = *state_;
+  if (s.unsharded || !s.hasRoot || s.root().full.defined()) return;
+  s.gather(s.root());
+}
+
+void FullyShardedDataParallel::finishGradientSync() {
+  State& s = *state_;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (s.noSyncDepth > 0) return;
+  }
+  TESSERA_CHECK_ARG(!s.unsharded, "finishGradientSync() after unshard(): call reshard() before training");
+  Stopwatch exposed;
+  if (s.hasRoot && s.root().full.defined()) s.reduceRootGradient();
+
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (PendingReduce& p : s.pending) {
+    if (p.done) continue;
+    p.work->wait();
+    p.done = true;
+    s.stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
+  }
+  if (s.replicateComm) {
+    // Every replica now holds the same shard slot's average over its own
+    // dp_shard group; averaging those over dp_replicate averages over all.
+    const Stopwatch watch;
+    std::vector<comm::WorkPtr> works;
+    for (PendingReduce& p : s.pending) {
+      works.push_back(s.replicateComm->allReduceAsync(p.output, comm::ReduceOp::kAvg));
+      s.stats.bytes += p.output.numel() * static_cast<int64_t>(sizeof(float));
+    }
+    for (auto& work : works) work->wait();
+    s.stats.commSeconds += watch.seconds();
+  }
+  at::NoGradGuard noGrad;
+  for (PendingReduce& p : s.pending) {
+    at::Tensor& grad = s.units[p.unit].shard.mutable_grad();
+    if (grad.defined()) {
+      grad.add_(p.output);
+    } else {
+      grad = p.output;
+    }
+  }
+  s.pending.clear();
+  s.stats.exposedSeconds += exposed.seconds();
+}
+
+double FullyShardedDataParallel::gradNorm() {
+  double sumSquares = 0;
+  for (const Unit& unit : state_->units) {
+    const at::Tensor& grad = unit.shard.grad();
+    if (grad.defined()) sumSquares += grad.to(at::kDouble).pow(2).sum().item<double>();
+  }
+  at::Tensor total = at::full({1}, sumSquares, at::kDouble);
+  state_->shardComm->allReduce(total, comm::ReduceOp::kSum);
+  return std::sqrt(total.item<double>());
+}
+
+std::unique_ptr<NoSyncScope> FullyShardedDataParallel::noSync() {
+  struct Scope final : NoSyncScope {
+    explicit Scope(std::shared_ptr<State> s) : state(std::move(s)) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      ++state->noSyncDepth;
+    }
+    ~Scope() override {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      --state->noSyncDepth;
+    }
+    std::shared_ptr<State> state;
+  };
+  return std::make_unique<Scope>(state_);
+}
+
+std::vector<at::Tensor> FullyShardedDataParallel::shards() const {
+  std::vector<at::Tensor> out;
+  for (const Unit& unit : state_->units) out.push_back(unit.shard);
+  return out;
+}
+
+void FullyShardedDataParallel::unshard() {
+  State& s = *state_;
+  if (s.unsharded) return;
+  for (Unit& unit : s.units) {
+    if (!unit.full.defined()) s.gather(unit);
+  }
+  s.unsharded = true;
+}
+
+void FullyShardedDataParallel::reshard() {
+  State& s = *state_;
+  if (!s.unsharded) return;
+  for (Unit& unit : s.units) State::release(unit);
+  s.unsharded = false;
+}
+
+int64_t FullyShardedDataParallel::heldParameterBytes() const {
+  int64_t bytes = 0;
+  for (const Unit& unit : state_->units) {
+    bytes += unit.shard.numel() * static_cast<int64_t>(unit.shard.element_size());
+    if (unit.full.defined()) bytes += unit.full.numel() * static_cast<int64_t>(unit.full.element_size());
+  }
+  return bytes;
+}
+
+std::vector<FullyShardedDataParallel::UnitLayout> FullyShardedDataParallel::layout() const {
+  std::vector<UnitLayout> out;
+  for (const Unit& unit : state_->units) out.push_back({unit.name, unit.numel, unit.paddedNumel});
+  return out;
+}
+
+DataParallelStats FullyShardedDataParallel::stats() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->stats;
+}
+
+const comm::CommPtr& FullyShardedDataParallel::shardComm() const { return state_->shardComm; }
+
+namespace {
+
+class FsdpDataParallel final : public DataParallel {
+ public:
+  template <typename... Args>
+  explicit FsdpDataParallel(bool hybrid, Args&&... args)
+      : hybrid_(hybrid), fsdp_(std::forward<Args>(args)...), shards_(fsdp_.shards()) {}
+  std::string name() const override { return hybrid_ ? "hybrid" : "fsdp"; }
+  std::vector<at::Tensor> optimizerParameters() override { return shards_; }
+  void beforeForward() override { fsdp_.beforeForward(); }
+  void finishGradientSync() override { fsdp_.finishGradientSync(); }
+  double gradNorm() override { return fsdp_.gradNorm(); }
+  std::unique_ptr<NoSyncScope> noSync() override { return fsdp_.noSync(); }
+  DataParallelStats stats() const override { return fsdp_.stats(); }
+
+ private:
+  bool hybrid_;
+  FullyShardedDataParallel fsdp_;
+  std::vector<at::Tensor> shards_;
+};
+
+bool isHybrid(const comm::CommPtr& replicateComm) { return replicateComm && replicateComm->size() > 1; }
+
+}  // namespace
+
+std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
+                                                   comm::CommPtr replicateComm) {
+  const bool hybrid = isHybrid(replicateComm);
+  return std::make_unique<FsdpDataParallel>(hybrid, gpt, std::move(shardComm), std::move(replicateComm));
+}
+
+std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,
+                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm) {
+  const bool hybrid = isHybrid(replicateComm);
+  return std::make_unique<FsdpDataParallel>(hybrid, module, std::move(units), std::move(shardComm),
+                                            std::move(replicateComm));
+}
+
+}  // namespace tessera::parallel

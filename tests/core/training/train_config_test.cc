@@ -1,0 +1,146 @@
+// tessera-train's config reader: every bad key, type, value and degree is a
+// ConfigError naming the exact dotted key (and, for keys, the valid ones).
+#include <gtest/gtest.h>
+
+#include "launcher/train_config.h"
+
+namespace tessera::launcher {
+namespace {
+
+const std::string kMinimalGpt = R"(
+[model]
+kind = "gpt"
+n_layer = 2
+[data]
+seq_len = 32
+[train]
+steps = 10
+)";
+
+// The ConfigError `fn` throws (fails the test if it throws none).
+template <typename Fn>
+ConfigError configErrorOf(Fn&& fn) {
+  try {
+    fn();
+  } catch (const ConfigError& e) {
+    return e;
+  }
+  ADD_FAILURE() << "no ConfigError thrown";
+  return ConfigError("<none>", "");
+}
+
+ConfigError parseError(const std::string& toml, const std::vector<std::string>& overrides = {}) {
+  return configErrorOf([&] { parseTrainJobConfig(toml, overrides); });
+}
+
+TEST(TrainConfig, ReadsEverySectionIntoTheStructs) {
+  const TrainJobConfig c = parseTrainJobConfig(kMinimalGpt + R"(
+[optim]
+name = "sgd"
+lr = 1      # an integer where a float is expected is fine
+momentum = 0.5
+[parallel]
+dp_replicate = 2
+bucket_mb = 4
+)");
+  EXPECT_EQ(c.model.kind, "gpt");
+  EXPECT_EQ(c.model.gpt.n_layer, 2);
+  EXPECT_EQ(c.data.seq_len, 32);
+  EXPECT_EQ(c.train.steps, 10);
+  EXPECT_EQ(c.optim.name, "sgd");
+  EXPECT_DOUBLE_EQ(c.schedule.lr, 1.0);
+  EXPECT_DOUBLE_EQ(c.optim.momentum, 0.5);
+  EXPECT_EQ(c.parallel.mesh.dp_replicate, 2);
+  EXPECT_NO_THROW(c.parallel.validate(2));
+}
+
+TEST(TrainConfig, OverridesApplyAfterTheFile) {
+  const TrainJobConfig c = parseTrainJobConfig(
+      kMinimalGpt, {"train.steps=3", "optim.name=sgd", "optim.lr=0.5", "model.moe.top_k=2", "data.dir=\"/tmp/x\""});
+  EXPECT_EQ(c.train.steps, 3);
+  EXPECT_EQ(c.optim.name, "sgd");  // a bare word is a string
+  EXPECT_DOUBLE_EQ(c.schedule.lr, 0.5);
+  EXPECT_EQ(c.model.gpt.moe.top_k, 2);
+  EXPECT_EQ(c.data.dir, "/tmp/x");
+}
+
+TEST(TrainConfig, UnknownKeyNamesItAndTheValidKeys) {
+  const ConfigError e = parseError(kMinimalGpt + "[optim]\nlrr = 0.1\n");
+  EXPECT_EQ(e.field(), "optim.lrr");
+  EXPECT_NE(std::string(e.what()).find("unknown key (valid: name, lr, min_lr,"), std::string::npos) << e.what();
+  EXPECT_EQ(parseError(kMinimalGpt, {"train.stepz=4"}).field(), "train.stepz");
+  EXPECT_EQ(parseError(kMinimalGpt + "[model.moe]\nexperts = 4\n").field(), "model.moe.experts");
+}
+
+TEST(TrainConfig, ModelKeysDependOnTheKind) {
+  const ConfigError e = parseError(kMinimalGpt, {"model.kind=mlp"});
+  EXPECT_EQ(e.field(), "model.n_layer");
+  EXPECT_NE(std::string(e.what()).find("model.kind = \"mlp\""), std::string::npos) << e.what();
+  EXPECT_EQ(parseError("[model]\nkind = \"cnn\"\n").field(), "model.kind");
+}
+
+TEST(TrainConfig, UnknownSectionNamesTheValidSections) {
+  const ConfigError e = parseError(kMinimalGpt + "[optimizer]\nlr = 0.1\n");
+  EXPECT_EQ(e.field(), "optimizer");
+  EXPECT_NE(std::string(e.what()).find("model, data, optim, train, parallel"), std::string::npos) << e.what();
+  EXPECT_EQ(parseError("steps = 3\n").field(), "steps");
+}
+
+TEST(TrainConfig, WrongTypeNamesTheKeyAndBothTypes) {
+  ConfigError e = parseError(kMinimalGpt + "[parallel]\ndp_shard = \"2\"\n");
+  EXPECT_EQ(e.field(), "parallel.dp_shard");
+  EXPECT_NE(std::string(e.what()).find("expected an integer, got a string"), std::string::npos) << e.what();
+  EXPECT_EQ(parseError(kMinimalGpt, {"train.steps=1.5"}).field(), "train.steps");
+  EXPECT_EQ(parseError(kMinimalGpt, {"train.progress=1"}).field(), "train.progress");
+  EXPECT_EQ(parseError(kMinimalGpt + "[optim]\nlr = \"fast\"\n").field(), "optim.lr");
+  EXPECT_EQ(parseError("[model]\nkind = \"mlp\"\nhidden_sizes = [1, \"a\"]\n[data]\ndataset = \"fashion-mnist\"\n")
+                .field(),
+            "model.hidden_sizes");
+}
+
+TEST(TrainConfig, BadValuesNameTheField) {
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.min_lr=1.0"}).field(), "optim.min_lr");
+  EXPECT_EQ(parseError(kMinimalGpt, {"model.n_head=0"}).field(), "model.n_head");
+  EXPECT_EQ(parseError(kMinimalGpt, {"data.seq_len=1000"}).field(), "data.seq_len");  // > block_size
+  EXPECT_EQ(parseError(kMinimalGpt, {"data.dataset=fashion-mnist"}).field(), "data.dataset");
+  EXPECT_EQ(parseError(kMinimalGpt, {"train.grad_accum=0"}).field(), "train.grad_accum");
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.schedule=linear"}).field(), "optim.schedule");
+}
+
+TEST(TrainConfig, DegreesMustMultiplyToTheWorldSize) {
+  TrainJobConfig c = parseTrainJobConfig(kMinimalGpt, {"parallel.dp_replicate=3"});
+  ConfigError e = configErrorOf([&] { c.parallel.validate(2); });
+  EXPECT_EQ(e.field(), "parallel");
+  EXPECT_NE(std::string(e.what()).find("dp_replicate(3)"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("the world has 2 ranks"), std::string::npos) << e.what();
+
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.dp_replicate=0"});
+  EXPECT_EQ(configErrorOf([&] { c.parallel.validate(1); }).field(), "parallel.dp_replicate");
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2"});
+  EXPECT_EQ(configErrorOf([&] { c.parallel.validate(2); }).field(), "parallel.tp");
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.dp_shard=2"});  // ddp does not shard
+  EXPECT_EQ(configErrorOf([&] { c.parallel.validate(2); }).field(), "parallel.dp_shard");
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.strategy=none", "parallel.dp_replicate=2"});
+  EXPECT_EQ(configErrorOf([&] { c.parallel.validate(2); }).field(), "parallel.strategy");
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.strategy=zero"});
+  e = configErrorOf([&] { c.parallel.validate(1); });
+  EXPECT_EQ(e.field(), "parallel.strategy");
+  EXPECT_NE(std::string(e.what()).find("none, ddp, fsdp, hybrid"), std::string::npos) << e.what();
+}
+
+TEST(TrainConfig, SyntaxErrorsAndBadOverridesAreInvalidArguments) {
+  EXPECT_THROW(parseTrainJobConfig("[model\n"), InvalidArgument);
+  EXPECT_THROW(parseTrainJobConfig(kMinimalGpt, {"steps=3"}), InvalidArgument);
+  EXPECT_THROW(parseTrainJobConfig(kMinimalGpt, {"train.steps"}), InvalidArgument);
+  EXPECT_THROW(loadTrainJobConfig("/nonexistent/tessera.toml"), InvalidArgument);
+}
+
+TEST(TrainConfig, ShippedConfigsAreValidOnTwoRanks) {
+  for (const char* name : {"gpt-tiny.toml", "mnist-mlp.toml"}) {
+    const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/" + name);
+    EXPECT_NO_THROW(c.parallel.validate(2)) << name;
+  }
+}
+
+}  // namespace
+}  // namespace tessera::launcher
