@@ -2,6 +2,7 @@
 // the raw backend in the same run.
 //
 //   tessera-bench allreduce --backend gloo --ranks 4 --bytes 1MiB,64MiB
+//   tessera-bench train --config examples/configs/gpt-tiny.toml --ranks 2
 //
 // Run it under tessera-run or mpirun, or alone: with --ranks N > 1 and no
 // launcher around it, it starts itself under tessera-run with N workers.
@@ -13,6 +14,7 @@
 #include <regex>
 
 #include "bench/allreduce_bench.h"
+#include "bench/train_bench.h"
 #include "tessera/core/error.h"
 
 namespace tessera::bench {
@@ -89,14 +91,26 @@ int run(int argc, char** argv) {
   allreduce->add_option("--bytes", sizes, "buffer sizes, e.g. 1MiB,64MiB")->delimiter(',');
   allreduce->add_option("--iters", config.iterations, "timed iterations per size")->check(CLI::PositiveNumber);
   allreduce->add_option("--warmup", config.warmup, "untimed iterations per size")->check(CLI::NonNegativeNumber);
+  auto* train = app.add_subcommand("train", "a tessera-train config: tokens/s, compute vs comm, overlap, MFU");
+  TrainBenchConfig trainConfig;
+  train->add_option("--config", trainConfig.configPath, "tessera-train TOML file")->required();
+  train->add_option("--set", trainConfig.overrides, "override one key: section.key=value (repeatable)");
+  train->add_option("--steps", trainConfig.steps, "timed steps")->check(CLI::PositiveNumber);
+  train->add_option("--ranks", ranks, "number of ranks; without a launcher, starts itself under tessera-run")
+      ->check(CLI::PositiveNumber);
+  train->add_option("--backend", backend, "gloo or mpi")->check(CLI::IsMember({"gloo", "mpi"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
-  config.bytes.clear();
-  for (const auto& s : sizes) config.bytes.push_back(parseBytes(s));
-  config.validate();
+  if (allreduce->parsed()) {
+    config.bytes.clear();
+    for (const auto& s : sizes) config.bytes.push_back(parseBytes(s));
+    config.validate();
+  } else {
+    trainConfig.validate();
+  }
 
   if (ranks > 1 && !launchedByAnything()) relaunchUnderTesseraRun(ranks, backend, argc, argv);
   InitOptions options;
@@ -106,7 +120,11 @@ int run(int argc, char** argv) {
     throw InvalidArgument("--ranks " + std::to_string(ranks) + " but the launcher started " +
                           std::to_string(ctx.world->size()) + " ranks; drop --ranks or make them agree");
   }
-  runAllreduceBench(ctx, config);
+  if (allreduce->parsed()) {
+    runAllreduceBench(ctx, config);
+  } else {
+    runTrainBench(ctx, trainConfig);
+  }
   ctx.world->barrier();
   return 0;
 }

@@ -75,7 +75,6 @@ TEST(TrainCli, MnistOnTwoRanksWritesValidJsonLines) {
   std::remove(metrics.c_str());
 }
 
-#if __has_include("tessera/parallel/fsdp.h")
 // The same loop over FSDP (parallel.strategy = "fsdp"): a few steps of the tiny GPT.
 TEST(TrainCli, GptWithFsdpOnTwoRanks) {
   const std::string metrics = tempPath("fsdp");
@@ -92,7 +91,6 @@ TEST(TrainCli, GptWithFsdpOnTwoRanks) {
   EXPECT_GT(lines.back()["comm_bytes"].get<uint64_t>(), 0u);
   std::remove(metrics.c_str());
 }
-#endif
 
 TEST(TrainCli, BadConfigFailsOnEveryRankNamingTheKey) {
   const ProcessResult r =

@@ -1,0 +1,116 @@
+#include "bench/train_bench.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdio>
+
+#include "launcher/train_config.h"
+#include "launcher/train_job.h"
+#include "tessera/core/config.h"
+#include "tessera/core/metrics.h"
+#include "tessera/core/timer.h"
+
+namespace tessera::bench {
+namespace {
+
+// Best-of-5 FLOP/s of a 1024^3 float32 matmul with this rank's intra-op
+// threads. Every rank measures at once, as they will train at once, so the
+// sum over ranks is the peak the job can reach on this machine.
+double sgemmPeakFlopsPerSecond() {
+  constexpr int64_t n = 1024;
+  auto a = at::randn({n, n});
+  auto b = at::randn({n, n});
+  at::mm(a, b);  // warm-up: page in, spin up threads
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    Stopwatch watch;
+    auto c = at::mm(a, b);
+    const double seconds = watch.seconds();
+    best = std::max(best, 2.0 * n * n * n / seconds);
+  }
+  return best;
+}
+
+// Training FLOPs per token (per example for the classifier): 6 per parameter
+// (forward 2, backward 4), plus attention's score and value matmuls for the
+// GPT, 12 * n_layer * d_model * T (the PaLM appendix B estimate).
+double flopsPerToken(const launcher::TrainJobConfig& job, int64_t parameters) {
+  double flops = 6.0 * static_cast<double>(parameters);
+  if (job.model.kind == "gpt") {
+    flops += 12.0 * job.model.gpt.n_layer * job.model.gpt.d_model * job.data.seq_len;
+  }
+  return flops;
+}
+
+double sumOverRanks(comm::Communicator& world, double value) {
+  auto t = at::full({1}, value, at::kDouble);
+  world.allReduce(t, comm::ReduceOp::kSum);
+  return t.item<double>();
+}
+
+}  // namespace
+
+void TrainBenchConfig::validate() const {
+  TESSERA_CHECK_CONFIG(!configPath.empty(), "config", "give a tessera-train TOML file with --config");
+  TESSERA_CHECK_CONFIG(steps >= 1, "steps", "must be >= 1, got " << steps);
+}
+
+void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
+  config.validate();
+  std::vector<std::string> overrides = config.overrides;
+  // One untimed warm-up step, then the timed ones; no evaluation, one metrics line.
+  for (const std::string& o : {"train.steps=" + std::to_string(config.steps + 1), std::string("train.eval_batches=0"),
+                               std::string("train.progress=false")}) {
+    overrides.push_back(o);
+  }
+  const launcher::TrainJobConfig job = launcher::loadTrainJobConfig(config.configPath, overrides);
+  auto built = launcher::buildTrainJob(job, ctx, "");  // collective
+  comm::Communicator& world = *ctx.world;
+  const double peak = sumOverRanks(world, sgemmPeakFlopsPerSecond());
+
+  Trainer trainer(built->parts, job.train);
+  int64_t tokensAtWarmup = 0;
+  double secondsAtWarmup = 0, computeAtWarmup = 0, commAtWarmup = 0;
+  parallel::DataParallelStats dpAtWarmup;
+  trainer.callbacks().afterStep.push_back([&](const StepReport& r) {
+    if (r.step != 1) return;
+    tokensAtWarmup = r.tokens;
+    secondsAtWarmup = r.timeSeconds;
+    computeAtWarmup = r.computeSeconds;
+    commAtWarmup = r.commSeconds;
+    dpAtWarmup = built->dp->stats();
+  });
+  world.barrier();
+  const StepReport last = trainer.run();  // collective
+  const parallel::DataParallelStats dp = built->dp->stats();
+
+  const double seconds = last.timeSeconds - secondsAtWarmup;
+  const double tokens = static_cast<double>(last.tokens - tokensAtWarmup);  // all dp ranks
+  const double modelFlops = flopsPerToken(job, built->numParameters) * tokens / seconds;
+  const double commTotal = dp.commSeconds - dpAtWarmup.commSeconds;
+  const double commExposed = dp.exposedSeconds - dpAtWarmup.exposedSeconds;
+  if (world.rank() != 0) return;
+  MetricsRecord record;
+  record.add("bench", "train")
+      .add("config", config.configPath)
+      .add("ranks", world.size())
+      .add("strategy", job.parallel.strategy)
+      .add("threads_per_rank", built->threads)
+      .add("parameters", built->numParameters)
+      .add("steps", config.steps)
+      .add("tokens_per_s", tokens / seconds)
+      .add("step_s", seconds / config.steps)
+      .add("compute_s", last.computeSeconds - computeAtWarmup)
+      .add("comm_exposed_s", last.commSeconds - commAtWarmup)
+      .add("comm_total_s", commTotal)
+      .add("overlap_fraction", commTotal > 0 ? std::max(0.0, 1.0 - commExposed / commTotal) : 0.0)
+      .add("comm_bytes", static_cast<int64_t>(last.commBytes))
+      .add("model_flops_per_s", modelFlops)
+      .add("sgemm_peak_flops_per_s", peak)
+      .add("mfu", modelFlops / peak);
+  std::printf("%s\n", record.toJson().c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace tessera::bench

@@ -1,0 +1,124 @@
+#include "launcher/train_job.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <thread>
+
+#include "tessera/core/data/byte_corpus.h"
+#include "tessera/core/data/fashion_mnist.h"
+#include "tessera/core/logging.h"
+#include "tessera/optim/lr_schedule.h"
+#include "tessera/parallel/fsdp.h"
+
+namespace tessera::launcher {
+namespace {
+
+// The data-parallel strategy [parallel] names, over the mesh's dp axes.
+std::unique_ptr<parallel::DataParallel> makeDataParallel(const ParallelSection& p, torch::nn::Module& module,
+                                                         const parallel::DeviceMesh& mesh) {
+  using parallel::MeshAxis;
+  if (p.strategy == "none") return parallel::makeNoDataParallel(module);
+  if (p.strategy == "ddp") {
+    parallel::DdpConfig ddp;
+    ddp.bucketCapBytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
+    return parallel::makeDdpDataParallel(module, mesh.comm(MeshAxis::kDpReplicate), ddp);
+  }
+  // fsdp / hybrid: every GPT block is an FSDP unit.
+  auto* gpt = dynamic_cast<models::GptImpl*>(&module);
+  TESSERA_CHECK_CONFIG(gpt != nullptr, "parallel.strategy",
+                       "\"" << p.strategy << "\" shards GPT blocks; model.kind = \"mlp\" supports none, ddp");
+  return parallel::makeFsdpDataParallel(*gpt, mesh.comm(MeshAxis::kDpShard),
+                                        p.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr);
+}
+
+// The group gradients are averaged over (reported losses too, and the
+// sampler's shards): null for one replica. Collective for hybrid (flattens).
+comm::CommPtr dataParallelComm(const ParallelSection& p, parallel::DeviceMesh& mesh) {
+  using parallel::MeshAxis;
+  if (p.strategy == "ddp") return mesh.comm(MeshAxis::kDpReplicate);
+  if (p.strategy == "fsdp") return mesh.comm(MeshAxis::kDpShard);
+  if (p.strategy == "hybrid") return mesh.flatten({MeshAxis::kDpReplicate, MeshAxis::kDpShard}, "dp");
+  return nullptr;
+}
+
+// The communicators whose bytes comm_bytes counts.
+std::vector<comm::CommPtr> trafficComms(const ParallelSection& p, const parallel::DeviceMesh& mesh) {
+  using parallel::MeshAxis;
+  if (p.strategy == "ddp") return {mesh.comm(MeshAxis::kDpReplicate)};
+  if (p.strategy == "fsdp") return {mesh.comm(MeshAxis::kDpShard)};
+  if (p.strategy == "hybrid") return {mesh.comm(MeshAxis::kDpShard), mesh.comm(MeshAxis::kDpReplicate), mesh.comm("dp")};
+  return {};
+}
+
+struct JobData {
+  std::unique_ptr<BatchSource> train;
+  std::unique_ptr<BatchSource> val;
+};
+
+// This rank's shard of the training split, and of the validation split (in
+// file order, so every evaluation sees the same batches).
+JobData loadData(const TrainJobConfig& job, int dpRank, int dpSize) {
+  data::DistributedSampler::Options options;
+  options.batchSize = job.data.batch_size;
+  options.dpRank = dpRank;
+  options.dpSize = dpSize;
+  options.seed = job.data.seed;
+  options.shuffle = job.data.shuffle;
+  data::DistributedSampler::Options valOptions = options;
+  valOptions.shuffle = false;
+  JobData out;
+  if (job.model.kind == "gpt") {
+    const data::LmSplit split = data::splitCorpus(data::ByteCorpus::load(job.data.resolvedDir()), job.data);
+    out.train = makeBatchSource(split.train, options);
+    out.val = makeBatchSource(split.val, valOptions);
+  } else {
+    const std::string dir = job.data.resolvedDir();
+    out.train = makeBatchSource(data::loadFashionMnist(dir, "train", job.data.normalize), options);
+    out.val = makeBatchSource(data::loadFashionMnist(dir, "test", job.data.normalize), valOptions);
+  }
+  return out;
+}
+
+std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job) {
+  if (job.model.kind == "gpt") return makeTrainable(models::Gpt(job.model.gpt));
+  return makeTrainable(models::MlpClassifier(job.model.mlp));
+}
+
+}  // namespace
+
+std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const DistributedContext& ctx,
+                                        const std::string& metricsPath) {
+  config.parallel.validate(ctx.worldSize());  // every rank throws the same error before any collective
+  auto job = std::make_unique<TrainJob>();
+  job->threads = config.train.threads > 0
+                     ? config.train.threads
+                     : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ctx.info.localWorldSize);
+  at::set_num_threads(job->threads);
+
+  job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
+  job->dpComm = dataParallelComm(config.parallel, *job->mesh);  // collective for hybrid
+  job->model = buildModel(config);
+  for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
+  job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh);  // collective
+  job->optimizer = optim::makeOptimizer(config.optim, job->dp->optimizerParameters(), config.schedule.lr);
+  JobData data = loadData(config, job->dpComm ? job->dpComm->rank() : 0, job->dpComm ? job->dpComm->size() : 1);
+  job->train = std::move(data.train);
+  job->val = std::move(data.val);
+  if (ctx.rank() == 0 && !metricsPath.empty()) job->metrics = std::make_unique<MetricsWriter>(metricsPath);
+
+  TrainerParts& parts = job->parts;
+  parts.model = job->model.get();
+  parts.dp = job->dp.get();
+  parts.optimizer = job->optimizer.get();
+  parts.schedule = optim::makeLrSchedule(config.schedule, config.train.steps);
+  parts.train = job->train.get();
+  parts.val = job->val.get();
+  parts.dpComm = job->dpComm;
+  parts.trafficComms = trafficComms(config.parallel, *job->mesh);
+  parts.metrics = job->metrics.get();
+  parts.isRank0 = ctx.rank() == 0;
+  return job;
+}
+
+}  // namespace tessera::launcher

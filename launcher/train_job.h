@@ -1,0 +1,41 @@
+// TrainJob: a training run built from a TrainJobConfig -- mesh, model,
+// data-parallel strategy, optimizer, data -- ready for tessera::Trainer.
+// tessera-train and `tessera-bench train` both build their runs here, so the
+// benchmark measures exactly what the tool runs.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "launcher/train_config.h"
+#include "tessera/core/training/trainer.h"
+#include "tessera/launcher/init.h"
+#include "tessera/optim/optimizer.h"
+#include "tessera/parallel/data_parallel.h"
+#include "tessera/parallel/device_mesh.h"
+
+namespace tessera::launcher {
+
+// Owns every piece the Trainer borrows; members are destroyed in reverse
+// order, so the strategy goes before the model it wraps.
+struct TrainJob {
+  int threads = 1;                                   // intra-op threads per rank
+  int64_t numParameters = 0;                         // of the unsharded model
+  std::unique_ptr<parallel::DeviceMesh> mesh;
+  comm::CommPtr dpComm;                              // null for strategy "none"
+  std::unique_ptr<TrainableModel> model;
+  std::unique_ptr<parallel::DataParallel> dp;
+  std::unique_ptr<optim::Optimizer> optimizer;
+  std::unique_ptr<BatchSource> train;
+  std::unique_ptr<BatchSource> val;
+  std::unique_ptr<MetricsWriter> metrics;            // rank 0 with a metrics path only
+  TrainerParts parts;                                // views of the above, for the Trainer
+};
+
+// Collective over ctx.world (the mesh splits it; DDP/FSDP broadcast rank 0's
+// parameters). Throws ConfigError for a config that does not fit the world.
+std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& job, const DistributedContext& ctx,
+                                        const std::string& metricsPath);
+
+}  // namespace tessera::launcher
