@@ -28,4 +28,12 @@ step "run: tessera-run --nproc-per-node 4 ${build_dir}/examples/allreduce_smoke"
 # store someone else left on 29500.
 "${build_dir}/launcher/tessera-run" --nproc-per-node 4 --master-port 0 "${build_dir}/examples/allreduce_smoke"
 
-step "done: 4 ranks joined through tessera::init(), all-reduced, trained a linear model data-parallel, and exited 0"
+step "run: tessera-run --nproc-per-node 2 tessera-train --config examples/configs/gpt-tiny.toml (about a minute)"
+metrics="${build_dir}/demo-gpt-tiny.jsonl"
+"${build_dir}/launcher/tessera-run" --nproc-per-node 2 --master-port 0 \
+  "${build_dir}/launcher/tessera-train" --config examples/configs/gpt-tiny.toml --metrics "${metrics}"
+
+step "done"
+echo "  - 4 ranks joined through tessera::init(), all-reduced, trained a linear model data-parallel"
+echo "  - a byte-level GPT trained data-parallel (DDP) on 2 ranks; metrics per step in ${metrics}:"
+tail -n 1 "${metrics}"
