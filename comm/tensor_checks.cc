@@ -1,5 +1,6 @@
 #include "comm/tensor_checks.h"
 
+#include <algorithm>
 #include <numeric>
 
 #include "tessera/core/error.h"
@@ -85,6 +86,30 @@ void allToAllCounts(const at::Tensor& input, const at::Tensor& output, std::vect
   checkSameDtype(input, output, what);
   *sendCounts = resolveCounts(std::move(*sendCounts), input.numel(), size, what + " sendCounts");
   *recvCounts = resolveCounts(std::move(*recvCounts), output.numel(), size, what + " recvCounts");
+}
+
+OpInfo makeOpInfo(OpKind kind, uint64_t seq, const at::Tensor* tensor, int64_t numel, int peer,
+                  uint64_t countsDigest) {
+  OpInfo info;
+  info.kind = kind;
+  info.seq = seq;
+  if (tensor != nullptr) info.dtype = dtypeName(tensor->scalar_type());
+  info.numel = numel;
+  info.peer = peer;
+  info.countsDigest = countsDigest;
+  return info;
+}
+
+std::vector<int> splitMembers(const std::vector<std::pair<int64_t, int64_t>>& colorKey, int64_t color) {
+  if (color < 0) return {};
+  std::vector<std::pair<int64_t, int>> members;  // (key, parent rank)
+  for (int r = 0; r < static_cast<int>(colorKey.size()); ++r) {
+    if (colorKey[r].first == color) members.emplace_back(colorKey[r].second, r);
+  }
+  std::sort(members.begin(), members.end());
+  std::vector<int> ranks;
+  for (const auto& m : members) ranks.push_back(m.second);
+  return ranks;
 }
 
 int64_t byteSize(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }

@@ -6,7 +6,10 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "comm/diagnosis.h"
 
 namespace tessera::comm::detail {
 
@@ -37,6 +40,15 @@ std::vector<int64_t> allGatherCounts(const at::Tensor& input, const at::Tensor& 
 //   allToAll: input has sum(sendCounts) elements, output sum(recvCounts).
 void allToAllCounts(const at::Tensor& input, const at::Tensor& output, std::vector<int64_t>* sendCounts,
                     std::vector<int64_t>* recvCounts, int size, const std::string& what);
+
+// The OpInfo of a backend's collective number `seq` (tensor may be null).
+OpInfo makeOpInfo(OpKind kind, uint64_t seq, const at::Tensor* tensor, int64_t numel, int peer = -1,
+                  uint64_t countsDigest = 0);
+
+// split(color, key): colorKey[r] is parent rank r's (color, key). Returns the
+// parent ranks that chose `color`, ordered by (key, parent rank) -- the
+// child's rank order, the same on every backend. Empty for color < 0.
+std::vector<int> splitMembers(const std::vector<std::pair<int64_t, int64_t>>& colorKey, int64_t color);
 
 // "float32", "bfloat16", ...
 std::string dtypeName(at::ScalarType type);

@@ -119,13 +119,7 @@ void GlooCommunicator::throwIfBroken() const {
 }
 
 OpInfo GlooCommunicator::nextOp(OpKind kind, const at::Tensor* tensor, int64_t numel, int peer) {
-  OpInfo info;
-  info.kind = kind;
-  info.seq = collectiveSeq_++;
-  if (tensor != nullptr) info.dtype = dtypeName(tensor->scalar_type());
-  info.numel = numel;
-  info.peer = peer;
-  return info;
+  return makeOpInfo(kind, collectiveSeq_++, tensor, numel, peer);
 }
 
 void GlooCommunicator::markBroken(const std::string& reason) {
@@ -563,15 +557,11 @@ CommPtr GlooCommunicator::split(int color, int key, const std::string& suffix) {
   auto all = at::empty({2 * size()}, at::TensorOptions().dtype(at::kLong));
   allGather(mine, all);
   const int splitIndex = splitSeq_++;
-  if (color < 0) return nullptr;
-  std::vector<std::pair<int64_t, int>> members;  // (key, parent rank)
-  const int64_t* values = all.data_ptr<int64_t>();
-  for (int r = 0; r < size(); ++r) {
-    if (values[2 * r] == color) members.emplace_back(values[2 * r + 1], r);
-  }
-  std::sort(members.begin(), members.end());
-  int newRank = 0;
-  while (members[newRank].second != rank()) ++newRank;
+  std::vector<std::pair<int64_t, int64_t>> colorKey(size());
+  for (int r = 0; r < size(); ++r) colorKey[r] = {all.data_ptr<int64_t>()[2 * r], all.data_ptr<int64_t>()[2 * r + 1]};
+  const std::vector<int> members = splitMembers(colorKey, color);
+  if (members.empty()) return nullptr;
+  const int newRank = static_cast<int>(std::find(members.begin(), members.end(), rank()) - members.begin());
   GlooOptions childOptions = options_;
   childOptions.name = name() + "/" + suffix;
   childOptions.timeout = timeout();

@@ -73,13 +73,7 @@ void MpiCommunicator::drain() {
 
 OpInfo MpiCommunicator::nextOp(OpKind kind, const at::Tensor* tensor, int64_t numel, Timeout timeout, int peer,
                                uint64_t countsDigest) {
-  OpInfo info;
-  info.kind = kind;
-  info.seq = collectiveSeq_++;
-  if (tensor != nullptr) info.dtype = dtypeName(tensor->scalar_type());
-  info.numel = numel;
-  info.peer = peer;
-  info.countsDigest = countsDigest;
+  const OpInfo info = makeOpInfo(kind, collectiveSeq_++, tensor, numel, peer, countsDigest);
   group_->remember(info, timeout);
   return info;
 }

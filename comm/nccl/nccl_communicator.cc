@@ -158,13 +158,7 @@ void NcclCommunicator::checkPeer(int peer, const char* what) const {
 }
 
 OpInfo NcclCommunicator::nextCollective(OpKind kind, const at::Tensor* tensor, int64_t numel, int peer) {
-  OpInfo info;
-  info.kind = kind;
-  info.seq = collectiveSeq_++;
-  if (tensor != nullptr) info.dtype = dtypeName(tensor->scalar_type());
-  info.numel = numel;
-  info.peer = peer;
-  return info;
+  return makeOpInfo(kind, collectiveSeq_++, tensor, numel, peer);
 }
 
 WorkPtr NcclCommunicator::launch(const OpInfo& info, const CallOptions& options, std::vector<at::Tensor> tensors,
@@ -436,11 +430,8 @@ CommPtr NcclCommunicator::split(int color, int key, const std::string& suffix) {
   std::lock_guard<std::mutex> lock(issueMutex_);
   const int splitIndex = splitSeq_++;
   const std::vector<std::pair<int, int>> all = exchangeSplitKeys(splitIndex, color, key);
-  std::vector<std::pair<int, int>> members;  // (key, parent rank): the child's rank order
-  for (int r = 0; r < size(); ++r) {
-    if (color >= 0 && all[r].first == color) members.emplace_back(all[r].second, r);
-  }
-  std::sort(members.begin(), members.end());
+  const std::vector<int> members =
+      splitMembers(std::vector<std::pair<int64_t, int64_t>>(all.begin(), all.end()), color);
   NcclOptions childOptions = options_;
   childOptions.name = name() + "/" + suffix;
   childOptions.timeout = timeout();
@@ -448,7 +439,7 @@ CommPtr NcclCommunicator::split(int color, int key, const std::string& suffix) {
   const std::string childPrefix = prefix_ + "/split" + std::to_string(splitIndex) + "/" + std::to_string(color);
   const int childSize = static_cast<int>(members.size());
   int childRank = 0;
-  while (childRank < childSize && members[childRank].second != rank()) ++childRank;
+  while (childRank < childSize && members[childRank] != rank()) ++childRank;
 #if TESSERA_NCCL_HAS_SPLIT
   // Every rank is known to be here (the exchange above), so ncclCommSplit,
   // which has no timeout, will not wait for an absent one.
