@@ -121,6 +121,9 @@ int runWithGloo(const RunOptions& options) {
 
   EnvMap base = currentEnvironment();
   const std::string threads = shareCores(base, options.nprocPerNode);
+  // Workers write through our pipes, so they cannot see the terminal; tell
+  // them a person is watching, so that progress lines are printed.
+  if (isatty(STDERR_FILENO) && base.count("TESSERA_PROGRESS") == 0) base["TESSERA_PROGRESS"] = "1";
   say(summaryLine(options, endpoint, threads));
 
   SignalPipe signals;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 
@@ -152,13 +153,20 @@ void Trainer::writeMetrics(const StepReport& r) {
 }
 
 void Trainer::printProgress(const StepReport& r, bool last) const {
-  if (!parts_.isRank0 || !config_.progress || !isatty(STDERR_FILENO)) return;
+  if (!parts_.isRank0 || !config_.progress) return;
+  // On a terminal: one line rewritten in place. Under tessera-run on a
+  // terminal (TESSERA_PROGRESS=1, our stderr is its pipe): one line per
+  // logged step, since the launcher forwards whole lines.
+  const bool terminal = isatty(STDERR_FILENO);
+  const char* viaLauncher = std::getenv("TESSERA_PROGRESS");
+  if (!terminal && (viaLauncher == nullptr || std::string(viaLauncher) != "1")) return;
+  if (!terminal && !last && !isLogStep()) return;
   const double perStep = stepSeconds_ / static_cast<double>(std::max<int64_t>(1, r.step));
   const auto eta = static_cast<int64_t>(perStep * static_cast<double>(r.totalSteps - r.step));
-  std::fprintf(stderr, "\rstep %lld/%lld  loss %.4f  %.0f tok/s  ETA %lld:%02lld   ", static_cast<long long>(r.step),
-               static_cast<long long>(r.totalSteps), r.loss, r.tokensPerSecond, static_cast<long long>(eta / 60),
-               static_cast<long long>(eta % 60));
-  if (last) std::fputc('\n', stderr);
+  std::fprintf(stderr, "%sstep %lld/%lld  loss %.4f  %.0f tok/s  ETA %lld:%02lld%s", terminal ? "\r" : "",
+               static_cast<long long>(r.step), static_cast<long long>(r.totalSteps), r.loss, r.tokensPerSecond,
+               static_cast<long long>(eta / 60), static_cast<long long>(eta % 60), terminal ? "   " : "\n");
+  if (terminal && last) std::fputc('\n', stderr);
   std::fflush(stderr);
 }
 
