@@ -234,6 +234,7 @@ TEST_P(CollectivesTest, EveryOpDtypeAndSizeMatchesLocalReference) {
   options.ranks = p.ranks;
   options.backend = p.backend;
   options.deadline = std::chrono::seconds(400);
+  // TESSERA_TEST_NO_LARGE=1 skips the 16 Mi cases for a quick local loop; CI runs them.
   options.args["large"] = std::getenv("TESSERA_TEST_NO_LARGE") ? "0" : "1";
   const auto result = testing::runWorkers("all_collectives", options);
   ASSERT_TRUE(result.ok()) << result.report();
