@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include <ATen/ops/empty.h>
+
 #include "tessera/core/error.h"
 
 namespace tessera::comm::detail {
@@ -98,6 +100,18 @@ OpInfo makeOpInfo(OpKind kind, uint64_t seq, const at::Tensor* tensor, int64_t n
   info.peer = peer;
   info.countsDigest = countsDigest;
   return info;
+}
+
+std::vector<std::pair<int64_t, int64_t>> gatherColorKeys(Communicator& parent, int color, int key) {
+  auto mine = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  mine.data_ptr<int64_t>()[0] = color;
+  mine.data_ptr<int64_t>()[1] = key;
+  auto all = at::empty({2 * parent.size()}, at::TensorOptions().dtype(at::kLong));
+  parent.allGather(mine, all);
+  std::vector<std::pair<int64_t, int64_t>> colorKey(parent.size());
+  const int64_t* v = all.data_ptr<int64_t>();
+  for (int r = 0; r < parent.size(); ++r) colorKey[r] = {v[2 * r], v[2 * r + 1]};
+  return colorKey;
 }
 
 std::vector<int> splitMembers(const std::vector<std::pair<int64_t, int64_t>>& colorKey, int64_t color) {

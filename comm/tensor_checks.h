@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "comm/diagnosis.h"
+#include "tessera/comm/communicator.h"
 
 namespace tessera::comm::detail {
 
@@ -44,6 +45,9 @@ void allToAllCounts(const at::Tensor& input, const at::Tensor& output, std::vect
 // The OpInfo of a backend's collective number `seq` (tensor may be null).
 OpInfo makeOpInfo(OpKind kind, uint64_t seq, const at::Tensor* tensor, int64_t numel, int peer = -1,
                   uint64_t countsDigest = 0);
+
+// Collective over `parent` (CPU backends): every rank's (color, key) for split().
+std::vector<std::pair<int64_t, int64_t>> gatherColorKeys(Communicator& parent, int color, int key);
 
 // split(color, key): colorKey[r] is parent rank r's (color, key). Returns the
 // parent ranks that chose `color`, ordered by (key, parent rank) -- the

@@ -551,15 +551,8 @@ WorkPtr GlooCommunicator::recvAsync(at::Tensor tensor, int src, int tag, CallOpt
 CommPtr GlooCommunicator::split(int color, int key, const std::string& suffix) {
   // Everyone learns everyone's (color, key); each group then rendezvous under
   // a prefix unique to this split and color.
-  auto mine = at::empty({2}, at::TensorOptions().dtype(at::kLong));
-  mine.data_ptr<int64_t>()[0] = color;
-  mine.data_ptr<int64_t>()[1] = key;
-  auto all = at::empty({2 * size()}, at::TensorOptions().dtype(at::kLong));
-  allGather(mine, all);
+  const std::vector<int> members = splitMembers(gatherColorKeys(*this, color, key), color);
   const int splitIndex = splitSeq_++;
-  std::vector<std::pair<int64_t, int64_t>> colorKey(size());
-  for (int r = 0; r < size(); ++r) colorKey[r] = {all.data_ptr<int64_t>()[2 * r], all.data_ptr<int64_t>()[2 * r + 1]};
-  const std::vector<int> members = splitMembers(colorKey, color);
   if (members.empty()) return nullptr;
   const int newRank = static_cast<int>(std::find(members.begin(), members.end(), rank()) - members.begin());
   GlooOptions childOptions = options_;

@@ -259,11 +259,7 @@ CommPtr MpiCommunicator::split(int color, int key, const std::string& suffix) {
   // The allgather of (color, key) is what other backends do too (same stats);
   // here it makes a missing rank fail with the usual diagnosis before
   // MPI_Comm_split, which cannot time out either, starts.
-  auto mine = at::empty({2}, at::TensorOptions().dtype(at::kLong));
-  mine.data_ptr<int64_t>()[0] = color;
-  mine.data_ptr<int64_t>()[1] = key;
-  auto all = at::empty({2 * size()}, at::TensorOptions().dtype(at::kLong));
-  allGather(mine, all);
+  gatherColorKeys(*this, color, key);
   // OpKind has no split; to the other ranks' diagnosis it is a barrier.
   const OpInfo info = nextOp(OpKind::kBarrier, nullptr, 0, timeout());
   // Shared, not on this stack: a timed-out split may still write it later.
