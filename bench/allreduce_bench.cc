@@ -9,6 +9,7 @@
 #include <functional>
 
 #include "comm/gloo/gloo_communicator.h"
+#include "bench/bench_command.h"
 #include "tessera/core/config.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/timer.h"
@@ -115,6 +116,24 @@ void runAllreduceBench(DistributedContext& ctx, const AllreduceBenchConfig& conf
     std::printf("%s\n", record.toJson().c_str());
     std::fflush(stdout);
   }
+}
+
+std::unique_ptr<BenchCommand> addAllreduceCommand(CLI::App& app) {
+  auto command = std::make_unique<BenchCommand>();
+  command->app = app.add_subcommand("allreduce", "tessera's allReduce vs the backend's own, float32 sum");
+  addLaunchOptions(*command);
+  auto config = std::make_shared<AllreduceBenchConfig>();
+  auto sizes = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"1MiB", "16MiB", "64MiB"});
+  command->app->add_option("--bytes", *sizes, "buffer sizes, e.g. 1MiB,64MiB")->delimiter(',');
+  command->app->add_option("--iters", config->iterations, "timed iterations per size")->check(CLI::PositiveNumber);
+  command->app->add_option("--warmup", config->warmup, "untimed iterations per size")->check(CLI::NonNegativeNumber);
+  command->validate = [config, sizes] {
+    config->bytes.clear();
+    for (const auto& s : *sizes) config->bytes.push_back(parseBytes(s));
+    config->validate();
+  };
+  command->run = [config](DistributedContext* ctx) { runAllreduceBench(*ctx, *config); };
+  return command;
 }
 
 }  // namespace tessera::bench

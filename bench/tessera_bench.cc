@@ -2,7 +2,9 @@
 // the raw backend in the same run.
 //
 //   tessera-bench allreduce --backend gloo --ranks 4 --bytes 1MiB,64MiB
+//   tessera-bench allreduce --compression int8 --link 100mbit
 //   tessera-bench train --config examples/configs/gpt-tiny.toml --ranks 2
+//   tessera-bench quantize | checkpoint | convergence   (see each file)
 //
 // Run it under tessera-run or mpirun, or alone: with --ranks N > 1 and no
 // launcher around it, it starts itself under tessera-run with N workers.
@@ -11,14 +13,14 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <regex>
+#include <vector>
 
-#include "bench/allreduce_bench.h"
-#include "bench/train_bench.h"
+#include "bench/bench_command.h"
 #include "tessera/core/error.h"
 
 namespace tessera::bench {
-namespace {
 
 // "64MiB", "1M", "4096", "1.5GiB" -> bytes.
 int64_t parseBytes(const std::string& text) {
@@ -35,6 +37,15 @@ int64_t parseBytes(const std::string& text) {
   }
   return static_cast<int64_t>(value);
 }
+
+void addLaunchOptions(BenchCommand& command) {
+  command.app->add_option("--ranks", command.ranks, "number of ranks; without a launcher, starts itself under tessera-run")
+      ->check(CLI::PositiveNumber);
+  command.app->add_option("--backend", command.backend, "gloo or mpi")->check(CLI::IsMember({"gloo", "mpi"}));
+}
+
+namespace {
+
 
 bool launchedByAnything() {
   for (const char* var : {"RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "PMI_RANK"}) {
@@ -80,51 +91,35 @@ std::string findTesseraRun() {
 int run(int argc, char** argv) {
   CLI::App app{"tessera-bench: performance measurements as JSON lines, against the raw backend in the same run"};
   app.require_subcommand(1);
-  auto* allreduce = app.add_subcommand("allreduce", "tessera's allReduce vs the backend's own, float32 sum");
-  std::string backend = "gloo";
-  int ranks = 0;
-  std::vector<std::string> sizes = {"1MiB", "16MiB", "64MiB"};
-  AllreduceBenchConfig config;
-  allreduce->add_option("--backend", backend, "gloo or mpi")->check(CLI::IsMember({"gloo", "mpi"}));
-  allreduce->add_option("--ranks", ranks, "number of ranks; without a launcher, starts itself under tessera-run")
-      ->check(CLI::PositiveNumber);
-  allreduce->add_option("--bytes", sizes, "buffer sizes, e.g. 1MiB,64MiB")->delimiter(',');
-  allreduce->add_option("--iters", config.iterations, "timed iterations per size")->check(CLI::PositiveNumber);
-  allreduce->add_option("--warmup", config.warmup, "untimed iterations per size")->check(CLI::NonNegativeNumber);
-  auto* train = app.add_subcommand("train", "a tessera-train config: tokens/s, compute vs comm, overlap, MFU");
-  TrainBenchConfig trainConfig;
-  train->add_option("--config", trainConfig.configPath, "tessera-train TOML file")->required();
-  train->add_option("--set", trainConfig.overrides, "override one key: section.key=value (repeatable)");
-  train->add_option("--steps", trainConfig.steps, "timed steps")->check(CLI::PositiveNumber);
-  train->add_option("--ranks", ranks, "number of ranks; without a launcher, starts itself under tessera-run")
-      ->check(CLI::PositiveNumber);
-  train->add_option("--backend", backend, "gloo or mpi")->check(CLI::IsMember({"gloo", "mpi"}));
+  std::vector<std::unique_ptr<BenchCommand>> commands;
+  for (auto add : {addAllreduceCommand, addTrainCommand, addQuantizeCommand, addCheckpointCommand,
+                   addConvergenceCommand}) {
+    commands.push_back(add(app));
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
-  if (allreduce->parsed()) {
-    config.bytes.clear();
-    for (const auto& s : sizes) config.bytes.push_back(parseBytes(s));
-    config.validate();
-  } else {
-    trainConfig.validate();
+  BenchCommand* command = nullptr;
+  for (auto& c : commands) {
+    if (c->app->parsed()) command = c.get();
+  }
+  if (command->validate) command->validate();
+  if (!command->distributed) {
+    command->run(nullptr);
+    return 0;
   }
 
-  if (ranks > 1 && !launchedByAnything()) relaunchUnderTesseraRun(ranks, backend, argc, argv);
+  if (command->ranks > 1 && !launchedByAnything()) relaunchUnderTesseraRun(command->ranks, command->backend, argc, argv);
   InitOptions options;
-  options.backend = backend;
+  options.backend = command->backend;
   DistributedContext ctx = init(options);
-  if (ranks > 0 && ranks != ctx.world->size()) {
-    throw InvalidArgument("--ranks " + std::to_string(ranks) + " but the launcher started " +
+  if (command->ranks > 0 && command->ranks != ctx.world->size()) {
+    throw InvalidArgument("--ranks " + std::to_string(command->ranks) + " but the launcher started " +
                           std::to_string(ctx.world->size()) + " ranks; drop --ranks or make them agree");
   }
-  if (allreduce->parsed()) {
-    runAllreduceBench(ctx, config);
-  } else {
-    runTrainBench(ctx, trainConfig);
-  }
+  command->run(&ctx);
   ctx.world->barrier();
   return 0;
 }

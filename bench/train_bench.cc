@@ -7,6 +7,7 @@
 
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
+#include "bench/bench_command.h"
 #include "tessera/core/config.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/timer.h"
@@ -112,6 +113,19 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
       .add("mfu", modelFlops / peak);
   std::printf("%s\n", record.toJson().c_str());
   std::fflush(stdout);
+}
+
+std::unique_ptr<BenchCommand> addTrainCommand(CLI::App& app) {
+  auto command = std::make_unique<BenchCommand>();
+  command->app = app.add_subcommand("train", "a tessera-train config: tokens/s, compute vs comm, overlap, MFU");
+  addLaunchOptions(*command);
+  auto config = std::make_shared<TrainBenchConfig>();
+  command->app->add_option("--config", config->configPath, "tessera-train TOML file")->required();
+  command->app->add_option("--set", config->overrides, "override one key: section.key=value (repeatable)");
+  command->app->add_option("--steps", config->steps, "timed steps")->check(CLI::PositiveNumber);
+  command->validate = [config] { config->validate(); };
+  command->run = [config](DistributedContext* ctx) { runTrainBench(*ctx, *config); };
+  return command;
 }
 
 }  // namespace tessera::bench

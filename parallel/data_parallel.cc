@@ -2,6 +2,7 @@
 
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace tessera::parallel {
@@ -15,24 +16,45 @@ std::vector<at::Tensor> trainableParameters(torch::nn::Module& model) {
   return out;
 }
 
+// One whole piece per trainable parameter, named as the module names it
+// (the first name of a tensor reachable under two, as parameters() keeps it).
+std::vector<std::vector<ParameterPiece>> wholeParameterLayout(torch::nn::Module& model) {
+  std::vector<std::vector<ParameterPiece>> layout;
+  std::vector<const void*> seen;
+  for (const auto& item : model.named_parameters()) {
+    const at::Tensor& p = item.value();
+    if (!p.requires_grad()) continue;
+    const void* id = p.unsafeGetTensorImpl();
+    if (std::find(seen.begin(), seen.end(), id) != seen.end()) continue;
+    seen.push_back(id);
+    layout.push_back({ParameterPiece{item.key(), p.sizes().vec(), 0, 0, p.numel()}});
+  }
+  return layout;
+}
+
 class NoDataParallel final : public DataParallel {
  public:
-  explicit NoDataParallel(torch::nn::Module& model) : parameters_(trainableParameters(model)) {}
+  explicit NoDataParallel(torch::nn::Module& model)
+      : parameters_(trainableParameters(model)), layout_(wholeParameterLayout(model)) {}
   std::string name() const override { return "none"; }
   std::vector<at::Tensor> optimizerParameters() override { return parameters_; }
   void finishGradientSync() override {}
   double gradNorm() override { return localGradNorm(parameters_); }
   std::unique_ptr<NoSyncScope> noSync() override { return std::make_unique<NoSyncScope>(); }
   DataParallelStats stats() const override { return {}; }
+  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
+  bool sharded() const override { return false; }
 
  private:
   std::vector<at::Tensor> parameters_;
+  std::vector<std::vector<ParameterPiece>> layout_;
 };
 
 class DdpDataParallel final : public DataParallel {
  public:
   DdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config)
-      : parameters_(trainableParameters(model)), ddp_(model, std::move(comm), config) {}
+      : parameters_(trainableParameters(model)), layout_(wholeParameterLayout(model)),
+        ddp_(model, std::move(comm), config) {}
   std::string name() const override { return "ddp"; }
   std::vector<at::Tensor> optimizerParameters() override { return parameters_; }
   void finishGradientSync() override { ddp_.finishGradientSync(); }
@@ -50,9 +72,12 @@ class DdpDataParallel final : public DataParallel {
     const DdpSyncStats s = ddp_.totalStats();
     return DataParallelStats{s.bytes, s.commSeconds, s.exposedSeconds};
   }
+  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
+  bool sharded() const override { return false; }
 
  private:
   std::vector<at::Tensor> parameters_;
+  std::vector<std::vector<ParameterPiece>> layout_;
   DistributedDataParallel ddp_;
 };
 

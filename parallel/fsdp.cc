@@ -496,6 +496,10 @@ class FsdpDataParallel final : public DataParallel {
   double gradNorm() override { return fsdp_.gradNorm(); }
   std::unique_ptr<NoSyncScope> noSync() override { return fsdp_.noSync(); }
   DataParallelStats stats() const override { return fsdp_.stats(); }
+  std::vector<std::vector<ParameterPiece>> parameterLayout() const override {
+    throw NotSupported("FSDP parameterLayout: not implemented yet");  // TODO(checkpoint helper)
+  }
+  bool sharded() const override { return true; }
 
  private:
   bool hybrid_;

@@ -173,7 +173,12 @@ void Trainer::printProgress(const StepReport& r, bool last) const {
 TrainingState Trainer::snapshot() const {
   TrainingState s = state_;
   s.trainSampler = parts_.train->state();
-  s.optimizer = parts_.optimizer->saveState();
+  s.optimizer = parts_.optimizer->state();
+  for (auto& [kind, tensors] : s.optimizer.perParameter) {
+    for (auto& t : tensors) {
+      if (t.defined()) t = t.detach().clone();
+    }
+  }
   at::Generator generator = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(generator.mutex());
   s.rng = generator.get_state();

@@ -135,7 +135,7 @@ TEST(Optimizer, SavedStateContinuesIdentically) {
   a.mutable_grad() = torch::tensor({0.1, -0.2, 0.3});
   optA->step();
   b.detach().copy_(a.detach());
-  optB->loadState(optA->saveState());
+  optB->loadState(optA->state());
   for (auto* t : {&a, &b}) t->mutable_grad() = torch::tensor({-0.5, 0.4, 0.2});
   optA->step();
   optB->step();

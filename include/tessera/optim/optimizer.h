@@ -1,5 +1,6 @@
 // The optimizer interface the training loop steps, and a factory that builds
-// AdamW or SGD (torch::optim's implementations) from the [optim] section.
+// AdamW or SGD (written to match torch::optim's update formulas exactly) from
+// the [optim] section.
 //
 // Why an interface of our own rather than torch::optim::Optimizer: the
 // communication-light optimizers of later issues (DiLoCo, DeMo) communicate
@@ -13,11 +14,24 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 namespace tessera::optim {
+
+// An optimizer's state in a form checkpoints and live recovery can reshard:
+// per-parameter tensors (each shaped like its parameter, so a sharded
+// parameter's state is sharded the same way) plus scalars.
+struct OptimizerState {
+  // kind ("exp_avg", "momentum_buffer", "diloco/outer", ...) -> one tensor per
+  // parameter, in the order the parameters were given at construction, each
+  // of that parameter's shape. An undefined tensor: not created yet.
+  std::map<std::string, std::vector<at::Tensor>> perParameter;
+  // Small values ("step" -> "12"); doubles written with 17 digits.
+  std::map<std::string, std::string> scalars;
+};
 
 // The algorithm part of the [optim] section. Plain struct; validate() before use.
 struct OptimizerConfig {
@@ -39,6 +53,7 @@ struct OptimizerStepResult {
 };
 
 // Updates a fixed list of tensors from their .grad. Not thread-safe.
+// Gradients are taken from .grad; an undefined .grad skips that parameter.
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -56,11 +71,15 @@ class Optimizer {
   // no references to them, so either would do; zeros behave the same on
   // libtorch 1.13 and 2.x).
   virtual void zeroGrad() = 0;
-  // The optimizer's state (moments, step counts) as opaque bytes, for
-  // training-state snapshots; loadState() of the same kind of optimizer over
-  // tensors of the same shapes restores it. Throws Error on a mismatch.
-  virtual std::string saveState() const = 0;
-  virtual void loadState(const std::string& bytes) = 0;
+  // The optimizer's state (moments, step counts, outer copies). The tensors
+  // alias the live buffers: clone them before the next step() if they must
+  // stay as they are. Local (not collective).
+  virtual OptimizerState state() const = 0;
+  // Copies `state` (from state() of the same kind of optimizer over
+  // parameters of the same shapes) into this one. Checks everything before
+  // changing anything: throws InvalidArgument naming a missing kind or
+  // scalar, or the parameter index and both shapes of a mismatch. Local.
+  virtual void loadState(const OptimizerState& state) = 0;
 };
 
 // AdamW or SGD over `parameters` (e.g. DataParallel::optimizerParameters()),
@@ -68,5 +87,20 @@ class Optimizer {
 // must outlive the optimizer. Throws ConfigError for a bad config.
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerConfig& config, std::vector<at::Tensor> parameters,
                                          double lr);
+
+// Helpers for implementations of loadState(): throw InvalidArgument (text
+// prefixed by `who`, e.g. "AdamW") unless `state` has every kind in `kinds`
+// with one tensor per parameter, each defined tensor shaped like its
+// parameter, and every scalar in `scalars`.
+void checkOptimizerState(const std::string& who, const OptimizerState& state, const std::vector<at::Tensor>& parameters,
+                         const std::vector<std::string>& kinds, const std::vector<std::string>& scalars = {});
+// Copies state.perParameter[kind][i] into live[i] (allocating live[i] like the
+// source when undefined, leaving it undefined when the source is). Call after
+// checkOptimizerState.
+void copyStateInto(const OptimizerState& state, const std::string& kind, std::vector<at::Tensor>& live);
+// A double as text that parses back to the same bits; and back (throws
+// InvalidArgument naming `key`).
+std::string formatScalar(double value);
+double parseScalar(const OptimizerState& state, const std::string& key);
 
 }  // namespace tessera::optim

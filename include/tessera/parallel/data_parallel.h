@@ -15,6 +15,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,6 +35,17 @@ struct DataParallelStats {
   double commSeconds = 0;      // time at least one transfer was in flight
   double exposedSeconds = 0;   // of that, time the training loop waited for it
   double hiddenFraction() const { return commSeconds > 0 ? 1.0 - exposedSeconds / commSeconds : 0.0; }
+};
+
+// A flat range of one named model parameter inside an optimizer tensor, so
+// that state shaped like optimizerParameters() can be saved by parameter
+// name and loaded into another sharding (checkpoint/training_state.h).
+struct ParameterPiece {
+  std::string name;              // the module's parameter name, e.g. "blocks.0.attn.qkv.weight"
+  std::vector<int64_t> shape;    // that parameter's full shape
+  int64_t paramOffset = 0;       // flat row-major offset within the parameter
+  int64_t tensorOffset = 0;      // flat offset within optimizerParameters()[i]
+  int64_t numel = 0;             // elements in the range
 };
 
 // While alive, backward accumulates gradients locally without communicating.
@@ -62,6 +74,12 @@ class DataParallel {
   virtual std::unique_ptr<NoSyncScope> noSync() = 0;
   // Since construction.
   virtual DataParallelStats stats() const = 0;
+  // Per optimizer tensor i, the parameter ranges it holds, in tensorOffset
+  // order (elements not covered are padding). none/DDP: one whole piece per
+  // parameter; FSDP: this rank's shard cut at parameter boundaries. Local.
+  virtual std::vector<std::vector<ParameterPiece>> parameterLayout() const = 0;
+  // True when ranks of the data-parallel group hold different pieces (FSDP).
+  virtual bool sharded() const = 0;
 };
 
 // A single replica (world of 1, or replication handled elsewhere): no communication.

@@ -71,7 +71,7 @@ struct TrainingState {
   int64_t step = 0;                // optimizer steps completed
   int64_t tokens = 0;              // StepReport::tokens at that point
   data::SamplerState trainSampler; // position of the training batches
-  std::string optimizer;           // Optimizer::saveState()
+  optim::OptimizerState optimizer; // Optimizer::state(), cloned (no aliasing with the live buffers)
   at::Tensor rng;                  // torch's default CPU generator state (uint8)
 };
 

@@ -1,0 +1,15 @@
+// Placeholder: the convergence benchmark is being written.
+#include "bench/bench_command.h"
+#include "tessera/core/error.h"
+
+namespace tessera::bench {
+
+std::unique_ptr<BenchCommand> addConvergenceCommand(CLI::App& app) {
+  auto command = std::make_unique<BenchCommand>();
+  command->app = app.add_subcommand("convergence", "not built yet");
+  command->distributed = false;
+  command->run = [](DistributedContext*) { throw NotSupported("tessera-bench convergence: not built yet"); };
+  return command;
+}
+
+}  // namespace tessera::bench

@@ -1,0 +1,2 @@
+// Placeholder: being written.
+#include "tessera/optim/demo.h"
