@@ -31,6 +31,11 @@ struct TrainJob {
   std::unique_ptr<BatchSource> val;
   std::unique_ptr<MetricsWriter> metrics;            // rank 0 with a metrics path only
   TrainerParts parts;                                // views of the above, for the Trainer
+  // Optimizers that update replicas locally between syncs (DiLoCo, DeMo,
+  // MT-DAO) leave replicas with different parameters: their state is saved
+  // per replica. 1 for DDP/FSDP (replicas always identical).
+  int replica = 0;                                   // this rank's replica index (dp_replicate coordinate)
+  int replicas = 1;                                  // replicas whose parameters differ between syncs
 };
 
 // Collective over ctx.world (the mesh splits it; DDP/FSDP broadcast rank 0's
