@@ -2,19 +2,34 @@
 //
 //   tessera-run --nproc-per-node 2 tessera-train --config examples/configs/gpt-tiny.toml
 //       [--set section.key=value ...] [--metrics out.jsonl]
+//       [--checkpoint-dir DIR --checkpoint-every N [--checkpoint-keep K] [--checkpoint-level L]]
+//       [--resume DIR]
 //
 // Reads and validates the config before any communication (a typo fails at
 // once on every rank with the same message), joins the job (tessera::init),
 // builds mesh -> model -> data-parallel strategy -> optimizer -> data, and
 // hands them to tessera::Trainer. Rank 0 writes the metrics file.
+//
+// Checkpoints: every N steps (after the step's evaluation) and after the last
+// step the whole training state (checkpoint/training_state.h) is saved
+// asynchronously under DIR; the run waits for the last save before it exits.
+// --resume DIR (a checkpoint directory, or a root whose `latest` names one)
+// restores parameters, optimizer, data position and RNG after the job is
+// built and before training, on any world size or strategy: on the same one
+// the continued run's losses equal the uninterrupted run's bit for bit.
 // Exit codes: 0 done, 1 a runtime error, 2 a bad command line or config.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <fstream>
+#include <map>
 #include <memory>
+#include <sstream>
 
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
+#include "tessera/checkpoint/checkpoint.h"
+#include "tessera/checkpoint/training_state.h"
 #include "tessera/core/logging.h"
 #include "tessera/core/training/trainer.h"
 #include "tessera/launcher/init.h"
@@ -22,7 +37,35 @@
 namespace tessera::launcher {
 namespace {
 
-int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::string& metricsPath) {
+// The command line's checkpoint options.
+struct CheckpointFlags {
+  std::string dir;    // "" : no checkpoints
+  int64_t every = 0;  // steps between saves; 0: only at the end
+  int keep = 3;
+  int level = 3;       // zstd level; 0: uncompressed
+  std::string resume;  // "" : start fresh
+};
+
+// What goes into every checkpoint's meta besides the state itself: the
+// config as given, so a checkpoint says what produced it.
+std::map<std::string, std::string> describeRun(const TrainJobConfig& job, const std::string& configPath,
+                                               const std::vector<std::string>& overrides, int worldSize) {
+  std::map<std::string, std::string> meta;
+  std::ifstream in(configPath);
+  std::ostringstream text;
+  text << in.rdbuf();
+  meta["config/text"] = text.str();
+  std::string joined;
+  for (const std::string& o : overrides) joined += o + "\n";
+  meta["config/overrides"] = joined;
+  meta["parallel/mesh"] = job.parallel.mesh.describe();
+  meta["parallel/world_size"] = std::to_string(worldSize);
+  meta["config/model_kind"] = job.model.kind;
+  return meta;
+}
+
+int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::string& metricsPath,
+           const CheckpointFlags& flags, const std::map<std::string, std::string>& runMeta) {
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath);  // collective
   if (ctx.rank() == 0) {
     TESSERA_LOG(kInfo) << "training " << job.model.kind << " (" << built->numParameters << " parameters) for "
@@ -30,8 +73,52 @@ int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::
                        << job.parallel.mesh.describe() << ", " << built->threads << " threads per rank";
   }
   Trainer trainer(built->parts, job.train);
+  checkpoint::TrainingParts state;
+  state.trainer = &trainer;
+  state.model = &built->model->module();
+  state.dp = built->dp.get();
+  state.optimizer = built->optimizer.get();
+  state.replica = checkpoint::ReplicaInfo{built->replica, built->replicas};
+
+  // The step this run last saved: the final state is saved unless it was
+  // just saved (a resumed run with nothing left to train saves the restored
+  // state: how a checkpoint is resharded to this world size).
+  int64_t lastSaved = -1;
+  if (!flags.resume.empty()) {
+    const int64_t step = checkpoint::restoreTrainingStateFromCheckpoint(state, flags.resume);  // local
+    if (ctx.rank() == 0) {
+      TESSERA_LOG(kInfo) << "resumed from " << checkpoint::resolveCheckpoint(flags.resume) << " at step " << step;
+    }
+  }
+
+  std::unique_ptr<checkpoint::Checkpointer> checkpointer;
+  if (!flags.dir.empty()) {
+    checkpoint::CheckpointOptions options;
+    options.dir = flags.dir;
+    options.keep = flags.keep;
+    options.zstdLevel = flags.level;
+    checkpointer = std::make_unique<checkpoint::Checkpointer>(options, ctx.world);  // collective
+    if (flags.every > 0) {
+      trainer.callbacks().afterStep.push_back([&](const StepReport& report) {
+        if (report.step % flags.every != 0) return;
+        checkpointer->save(report.step, checkpoint::collectTrainingState(state, runMeta));  // collective
+        lastSaved = report.step;
+      });
+    }
+  }
+
   const StepReport last = trainer.run();  // collective
-  if (ctx.rank() == 0) {
+  if (checkpointer) {
+    const int64_t finalStep = trainer.snapshot().step;
+    if (lastSaved != finalStep) checkpointer->save(finalStep, checkpoint::collectTrainingState(state, runMeta));
+    checkpointer->wait();  // collective; throws the save's error
+    if (ctx.rank() == 0) {
+      TESSERA_LOG(kInfo) << "checkpoint " << checkpointer->lastCommitted();
+    }
+  }
+  if (ctx.rank() == 0 && last.step == 0) {
+    TESSERA_LOG(kInfo) << "done: nothing left to train (train.steps = " << job.train.steps << ")";
+  } else if (ctx.rank() == 0) {
     TESSERA_LOG(kInfo) << "done: " << last.step << " steps in " << last.timeSeconds << " s, loss " << last.loss
                        << ", val_loss " << (last.valLoss ? std::to_string(*last.valLoss) : std::string("-"));
   }
@@ -50,6 +137,18 @@ int main(int argc, char** argv) {
   app.add_option("--config", configPath, "TOML file with [model] [data] [optim] [train] [parallel]")->required();
   app.add_option("--set", overrides, "override one key: section.key=value (repeatable)");
   app.add_option("--metrics", metricsPath, "write JSON-lines metrics here (rank 0; \"-\" for stdout)");
+  tessera::launcher::CheckpointFlags flags;
+  auto* dirOption = app.add_option("--checkpoint-dir", flags.dir, "save checkpoints under this directory");
+  app.add_option("--checkpoint-every", flags.every, "save every N steps (and always after the last step)")
+      ->check(CLI::NonNegativeNumber)
+      ->needs(dirOption);
+  app.add_option("--checkpoint-keep", flags.keep, "complete checkpoints kept (default 3)")
+      ->check(CLI::PositiveNumber)
+      ->needs(dirOption);
+  app.add_option("--checkpoint-level", flags.level, "zstd level 1..19; 0 stores uncompressed (default 3)")
+      ->check(CLI::Range(0, 19))
+      ->needs(dirOption);
+  app.add_option("--resume", flags.resume, "restore a checkpoint (its directory, or a root with `latest`) first");
   CLI11_PARSE(app, argc, argv);
 
   tessera::launcher::TrainJobConfig job;
@@ -63,7 +162,8 @@ int main(int argc, char** argv) {
     tessera::InitOptions options;
     options.backend = job.parallel.backend;
     const tessera::DistributedContext ctx = tessera::init(options);
-    return tessera::launcher::runJob(job, ctx, metricsPath);
+    return tessera::launcher::runJob(job, ctx, metricsPath, flags,
+                                     tessera::launcher::describeRun(job, configPath, overrides, ctx.worldSize()));
   } catch (const tessera::ConfigError& e) {
     std::fprintf(stderr, "tessera-train: %s\n", e.what());
     return 2;

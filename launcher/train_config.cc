@@ -14,7 +14,8 @@ namespace tessera::launcher {
 namespace {
 
 // Where a key's value goes; the pointer's type is the key's type.
-using Target = std::variant<int64_t*, int*, uint64_t*, double*, bool*, std::string*, std::vector<int64_t>*>;
+using Target = std::variant<int64_t*, int*, uint64_t*, double*, bool*, std::string*, std::vector<int64_t>*,
+                            std::vector<double>*>;
 struct Field {
   std::string key;
   Target target;
@@ -22,7 +23,7 @@ struct Field {
 // Dotted section name ("optim", "model.moe") -> its keys, in documentation order.
 using Schema = std::map<std::string, std::vector<Field>>;
 
-const char* const kSectionNames = "model, data, optim, train, parallel";
+const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel";
 
 // The keys of every section, pointing into `c`. [model] lists the keys of c.model.kind only.
 Schema schemaOf(TrainJobConfig& c) {
@@ -31,13 +32,14 @@ Schema schemaOf(TrainJobConfig& c) {
   auto& m = c.model.mlp;
   if (c.model.kind == "mlp") {
     s["model"] = {{"kind", &c.model.kind}, {"input_dim", &m.input_dim}, {"hidden_sizes", &m.hidden_sizes},
-                  {"num_classes", &m.num_classes}, {"dropout", &m.dropout}, {"seed", &m.seed}};
+                  {"num_classes", &m.num_classes}, {"dropout", &m.dropout}, {"seed", &m.seed},
+                  {"init_from", &c.model.init_from}};
   } else {
     s["model"] = {{"kind", &c.model.kind},   {"vocab_size", &g.vocab_size}, {"block_size", &g.block_size},
                   {"n_layer", &g.n_layer},    {"n_head", &g.n_head},         {"d_model", &g.d_model},
                   {"mlp_ratio", &g.mlp_ratio}, {"positions", &g.positions},  {"rope_base", &g.rope_base},
                   {"tie_weights", &g.tie_weights}, {"dropout", &g.dropout}, {"init_std", &g.init_std},
-                  {"seed", &g.seed},          {"use_moe", &g.use_moe}};
+                  {"seed", &g.seed},          {"use_moe", &g.use_moe}, {"init_from", &c.model.init_from}};
     s["model.moe"] = {{"num_experts", &g.moe.num_experts}, {"top_k", &g.moe.top_k},
                       {"capacity_factor", &g.moe.capacity_factor}, {"aux_loss_weight", &g.moe.aux_loss_weight}};
   }
@@ -46,12 +48,23 @@ Schema schemaOf(TrainJobConfig& c) {
                {"normalize", &d.normalize}, {"batch_size", &d.batch_size}, {"seed", &d.seed}, {"shuffle", &d.shuffle}};
   auto& o = c.optim;
   auto& l = c.schedule;
-  s["optim"] = {{"name", &o.name},         {"lr", &l.lr},
+  s["optim"] = {{"name", &c.optimizer},    {"lr", &l.lr},
                 {"min_lr", &l.min_lr},     {"schedule", &l.schedule},
                 {"warmup_steps", &l.warmup_steps}, {"decay_fraction", &l.decay_fraction},
                 {"beta1", &o.beta1},       {"beta2", &o.beta2},
                 {"eps", &o.eps},           {"weight_decay", &o.weight_decay},
                 {"momentum", &o.momentum}, {"nesterov", &o.nesterov}};
+  auto& dl = c.diloco;
+  s["diloco"] = {{"inner", &c.diloco_inner},     {"inner_steps", &dl.inner_steps}, {"outer_lr", &dl.outer_lr},
+                 {"outer_momentum", &dl.outer_momentum}, {"nesterov", &dl.nesterov}, {"compression", &dl.compression},
+                 {"fragments", &dl.fragments},   {"delay", &dl.delay},             {"mixing", &dl.mixing}};
+  auto& dm = c.demo;
+  s["demo"] = {{"compression_decay", &dm.compression_decay}, {"compression_topk", &dm.compression_topk},
+               {"compression_chunk", &dm.compression_chunk}, {"weight_decay", &dm.weight_decay}};
+  auto& mt = c.mt_dao;
+  s["mt_dao"] = {{"form", &mt.form},   {"betas", &mt.betas},     {"nus", &mt.nus},
+                 {"beta2", &mt.beta2}, {"eps", &mt.eps},         {"weight_decay", &mt.weight_decay},
+                 {"sync_params", &mt.sync_params}, {"sync_momenta", &mt.sync_momenta}, {"sync_second", &mt.sync_second}};
   auto& t = c.train;
   s["train"] = {{"steps", &t.steps},           {"grad_accum", &t.grad_accum}, {"clip", &t.clip},
                 {"eval_every", &t.eval_every}, {"eval_batches", &t.eval_batches}, {"log_every", &t.log_every},
@@ -113,6 +126,19 @@ void assign(const toml::node& node, const Target& target, const std::string& key
     if (!node.is_array()) wrongType(key, "an array of integers", node);
     std::vector<int64_t> values;
     for (const toml::node& item : *node.as_array()) values.push_back(integerOf(item, key, 0, kMax));
+    **p = std::move(values);
+  } else if (auto* p = std::get_if<std::vector<double>*>(&target)) {
+    if (!node.is_array()) wrongType(key, "an array of numbers", node);
+    std::vector<double> values;
+    for (const toml::node& item : *node.as_array()) {
+      if (item.is_integer()) {
+        values.push_back(static_cast<double>(*item.value<int64_t>()));
+      } else if (item.is_floating_point()) {
+        values.push_back(*item.value<double>());
+      } else {
+        wrongType(key, "an array of numbers", item);
+      }
+    }
     **p = std::move(values);
   }
 }
@@ -191,7 +217,7 @@ Override parseOverride(const std::string& text) {
 
 }  // namespace
 
-void ParallelSection::validate(int worldSize) const {
+void ParallelSection::validate(int worldSize, bool localUpdates) const {
   TESSERA_CHECK_CONFIG(strategy == "none" || strategy == "ddp" || strategy == "fsdp" || strategy == "hybrid",
                        "parallel.strategy", "got '" << strategy << "' (valid: none, ddp, fsdp, hybrid)");
   TESSERA_CHECK_CONFIG(backend == "auto" || backend == "gloo" || backend == "mpi", "parallel.backend",
@@ -208,6 +234,16 @@ void ParallelSection::validate(int worldSize) const {
   for (const auto& [axis, degree] : {std::pair{"tp", mesh.tp}, {"pp", mesh.pp}, {"ep", mesh.ep}}) {
     TESSERA_CHECK_CONFIG(degree == 1, std::string("parallel.") + axis,
                          "is " << degree << ", but tessera-train does not run that parallelism yet (valid: 1)");
+  }
+  if (localUpdates) {
+    // The optimizer replicates over dp_replicate; the strategy works inside a replica.
+    TESSERA_CHECK_CONFIG(strategy != "hybrid", "parallel.strategy",
+                         "\"hybrid\" replicates over dp_replicate, which DiLoCo/DeMo/MT-DAO already do (valid "
+                         "with them: none, ddp, fsdp -- over dp_shard inside each replica)");
+    TESSERA_CHECK_CONFIG(strategy != "none" || mesh.dp_shard == 1, "parallel.dp_shard",
+                         "strategy \"none\" runs one rank per replica; dp_shard must be 1, got "
+                             << mesh.dp_shard << " (use ddp or fsdp inside each replica)");
+    return;
   }
   if (strategy == "none") {
     TESSERA_CHECK_CONFIG(mesh.dp_replicate * mesh.dp_shard == 1, "parallel.strategy",
@@ -241,6 +277,19 @@ void TrainJobConfig::validate() const {
   TESSERA_CHECK_CONFIG(model.kind == "gpt" || (parallel.strategy != "fsdp" && parallel.strategy != "hybrid"),
                        "parallel.strategy", "\"" << parallel.strategy << "\" shards GPT blocks; model.kind = \""
                                                   << model.kind << "\" supports none, ddp");
+  TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd" || localUpdates(), "optim.name",
+                       "got '" << optimizer << "' (valid: adamw, sgd, diloco, demo, mt-dao)");
+  if (optimizer == "diloco") {
+    TESSERA_CHECK_CONFIG(diloco_inner == "adamw" || diloco_inner == "sgd", "diloco.inner",
+                         "got '" << diloco_inner << "' (valid: adamw, sgd)");
+    diloco.validate("diloco.");
+  }
+  if (optimizer == "demo") {
+    demo.validate("demo.");
+    TESSERA_CHECK_CONFIG(parallel.strategy != "fsdp", "parallel.strategy",
+                         "DeMo compresses whole 1-D/2-D parameters; \"fsdp\" shards them (valid: none, ddp)");
+  }
+  if (optimizer == "mt-dao") mt_dao.validate("mt_dao.");
   data.validate();
   optim.validate("optim.");
   schedule.validate("optim.");
@@ -269,6 +318,8 @@ TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vecto
     }
     applyKey(config, o.section, o.key, *o.value.get("v"));
   }
+  config.optim.name = config.optimizer == "diloco" ? config.diloco_inner
+                     : (config.optimizer == "sgd" ? "sgd" : "adamw");
   config.validate();
   return config;
 }

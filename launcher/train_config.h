@@ -16,7 +16,10 @@
 #include "tessera/core/models/gpt.h"
 #include "tessera/core/models/mlp_classifier.h"
 #include "tessera/core/training/train_config.h"
+#include "tessera/optim/demo.h"
+#include "tessera/optim/diloco.h"
 #include "tessera/optim/lr_schedule.h"
+#include "tessera/optim/mt_dao.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/device_mesh.h"
 
@@ -27,6 +30,7 @@ struct ModelSection {
   std::string kind = "gpt";          // "gpt" (byte-level LM on fortunes) or "mlp" (fashion-MNIST classifier)
   models::GptConfig gpt;             // keys of kind = "gpt"
   models::MlpClassifierConfig mlp;   // keys of kind = "mlp"
+  std::string init_from;             // a safetensors file of matching names to start from ("" = seeded init)
 };
 
 // [parallel]: the mesh degrees and how data parallelism runs on them.
@@ -40,13 +44,24 @@ struct ParallelSection {
 
   // Throws ConfigError ("parallel.dp_shard", ...) when the degrees do not fit
   // worldSize or the strategy, or a strategy or axis is not built yet.
-  void validate(int worldSize) const;
+  // `localUpdates`: the optimizer replicates over dp_replicate itself
+  // (DiLoCo, DeMo, MT-DAO); the strategy then runs inside each replica, over
+  // dp_shard: "none" (dp_shard = 1), "ddp" or "fsdp".
+  void validate(int worldSize, bool localUpdates = false) const;
 };
 
 struct TrainJobConfig {
   ModelSection model;
   data::DataConfig data;
-  optim::OptimizerConfig optim;       // [optim]: name, betas, eps, weight_decay, momentum, nesterov
+  // [optim] name: "adamw", "sgd" (synchronous, with the [parallel] strategy)
+  // or "diloco", "demo", "mt-dao" (communication-light: one replica per
+  // dp_replicate coordinate, configured by their own section).
+  std::string optimizer = "adamw";
+  optim::OptimizerConfig optim;       // [optim]: betas, eps, weight_decay, momentum, nesterov (adamw/sgd, DiLoCo's inner)
+  std::string diloco_inner = "adamw"; // [diloco] inner: the inner optimizer ("adamw" or "sgd", with [optim]'s keys)
+  optim::DilocoConfig diloco;         // [diloco]
+  optim::DemoConfig demo;             // [demo]
+  optim::MtDaoConfig mt_dao;          // [mt_dao]
   optim::LrScheduleConfig schedule;   // [optim] too: lr, min_lr, schedule, warmup_steps, decay_fraction
   TrainConfig train;
   ParallelSection parallel;
@@ -56,6 +71,8 @@ struct TrainJobConfig {
   // hybrid need model.kind = "gpt"). Not the
   // world-size checks: parallel.validate(worldSize) does those.
   void validate() const;
+  // True for the optimizers that replicate over dp_replicate themselves.
+  bool localUpdates() const { return optimizer == "diloco" || optimizer == "demo" || optimizer == "mt-dao"; }
 };
 
 // Parses TOML text (`sourceName` appears in syntax errors), applies

@@ -3,10 +3,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <thread>
 
 #include "tessera/core/data/byte_corpus.h"
 #include "tessera/core/data/fashion_mnist.h"
+#include "tessera/core/error.h"
 #include "tessera/core/logging.h"
 #include "tessera/optim/lr_schedule.h"
 #include "tessera/parallel/fsdp.h"
@@ -15,14 +17,16 @@ namespace tessera::launcher {
 namespace {
 
 // The data-parallel strategy [parallel] names, over the mesh's dp axes.
+// With local-update optimizers the strategy runs inside a replica, over dp_shard.
 std::unique_ptr<parallel::DataParallel> makeDataParallel(const ParallelSection& p, torch::nn::Module& module,
-                                                         const parallel::DeviceMesh& mesh) {
+                                                         const parallel::DeviceMesh& mesh, bool localUpdates) {
   using parallel::MeshAxis;
   if (p.strategy == "none") return parallel::makeNoDataParallel(module);
   if (p.strategy == "ddp") {
     parallel::DdpConfig ddp;
     ddp.bucketCapBytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
-    return parallel::makeDdpDataParallel(module, mesh.comm(MeshAxis::kDpReplicate), ddp);
+    return parallel::makeDdpDataParallel(module, mesh.comm(localUpdates ? MeshAxis::kDpShard : MeshAxis::kDpReplicate),
+                                         ddp);
   }
   // fsdp / hybrid: every GPT block is an FSDP unit.
   auto* gpt = dynamic_cast<models::GptImpl*>(&module);
@@ -32,10 +36,51 @@ std::unique_ptr<parallel::DataParallel> makeDataParallel(const ParallelSection& 
                                         p.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr);
 }
 
+// The DiLoCo streaming group of each optimizer tensor: its transformer block
+// ("blocks.<k>." -> k), everything else (embeddings, final norm) one more group.
+std::vector<int> layerGroups(const parallel::DataParallel& dp) {
+  std::vector<int> groups;
+  std::vector<std::vector<parallel::ParameterPiece>> layout;
+  try {
+    layout = dp.parameterLayout();
+  } catch (const NotSupported&) {
+    return {};  // no names: DiLoCo groups by tensor index
+  }
+  int maxBlock = -1;
+  std::vector<int> blockOf;
+  for (const auto& pieces : layout) {
+    int block = -1;
+    if (!pieces.empty() && pieces.front().name.rfind("blocks.", 0) == 0) {
+      block = std::atoi(pieces.front().name.c_str() + 7);
+    }
+    blockOf.push_back(block);
+    maxBlock = std::max(maxBlock, block);
+  }
+  for (int b : blockOf) groups.push_back(b >= 0 ? b : maxBlock + 1);
+  return groups;
+}
+
+// The optimizer [optim] name selects, over the strategy's tensors. Collective
+// for the communication-light ones (they broadcast or split over dp_replicate).
+std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config, parallel::DataParallel& dp,
+                                                   const parallel::DeviceMesh& mesh) {
+  using parallel::MeshAxis;
+  const comm::CommPtr& replicas = mesh.comm(MeshAxis::kDpReplicate);
+  std::vector<at::Tensor> parameters = dp.optimizerParameters();
+  if (config.optimizer == "diloco") {
+    auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
+    return optim::makeDiloco(config.diloco, std::move(inner), parameters, replicas, layerGroups(dp));
+  }
+  if (config.optimizer == "demo") return optim::makeDemo(config.demo, parameters, replicas, config.schedule.lr);
+  if (config.optimizer == "mt-dao") return optim::makeMtDao(config.mt_dao, parameters, replicas, config.schedule.lr);
+  return optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
+}
+
 // The group gradients are averaged over (reported losses too, and the
 // sampler's shards): null for one replica. Collective for hybrid (flattens).
-comm::CommPtr dataParallelComm(const ParallelSection& p, parallel::DeviceMesh& mesh) {
+comm::CommPtr dataParallelComm(const ParallelSection& p, parallel::DeviceMesh& mesh, bool localUpdates) {
   using parallel::MeshAxis;
+  if (localUpdates) return mesh.flatten({MeshAxis::kDpReplicate, MeshAxis::kDpShard}, "dp");
   if (p.strategy == "ddp") return mesh.comm(MeshAxis::kDpReplicate);
   if (p.strategy == "fsdp") return mesh.comm(MeshAxis::kDpShard);
   if (p.strategy == "hybrid") return mesh.flatten({MeshAxis::kDpReplicate, MeshAxis::kDpShard}, "dp");
@@ -43,8 +88,15 @@ comm::CommPtr dataParallelComm(const ParallelSection& p, parallel::DeviceMesh& m
 }
 
 // The communicators whose bytes comm_bytes counts.
-std::vector<comm::CommPtr> trafficComms(const ParallelSection& p, const parallel::DeviceMesh& mesh) {
+std::vector<comm::CommPtr> trafficComms(const ParallelSection& p, const parallel::DeviceMesh& mesh,
+                                        bool localUpdates) {
   using parallel::MeshAxis;
+  if (localUpdates) {
+    // The optimizer's traffic (dp_replicate) and the strategy's inside a replica.
+    std::vector<comm::CommPtr> comms = {mesh.comm(MeshAxis::kDpReplicate)};
+    if (p.strategy != "none") comms.push_back(mesh.comm(MeshAxis::kDpShard));
+    return comms;
+  }
   if (p.strategy == "ddp") return {mesh.comm(MeshAxis::kDpReplicate)};
   if (p.strategy == "fsdp") return {mesh.comm(MeshAxis::kDpShard)};
   if (p.strategy == "hybrid") return {mesh.comm(MeshAxis::kDpShard), mesh.comm(MeshAxis::kDpReplicate), mesh.comm("dp")};
@@ -89,7 +141,8 @@ std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job) {
 
 std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const DistributedContext& ctx,
                                         const std::string& metricsPath) {
-  config.parallel.validate(ctx.worldSize());  // every rank throws the same error before any collective
+  const bool localUpdates = config.localUpdates();
+  config.parallel.validate(ctx.worldSize(), localUpdates);  // every rank throws the same error before any collective
   auto job = std::make_unique<TrainJob>();
   job->threads = config.train.threads > 0
                      ? config.train.threads
@@ -97,11 +150,15 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   at::set_num_threads(job->threads);
 
   job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
-  job->dpComm = dataParallelComm(config.parallel, *job->mesh);  // collective for hybrid
+  job->dpComm = dataParallelComm(config.parallel, *job->mesh, localUpdates);  // collective for hybrid, local updates
   job->model = buildModel(config);
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
-  job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh);  // collective
-  job->optimizer = optim::makeOptimizer(config.optim, job->dp->optimizerParameters(), config.schedule.lr);
+  job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh, localUpdates);  // collective
+  job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh);  // collective for DiLoCo
+  if (localUpdates) {
+    job->replica = job->mesh->coordinate(parallel::MeshAxis::kDpReplicate);
+    job->replicas = config.parallel.mesh.dp_replicate;
+  }
   JobData data = loadData(config, job->dpComm ? job->dpComm->rank() : 0, job->dpComm ? job->dpComm->size() : 1);
   job->train = std::move(data.train);
   job->val = std::move(data.val);
@@ -115,7 +172,7 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   parts.train = job->train.get();
   parts.val = job->val.get();
   parts.dpComm = job->dpComm;
-  parts.trafficComms = trafficComms(config.parallel, *job->mesh);
+  parts.trafficComms = trafficComms(config.parallel, *job->mesh, localUpdates);
   parts.metrics = job->metrics.get();
   parts.isRank0 = ctx.rank() == 0;
   return job;

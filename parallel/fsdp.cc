@@ -475,6 +475,29 @@ std::vector<FullyShardedDataParallel::UnitLayout> FullyShardedDataParallel::layo
   return out;
 }
 
+std::vector<std::vector<ParameterPiece>> FullyShardedDataParallel::shardLayout() const {
+  const State& s = *state_;
+  const int64_t rank = s.shardComm->rank();
+  std::vector<std::vector<ParameterPiece>> out;
+  for (const Unit& unit : s.units) {
+    // This rank's shard covers [begin, end) of the unit's flat buffer;
+    // parameter i covers [offsets[i], offsets[i] + numel_i).
+    const int64_t begin = rank * unit.shardNumel;
+    const int64_t end = begin + unit.shardNumel;
+    std::vector<ParameterPiece> pieces;
+    for (size_t i = 0; i < unit.params.size(); ++i) {
+      const int64_t paramBegin = unit.offsets[i];
+      const int64_t paramEnd = paramBegin + c10::multiply_integers(unit.shapes[i]);
+      const int64_t from = std::max(begin, paramBegin);
+      const int64_t to = std::min(end, paramEnd);
+      if (from >= to) continue;
+      pieces.push_back(ParameterPiece{unit.paramNames[i], unit.shapes[i], from - paramBegin, from - begin, to - from});
+    }
+    out.push_back(std::move(pieces));
+  }
+  return out;
+}
+
 DataParallelStats FullyShardedDataParallel::stats() const {
   std::lock_guard<std::mutex> lock(state_->mutex);
   return state_->stats;
@@ -496,9 +519,7 @@ class FsdpDataParallel final : public DataParallel {
   double gradNorm() override { return fsdp_.gradNorm(); }
   std::unique_ptr<NoSyncScope> noSync() override { return fsdp_.noSync(); }
   DataParallelStats stats() const override { return fsdp_.stats(); }
-  std::vector<std::vector<ParameterPiece>> parameterLayout() const override {
-    throw NotSupported("FSDP parameterLayout: not implemented yet");  // TODO(checkpoint helper)
-  }
+  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return fsdp_.shardLayout(); }
   bool sharded() const override { return true; }
 
  private:

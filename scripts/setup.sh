@@ -8,6 +8,7 @@ packages=(
   libtorch-dev libopenblas0-pthread          # libtorch; OpenBLAS (reference BLAS is ~27x slower)
   libgloo-dev libopenmpi-dev openmpi-bin     # communication backends
   libhdf5-dev libzstd-dev libxxhash-dev      # checkpoints
+  python3-h5py python3-hdf5plugin python3-numpy python3-zstandard  # checkpoint test: read with another reader
   zlib1g-dev                                 # gzip-compressed datasets (fashion-MNIST)
   libgtest-dev libgmock-dev                  # tests
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libssl-dev

@@ -73,15 +73,21 @@ class Checkpointer {
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;
 
-  // Collective. First rethrows (on every rank) the error of the previous
-  // save if it failed; then, if a save is in flight, waits for it or (with
-  // skipWhenBusy, decided the same on every rank) returns false. Copies
+  // Collective. If a save is in flight on any rank, waits for it or (with
+  // skipWhenBusy, decided the same on every rank by a one-element
+  // allReduce(max) on `comm`; logged) returns false. Then rethrows, on every
+  // rank, the error of the previous save if it failed (ranks agree on each
+  // save's outcome, so all throw or none does). Copies
   // `state` to host memory and returns true; the background thread writes
   // and fsyncs this rank's file, the ranks agree that every file is
   // complete, rank 0 writes the index, renames the directory into place,
   // updates `latest`, and prunes beyond `keep`. A failure at any point
   // (disk full, a rank's writer dying) leaves the previous checkpoint and
-  // `latest` untouched.
+  // `latest` untouched. Throws CheckpointError on every rank when some
+  // rank's state cannot be saved (an unsupported dtype, a piece outside its
+  // tensor). The snapshot buffer (this rank's written bytes) is kept and
+  // reused across saves, so its pages stay mapped and the copy runs at
+  // memcpy speed.
   bool save(int64_t step, const StateDict& state);
   // Collective: waits for the save in flight; throws its error (CheckpointError).
   void wait();

@@ -4,10 +4,29 @@
 // and every worker applies sign(decode(mean of what all sent)) (REFERENCE §2).
 // Gradient sync by DDP must be off: DeMo is the only communication.
 //
-// step() is collective over the communicator (one all-gather of indices and
-// values per parameter, or one for all parameters). Only 1-D and 2-D
-// parameters are supported (others: InvalidArgument at construction, naming
-// the index and shape).
+// One step, per parameter p with gradient g (an undefined .grad counts as
+// zero, so that every rank always sends the same amount):
+//   p     *= 1 - lr * wd
+//   delta  = beta * delta + lr * g              (the code's form: lr-scaled, no 1 - beta)
+//   C      = encode(delta); per chunk keep the top-k |C| with their signs
+//   delta -= decode(the kept components)        (error feedback)
+//   U      = scatter-mean of every worker's kept components (a position picked
+//            by several workers gets the mean of their values; others stay 0)
+//   p     -= lr * sign(decode(U))
+//
+// Wire format: one all-gather per step carrying every parameter's payload,
+// each worker contributing payloadBytesPerStep() bytes: first every kept
+// value as float32 (parameter 0's chunks in order, then parameter 1's, ...),
+// then every kept index as a little-endian 16-bit unsigned position inside
+// its chunk (chunks have at most 256 x 256 = 65536 positions, see
+// DemoConfig::compression_chunk), in the same order. Values of float64
+// parameters travel rounded to float32, and the error feedback removes the
+// rounded value (what was really sent), so nothing is lost. Traffic shows in
+// the communicator's stats (kAllGather).
+//
+// step() is collective over the communicator (comm null or of size 1: one
+// worker, no communication). Only 1-D and 2-D parameters are supported
+// (others: InvalidArgument at construction, naming the index and shape).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,13 +44,19 @@ namespace tessera::optim {
 // The [demo] section. Plain struct; validate() before use.
 struct DemoConfig {
   double compression_decay = 0.999;  // beta: delta = beta * delta + lr * g; in [0, 1)
-  int64_t compression_topk = 32;     // components kept per chunk; >= 1
-  int64_t compression_chunk = 64;    // target chunk length per dimension; >= 1
+  int64_t compression_topk = 32;     // components kept per chunk (at most the chunk's size); >= 1
+  int64_t compression_chunk = 64;    // target chunk length per dimension; in [1, 256] (16-bit indices)
   double weight_decay = 0.0;         // decoupled: p *= 1 - lr * wd; >= 0
 
+  // Throws ConfigError naming the field (prefix + "compression_topk", ...).
   void validate(const std::string& prefix = "demo.") const;
 };
 
+// DeMo over `parameters` (shared, not copied: they must outlive the
+// optimizer), starting at learning rate `lr`. State: per-parameter
+// "demo/delta" (created at construction, zeros). Throws ConfigError for a bad
+// config or lr, InvalidArgument for a parameter that is not 1-D or 2-D
+// floating point.
 std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Tensor> parameters,
                                     comm::CommPtr comm, double lr);
 
@@ -39,12 +64,22 @@ std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Te
 namespace demo {
 // The largest divisor of `size` that is <= `limit` (size itself when size < limit).
 int64_t chunkSize(int64_t size, int64_t limit);
-// The orthonormal DCT-II matrix of size n (rows are basis vectors), float64.
+// The orthonormal DCT-II matrix of size n (rows are basis vectors), float64:
+// D[k][i] = sqrt((k == 0 ? 1 : 2) / n) * cos(pi * (2i + 1) * k / (2n)).
+// (Psyche's "dct(I)" is its transpose.)
 at::Tensor dctMatrix(int64_t n);
 // Chunked DCT of a 1-D or 2-D tensor with chunk `limit` per dimension, and
-// its inverse: decode(encode(x)) == x up to rounding.
+// its inverse: decode(encode(x)) == x up to rounding. Computed in x's dtype.
+// Shapes: 1-D (L) with chunk n -> (L/n, n), each row D x_row;
+//         2-D (R, C) with chunks n1 x n2 -> (R/n1, C/n2, n1, n2), each block D1 B D2^T
+//         (block (a, b) is rows [a n1, (a+1) n1), columns [b n2, (b+1) n2)).
+// A chunk's positions are numbered row-major inside the last one (1-D) or two (2-D) dims.
 at::Tensor encode(const at::Tensor& x, int64_t limit);
 at::Tensor decode(const at::Tensor& coefficients, const std::vector<int64_t>& shape, int64_t limit);
+// The bytes one worker contributes to a step's all-gather for these
+// parameters: 6 per kept component (float32 value + 16-bit index). With Gloo,
+// a rank sends (W - 1) times this per step (ring all-gather).
+int64_t payloadBytesPerStep(const DemoConfig& config, const std::vector<at::Tensor>& parameters);
 }  // namespace demo
 
 }  // namespace tessera::optim

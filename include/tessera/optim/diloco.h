@@ -20,9 +20,53 @@
 // step theta_f <- (1 - mixing)*theta_f_global + mixing*theta_f_local.
 // fragments = 1, delay = 0, mixing = 0 is plain DiLoCo.
 //
-// step() is collective over the replica communicator at outer steps (and
-// every step while a streaming fragment is in flight it may test it). It
-// reports outerStep = true when at least one fragment was applied.
+// The schedule, exactly. t = 1, 2, ... counts step() calls; every call first
+// runs the inner optimizer's step, then:
+//   1. each fragment f with t >= 1 and t = f*H/P (mod H) (t = H, 2H, ... for
+//      f = 0; t = f*H/P, f*H/P + H, ... for f > 0, so fragment f's first
+//      round is shorter) gets its outer step:
+//        delay = 0: delta_f = theta_g,f - theta_i,f now; blocking all-reduce
+//                   (mean) on replicaComm;
+//        delay > 0: wait for the all-reduce started at step t - delay;
+//      then outer SGD on theta_g,f with Delta_f, and the training tensors of
+//      fragment f <- (1 - mixing)*theta_g,f + mixing*theta_i,f (theta_i,f as
+//      they are now, i.e. including the `delay` inner steps taken since the
+//      snapshot: mixing keeps that share of the local progress, as torchft's
+//      merge does; mixing = 0 discards it).
+//   2. (delay > 0) the fragment whose outer step falls on t + delay takes its
+//      snapshot delta_f = theta_g,f - theta_i,f now and starts its all-reduce
+//      on a private communicator (split off replicaComm at construction).
+// Since delay < H/P, at most one fragment is in flight at a time.
+// Example H = 4, P = 2, delay = 1: fragment 1 starts at 1, applies at 2;
+// fragment 0 starts at 3, applies at 4; fragment 1 starts at 5, applies at 6 ...
+// Outer SGD is torch.optim.SGD's (dampening 0): buf = Delta on a fragment's
+// first outer step, then buf = mu*buf + Delta; theta_g -= lr*(Delta + mu*buf)
+// (Nesterov) or lr*buf; mu = 0: theta_g -= lr*Delta (nesterov then ignored).
+//
+// Precision: theta_g, the momentum and the pseudo-gradients are fp32 host
+// tensors whatever the parameters' dtype and device (bf16/CUDA parameters
+// are read and written with casting copies). With one replica, outer_lr 1
+// and momentum 0 the result is bit-identical to the inner optimizer alone
+// wherever theta_g - (theta_g - theta_i) == theta_i in fp32, i.e. wherever
+// an element stays within a factor 2 of its round-start value (Sterbenz);
+// an element crossing zero can differ in its last bit.
+//
+// state(): the inner optimizer's kinds and scalars prefixed "inner/",
+// "diloco/outer" (theta_g), "diloco/momentum" (undefined for a fragment
+// before its first outer step, and always for momentum 0),
+// "diloco/pending_delta" (defined only for the fragment in flight: its
+// pseudo-gradient, already averaged -- state() waits for the in-flight
+// all-reduce to finish, which needs no new collective), scalar "diloco/step".
+// All fp32, shaped like the parameters. The training tensors themselves are
+// not part of it (save them with the model). loadState() of a state saved at
+// step t continues bit for bit as the uninterrupted run would.
+//
+// step() is collective over the replica group at outer steps (delay = 0:
+// a blocking all-reduce on replicaComm; delay > 0: it starts or waits for
+// the private group's all-reduce, never touching replicaComm itself). It
+// reports outerStep = true when at least one fragment was applied, and
+// throws what the all-reduce throws (CommError, TimeoutError, NotSupported
+// for a compression the build lacks); theta_g is then unchanged.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -60,7 +104,11 @@ struct DilocoConfig {
 // mesh's dp_replicate axis); for streaming with delay > 0 DiLoCo splits a
 // private communicator off it (collective, here). Collective over
 // replicaComm: broadcasts replica 0's parameters so every replica starts
-// from the same theta_g. Throws ConfigError for a bad config.
+// from the same theta_g, and copies theta_g into the tensors. replicaComm
+// must take CPU fp32 tensors (Gloo, MPI, single-rank). `parameters` are the
+// tensors `inner` updates, in the same order; shared, not copied. Throws
+// ConfigError for a bad config (and diloco.fragments when a fragment would
+// get no parameter), InvalidArgument for bad groups or missing arguments.
 std::unique_ptr<Optimizer> makeDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
                                       std::vector<at::Tensor> parameters, comm::CommPtr replicaComm,
                                       std::vector<int> groups = {});

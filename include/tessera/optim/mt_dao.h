@@ -3,18 +3,37 @@
 // parameters, each momentum and the second moment are averaged across workers
 // by plain averaging at their own intervals (REFERENCE §3). No gradient sync.
 //
-//   step 0: v = g^2; parameters do not move
-//   else:   p *= 1 - (lr / lr0) * wd
-//           n  = clamp(g / max(sqrt(v), eps), +-step^0.25)
-//           u_j = lerp(u_j, n, 1 - beta_j)
-//           p -= lr * [(1 - sum nu_j) * n + sum nu_j * u_j]
-//           v  = beta2 * v + (1 - beta2) * g^2
-//   sync: p every sync_params steps, u_j every sync_momenta[j], v every sync_second.
+// Let t = 0, 1, 2, ... count the calls of step() before this one (the
+// checkpointed scalar "step"), lr the current rate, lr0 the peak rate.
 //
-// form = "adamw": the bias-corrected AdamW form
-//   p -= lr * ((1 - sum nu_j) * g + sum nu_j * m_hat_j) / (sqrt(v_hat) + eps).
+// form = "adopt" (QH-ADOPT, as qhadopt.py):
+//   t == 0: v = g^2; parameters and momenta do not move (no weight decay either)
+//   t >= 1: p  *= 1 - (lr / lr0) * wd
+//           n   = clamp(g / max(sqrt(v), eps), -t^0.25, +t^0.25)   (first update: t = 1, clip 1)
+//           u_j = lerp(u_j, n, 1 - beta_j)              = beta_j u_j + (1 - beta_j) n
+//           p  -= lr * [(1 - sum_j nu_j) * n + sum_j nu_j * u_j]
+//           v   = beta2 * v + (1 - beta2) * g^2          (after the update: ADOPT's order)
 //
-// step() is collective over the communicator on steps where some state syncs.
+// form = "adamw" (the bias-corrected AdamW form), with s = t + 1:
+//   p  *= 1 - (lr / lr0) * wd
+//   u_j = beta_j u_j + (1 - beta_j) g;   v = beta2 v + (1 - beta2) g^2
+//   p  -= lr * ((1 - sum_j nu_j) * g + sum_j nu_j * u_j / (1 - beta_j^s)) / (sqrt(v / (1 - beta2^s)) + eps)
+//   (use betas like {0.9}, beta2 0.95 there; nu = 1 and one momentum is AdamW
+//   with weight decay wd / lr0).
+//
+// Sync, after the local update of the call that makes the count T = t + 1:
+//   the parameters are replaced by their average over the group if T % sync_params == 0,
+//   momentum j                                                 if T % sync_momenta[j] == 0,
+//   v                                                          if T % sync_second == 0.
+// Everything due in one call travels in one all-reduce (kAvg) per dtype.
+// So with K = 1 every state is averaged after every step (also after t = 0).
+//
+// A parameter whose .grad is undefined skips the local update but still takes
+// part in the averaging (all states exist from construction).
+//
+// step() is collective over the communicator on calls where something syncs;
+// it reports outerStep = true on calls where the parameters were averaged
+// (T % sync_params == 0; also with no communicator).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,7 +51,7 @@ namespace tessera::optim {
 // The [mt_dao] section. Plain struct; validate() before use.
 struct MtDaoConfig {
   std::string form = "adopt";               // "adopt" (QH-ADOPT) or "adamw" (bias-corrected)
-  std::vector<double> betas = {0.999};      // beta_j of each first momentum, in [0, 1)
+  std::vector<double> betas = {0.999};      // beta_j of each first momentum, in [0, 1); at least one
   std::vector<double> nus = {0.9};          // nu_j, >= 0, sum <= 1; same length as betas
   double beta2 = 0.9999;                    // second moment decay, in [0, 1)
   double eps = 1e-6;                        // > 0
@@ -41,11 +60,16 @@ struct MtDaoConfig {
   std::vector<int64_t> sync_momenta = {32}; // K_j per momentum; >= 1; same length as betas
   int64_t sync_second = 32;                 // K_v; >= 1
 
+  // Throws ConfigError naming the field (prefix + "nus", ...).
   void validate(const std::string& prefix = "mt_dao.") const;
 };
 
 // `lr0` is the peak learning rate (the schedule's base rate) used to scale
-// the weight decay. `comm` null or of size 1: no syncing.
+// the weight decay; the optimizer starts at rate lr0. `comm` null or of size
+// 1: no syncing. The parameters are shared, not copied: they must outlive the
+// optimizer. State: per-parameter "mt_dao/momentum_<j>" (j = 0 .. N-1, the
+// index into betas) and "mt_dao/second", created at construction (zeros),
+// plus scalar "step" (t above). Throws ConfigError for a bad config or lr0.
 std::unique_ptr<Optimizer> makeMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
                                      comm::CommPtr comm, double lr0);
 

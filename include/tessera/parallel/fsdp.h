@@ -140,6 +140,11 @@ class FullyShardedDataParallel {
     int64_t paddedNumel = 0;
   };
   std::vector<UnitLayout> layout() const;
+  // Local. Per unit (the order of shards()), the parameter ranges this
+  // rank's shard holds: the shard [r * P'/N, (r + 1) * P'/N) of the unit's
+  // flat buffer cut at parameter boundaries, in tensorOffset order; padding
+  // is in no piece. What DataParallel::parameterLayout() returns for FSDP.
+  std::vector<std::vector<ParameterPiece>> shardLayout() const;
 
   DataParallelStats stats() const;
   const comm::CommPtr& shardComm() const;

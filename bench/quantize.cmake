@@ -1,0 +1,18 @@
+# The int8 compression benchmarks: `tessera-bench quantize` (kernels, one
+# core) and `tessera-bench allreduce --compression int8 [--link RATE]`.
+# Where --link finds scripts/netns-link.sh when run from the build tree.
+target_compile_definitions(tessera-bench PRIVATE
+  TESSERA_NETNS_SCRIPT_PATH="${PROJECT_SOURCE_DIR}/scripts/netns-link.sh")
+
+if(TESSERA_BUILD_TESTS)
+  # Smoke runs only (no timing checks; no root/netns: --link loopback).
+  add_test(NAME bench_quantize_smoke
+    COMMAND tessera-bench quantize --floats 4096,100000 --iters 2)
+  set_tests_properties(bench_quantize_smoke PROPERTIES TIMEOUT 60
+    PASS_REGULAR_EXPRESSION "\"floats\": 100000.*\"quantize_gbps\".*\"naive_quantize_gbps\".*\"dequant_accumulate_gbps\"")
+  add_test(NAME bench_allreduce_int8_smoke
+    COMMAND tessera-bench allreduce --compression int8 --link loopback --ranks 2 --bytes 4KiB,64KiB
+            --iters 2 --warmup 1)
+  set_tests_properties(bench_allreduce_int8_smoke PROPERTIES TIMEOUT 120
+    PASS_REGULAR_EXPRESSION "\"bytes\": 65536.*\"speedup_vs_fp32\"")
+endif()

@@ -1,0 +1,26 @@
+// index.json of a checkpoint directory and the names inside a checkpoint
+// root. Internal to checkpoint/; the format is docs/checkpoint-format.md.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "tessera/checkpoint/checkpoint.h"
+
+namespace tessera::checkpoint {
+
+inline constexpr const char* kIndexFileName = "index.json";
+inline constexpr const char* kLatestFileName = "latest";
+inline constexpr const char* kTempPrefix = ".tmp-";
+
+// "step-00000100"
+std::string stepDirectoryName(int64_t step);
+// "rank-00003.h5"
+std::string shardFileName(int rank);
+// The step of a "step-N" name; false for anything else.
+bool parseStepDirectoryName(const std::string& name, int64_t* step);
+
+// The JSON text of an index (pretty-printed, deterministic key order).
+std::string indexToJson(const CheckpointIndex& index);
+
+}  // namespace tessera::checkpoint

@@ -1,0 +1,232 @@
+#include "checkpoint/shard_write.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "checkpoint/file_ops.h"
+#include "checkpoint/hdf5_shard.h"
+#include "checkpoint/zstd_filter.h"
+
+namespace tessera::checkpoint {
+
+WriteFaults WriteFaults::fromEnvironment() {
+  WriteFaults faults;
+  if (const char* v = std::getenv("TESSERA_CHECKPOINT_FAULT_ENOSPC_AFTER_BYTES")) faults.enospcAfterBytes = std::atoll(v);
+  if (const char* v = std::getenv("TESSERA_CHECKPOINT_FAULT_WRITE_DELAY_MS")) faults.delayMsPerChunk = std::atoi(v);
+  return faults;
+}
+
+std::string pieceDatasetPath(const std::string& tensor, int64_t offset) {
+  std::string path = tensor;
+  while (!path.empty() && path.front() == '/') path.erase(path.begin());
+  return path + "@" + std::to_string(offset);
+}
+
+std::string xxh64Hex(uint64_t value) {
+  char text[20];
+  std::snprintf(text, sizeof text, "%016" PRIx64, value);
+  return text;
+}
+
+namespace {
+
+// One chunk of one piece: raw bytes [data, data + rawBytes), padded with
+// zeros to paddedBytes (HDF5 stores edge chunks full-size).
+struct ChunkTask {
+  size_t piece = 0;
+  int64_t index = 0;
+  const uint8_t* data = nullptr;
+  size_t rawBytes = 0;
+  size_t paddedBytes = 0;
+};
+
+std::vector<ChunkTask> planChunks(const std::vector<SnapshotPiece>& pieces, int64_t chunkBytes,
+                                  std::vector<int64_t>& chunkNumel) {
+  std::vector<ChunkTask> tasks;
+  chunkNumel.clear();
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    const size_t element = c10::elementSize(pieces[p].dtype);
+    const int64_t perChunk = std::max<int64_t>(1, std::min<int64_t>(pieces[p].numel, chunkBytes / element));
+    chunkNumel.push_back(perChunk);
+    for (int64_t first = 0, i = 0; first < pieces[p].numel; first += perChunk, ++i) {
+      const int64_t n = std::min(perChunk, pieces[p].numel - first);
+      tasks.push_back({p, i, pieces[p].data + first * element, static_cast<size_t>(n) * element,
+                       static_cast<size_t>(perChunk) * element});
+    }
+  }
+  return tasks;
+}
+
+// Compresses chunks on worker threads at most `window` ahead of the writer,
+// which takes them in order.
+class CompressionPipeline {
+ public:
+  CompressionPipeline(const std::vector<ChunkTask>& tasks, int level, int threads)
+      : tasks_(tasks), level_(level), window_(static_cast<size_t>(std::max(2, 2 * threads))), slots_(window_),
+        sizes_(window_), ready_(window_, false) {
+    for (int t = 0; t < threads; ++t) workers_.emplace_back([this] { work(); });
+  }
+  ~CompressionPipeline() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  // Blocks until chunk i (taken in order 0, 1, ...) is compressed.
+  std::pair<const uint8_t*, size_t> take(size_t i) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return ready_[i % window_] || !error_.empty(); });
+    if (!error_.empty()) throw CheckpointError("compressing a chunk: " + error_);
+    return {slots_[i % window_].data(), sizes_[i % window_]};
+  }
+  // The writer is done with chunk i: its slot may be reused.
+  void release(size_t i) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ready_[i % window_] = false;
+      released_ = i + 1;
+    }
+    changed_.notify_all();
+  }
+
+ private:
+  void work() {
+    void* context = zstdNewContext();
+    std::vector<uint8_t> padded;
+    while (true) {
+      size_t i;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait(lock, [&] { return stop_ || (next_ < tasks_.size() && next_ < released_ + window_); });
+        if (stop_) break;
+        i = next_++;
+      }
+      const ChunkTask& task = tasks_[i];
+      const uint8_t* src = task.data;
+      if (task.rawBytes < task.paddedBytes) {
+        padded.assign(task.paddedBytes, 0);
+        std::memcpy(padded.data(), task.data, task.rawBytes);
+        src = padded.data();
+      }
+      std::vector<uint8_t> out;
+      std::string error;
+      size_t size = 0;
+      {
+        // Take the slot's old buffer to reuse its allocation.
+        std::lock_guard<std::mutex> lock(mutex_);
+        out.swap(slots_[i % window_]);
+      }
+      try {
+        size = zstdCompressChunk(context, src, task.paddedBytes, level_, out);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        slots_[i % window_].swap(out);
+        sizes_[i % window_] = size;
+        ready_[i % window_] = true;
+        if (!error.empty()) error_ = error;
+      }
+      changed_.notify_all();
+    }
+    zstdFreeContext(context);
+  }
+
+  const std::vector<ChunkTask>& tasks_;
+  const int level_;
+  const size_t window_;
+  std::vector<std::vector<uint8_t>> slots_;
+  std::vector<size_t> sizes_;
+  std::vector<bool> ready_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  size_t next_ = 0;
+  size_t released_ = 0;
+  bool stop_ = false;
+  std::string error_;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace
+
+ShardWriteResult writeShard(const std::string& path, const std::string& fileName, int64_t step, int rank,
+                            int worldSize, const std::vector<SnapshotPiece>& pieces, const ShardWriteOptions& options) {
+  ShardWriteResult result;
+  std::vector<int64_t> chunkNumel;
+  const std::vector<ChunkTask> tasks = planChunks(pieces, options.chunkBytes, chunkNumel);
+  std::unique_ptr<CompressionPipeline> pipeline;
+  if (options.zstdLevel > 0 && !tasks.empty()) {
+    pipeline = std::make_unique<CompressionPipeline>(tasks, options.zstdLevel, std::max(1, options.threads));
+  }
+  // An upper bound of the file: every chunk at zstd's worst case, plus metadata.
+  int64_t reserve = 1 << 20;
+  for (const ChunkTask& t : tasks) reserve += static_cast<int64_t>(t.paddedBytes + t.paddedBytes / 128 + 1024);
+  reserve += static_cast<int64_t>(pieces.size()) * 8192;
+  ShardWriter writer(path, step, rank, worldSize, reserve);
+  XXH64_state_t* hash = XXH64_createState();
+  std::unique_ptr<XXH64_state_t, XXH_errorcode (*)(XXH64_state_t*)> hashOwner(hash, XXH64_freeState);
+  std::vector<uint8_t> padded;
+  int64_t chunkBytesWritten = 0;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const ChunkTask& task = tasks[i];
+    const SnapshotPiece& piece = pieces[task.piece];
+    if (task.index == 0) {
+      writer.createDataset(PieceDataset{pieceDatasetPath(piece.tensor, piece.offset), piece.tensor, piece.dtype,
+                                        piece.globalShape, piece.offset, piece.numel, chunkNumel[task.piece],
+                                        options.zstdLevel});
+      XXH64_reset(hash, 0);
+    }
+    XXH64_update(hash, task.data, task.rawBytes);
+    const uint8_t* encoded = task.data;
+    size_t encodedBytes = task.rawBytes;
+    if (pipeline) {
+      std::tie(encoded, encodedBytes) = pipeline->take(i);
+    } else if (task.rawBytes < task.paddedBytes) {
+      padded.assign(task.paddedBytes, 0);
+      std::memcpy(padded.data(), task.data, task.rawBytes);
+      encoded = padded.data();
+      encodedBytes = padded.size();
+    }
+    if (options.faults.enospcAfterBytes >= 0 &&
+        chunkBytesWritten + static_cast<int64_t>(encodedBytes) > options.faults.enospcAfterBytes) {
+      throw CheckpointError("writing " + path + ": " + describeErrno(ENOSPC) +
+                            " [injected: TESSERA_CHECKPOINT_FAULT_ENOSPC_AFTER_BYTES]");
+    }
+    writer.writeChunk(task.index, encoded, encodedBytes);
+    chunkBytesWritten += static_cast<int64_t>(encodedBytes);
+    if (pipeline) pipeline->release(i);
+    if (options.faults.delayMsPerChunk > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(options.faults.delayMsPerChunk));
+    }
+    const bool lastOfPiece = i + 1 == tasks.size() || tasks[i + 1].piece != task.piece;
+    if (lastOfPiece) {
+      const std::string checksum = xxh64Hex(XXH64_digest(hash));
+      writer.finishDataset(checksum);
+      result.pieces.push_back(StoredPiece{fileName, pieceDatasetPath(piece.tensor, piece.offset), piece.offset,
+                                          piece.numel, checksum});
+      result.bytes += piece.numel * static_cast<int64_t>(c10::elementSize(piece.dtype));
+    }
+  }
+  pipeline.reset();
+  writer.close();
+  fsyncPath(path);
+  result.fileBytes = fileSize(path);
+  return result;
+}
+
+}  // namespace tessera::checkpoint

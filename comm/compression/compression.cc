@@ -1,0 +1,87 @@
+// allReduceCompressed: argument checks and dispatch to the algorithm of each
+// Compression (int8: int8_allreduce.cc), plus the background-thread async form.
+#include "tessera/comm/compression.h"
+
+#include <thread>
+
+#include "comm/compression/int8_allreduce.h"
+#include "comm/op_queue.h"
+#include "comm/tensor_checks.h"
+#include "tessera/core/config.h"
+#include "tessera/core/error.h"
+
+namespace tessera::comm {
+namespace {
+
+void checkInt8Arguments(const Communicator& comm, const at::Tensor& tensor, ReduceOp op) {
+  const std::string what = "int8 all-reduce on group '" + comm.name() + "'";
+  TESSERA_CHECK_ARG(tensor.defined(), what << ": the tensor is undefined");
+  detail::checkTensor(tensor, what);
+  TESSERA_CHECK_ARG(tensor.scalar_type() == at::kFloat,
+                    what << ": needs a float32 tensor, got " << detail::dtypeName(tensor.scalar_type())
+                         << "; convert it (tensor.to(at::kFloat)) or use compression 'none'");
+  TESSERA_CHECK_ARG(op == ReduceOp::kSum || op == ReduceOp::kAvg,
+                    what << ": supports sum and avg, got " << toString(op) << "; use compression 'none' for "
+                         << toString(op));
+}
+
+// Runs one compressed all-reduce on its own thread; the destructor joins it
+// (the operation ends by itself: every transfer carries a timeout).
+class BackgroundAllReduceWork final : public Work {
+ public:
+  BackgroundAllReduceWork(CommPtr comm, at::Tensor tensor, ReduceOp op, Compression compression,
+                          CallOptions options) {
+    const Timeout perTransfer = options.timeout.count() < 0 ? comm->timeout() : options.timeout;
+    // 2(n-1) hops per lane run one after another, each with its own timeout.
+    const Timeout backstop = perTransfer * (2 * comm->size() + 1);
+    done_ = std::make_shared<detail::CompletionWork>(
+        std::string(toString(compression)) + " all-reduce on group '" + comm->name() + "'", backstop);
+    thread_ = std::thread([done = done_, comm = std::move(comm), tensor = std::move(tensor), op, compression,
+                           options] {
+      try {
+        allReduceCompressed(*comm, tensor, op, compression, options);
+        done->complete(nullptr);
+      } catch (...) {
+        done->complete(std::current_exception());
+      }
+    });
+  }
+  ~BackgroundAllReduceWork() override { thread_.join(); }
+
+  void wait(Timeout timeout) override { done_->wait(timeout); }
+  bool isCompleted() override { return done_->isCompleted(); }
+
+ private:
+  std::shared_ptr<detail::CompletionWork> done_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+const char* toString(Compression compression) { return compression == Compression::kInt8 ? "int8" : "none"; }
+
+Compression parseCompression(const std::string& value, const std::string& field) {
+  if (value == "none") return Compression::kNone;
+  if (value == "int8") return Compression::kInt8;
+  TESSERA_CHECK_CONFIG(false, field, "got '" << value << "' (valid: none, int8)");
+  return Compression::kNone;
+}
+
+void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Compression compression,
+                         CallOptions options) {
+  if (compression == Compression::kNone) return comm.allReduce(tensor, op, options);
+  checkInt8Arguments(comm, tensor, op);
+  // One rank: the sum and the average are the tensor itself. Nothing to send.
+  if (comm.size() == 1 || tensor.numel() == 0) return;
+  detail::int8RingAllReduce(comm, tensor, op == ReduceOp::kAvg, options);
+}
+
+WorkPtr allReduceCompressedAsync(CommPtr comm, at::Tensor tensor, ReduceOp op, Compression compression,
+                                 CallOptions options) {
+  TESSERA_CHECK_ARG(comm != nullptr, "allReduceCompressedAsync needs a communicator, got null");
+  if (compression == Compression::kNone) return comm->allReduceAsync(tensor, op, options);
+  checkInt8Arguments(*comm, tensor, op);  // bad arguments throw here, at the call
+  return std::make_shared<BackgroundAllReduceWork>(std::move(comm), std::move(tensor), op, compression, options);
+}
+
+}  // namespace tessera::comm

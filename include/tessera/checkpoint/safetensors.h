@@ -1,0 +1,63 @@
+// safetensors files (the Hugging Face weight format): export of a model from
+// a checkpoint, and loading such a file as a model's initial weights.
+//
+// Format: an 8-byte little-endian unsigned header length N, N bytes of JSON
+//   {"<name>": {"dtype": "F32", "shape": [d0, d1], "data_offsets": [begin, end]},
+//    ..., "__metadata__": {"key": "value"}}
+// (padded with spaces to a multiple of 8 bytes), then the raw row-major
+// little-endian data; offsets are relative to the first data byte. The
+// writer orders tensors by name, packs them without gaps and always writes
+// __metadata__ (with "format": "pt" unless given). Dtypes: F64 F32 F16 BF16
+// I64 I32 I16 I8 U8 BOOL.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <optional>
+#include <string>
+
+namespace torch::nn {
+class Module;
+}
+
+namespace tessera::checkpoint {
+
+struct SafetensorsFile {
+  std::map<std::string, at::Tensor> tensors;    // CPU, contiguous, of the stored dtype and shape
+  std::map<std::string, std::string> metadata;  // __metadata__ (empty if absent)
+};
+
+// Writes `tensors` (any device; copied to CPU) to `path` via a temporary
+// file renamed into place. Throws InvalidArgument for an unsupported dtype
+// or an empty or "__metadata__" name, CheckpointError when the file cannot
+// be written.
+void writeSafetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// Reads and checks a whole file (header length, JSON, dtypes, shapes,
+// offsets inside the data and matching the sizes, no overlaps). Throws
+// CheckpointError naming the file and the problem.
+SafetensorsFile readSafetensors(const std::string& path);
+
+// Copies the tensors of the file at `path` into `module`'s parameters (and
+// buffers, when the file has them) by name, converting the dtype. The file
+// must hold every parameter (a tied tensor under any one of its names) and
+// nothing the module lacks; all is checked first and one InvalidArgument
+// lists the missing and unexpected names and the shape mismatches; then the
+// values are copied (nothing is copied when anything does not fit). Local.
+// Call before wrapping the module in DDP/FSDP (they broadcast rank 0's values).
+void loadSafetensorsInto(torch::nn::Module& module, const std::string& path);
+
+// Writes the whole model of the checkpoint at `checkpointPath` (see
+// resolveCheckpoint; every model/ tensor gathered from all ranks' pieces) to
+// `outPath` as safetensors, names without the "model/" prefix, converted to
+// `dtype` when given. For a checkpoint of several replicas (DiLoCo) it
+// exports replica `replica`. Metadata: "format": "pt", the step and the
+// checkpoint's dp/strategy. Returns the number of tensors written. Local.
+// Throws CheckpointError (unreadable or incomplete checkpoint) or
+// InvalidArgument (replica out of range).
+int64_t exportSafetensors(const std::string& checkpointPath, const std::string& outPath, int replica = 0,
+                          std::optional<at::ScalarType> dtype = std::nullopt);
+
+}  // namespace tessera::checkpoint

@@ -1,0 +1,141 @@
+// The whole training state -- model parameters, optimizer state, trainer
+// position -- gathered into a StateDict (core/state.h) and restored from one.
+// Checkpoints write what collectTrainingState() returns; a checkpoint or a
+// peer's state (live recovery) is read back through trainingStateRequests()
+// and restoreTrainingState(). Because every rank describes its own part from
+// its own DataParallel layout, a state saved on one world size or strategy
+// loads into another (resharding): FSDP on 4 ranks -> FSDP on 2 -> DDP -> none.
+//
+// Names (all tensors carry their global shape):
+//   model/<param>                 trainable parameters, float32, by the module's
+//                                 name (the first name of a tied tensor)
+//   optim/<kind>/<param>          per-parameter optimizer state (kind may hold
+//                                 '/': "optim/diloco/outer/<param>"), sharded
+//                                 like the parameter
+//   optim/scalars                 the optimizer's scalars as text lines
+//                                 "key=value" (uint8): a tensor, not meta,
+//                                 because it is per replica (below)
+//   trainer/rng                   torch's CPU generator state (uint8), rank 0's
+// Meta: trainer/step, trainer/tokens, trainer/sampler/<epoch|offset|seed|
+// num_examples>, optim/name, optim/kinds (comma-separated), replicas, and
+// whatever the caller adds (config text, mesh).
+//
+// Replicas. DiLoCo, DeMo and MT-DAO leave replicas with different parameters
+// between syncs. When ReplicaInfo::count > 1, every model/ and optim/ name
+// (optim/scalars included) is prefixed "replica-<k>/" with this rank's
+// replica index k, and meta "replicas" records the count. A run restoring
+// from such a state takes replica k from the saved replica k % saved count
+// (a run with more replicas repeats the saved ones; one with fewer drops the
+// rest); a state saved with one replica (no prefix) feeds every replica.
+//
+// Optimizer tensors not created yet (Optimizer::state() gives undefined
+// tensors, e.g. SGD without momentum) are not saved; restoring leaves them
+// undefined. An optimizer tensor whose parameters are only partly covered by
+// the saved state (possible only after resharding a state in which some
+// parameters never had a gradient) gets zeros for the uncovered parts.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tessera/checkpoint/checkpoint.h"
+#include "tessera/core/state.h"
+
+namespace torch::nn {
+class Module;
+}
+namespace tessera {
+class Trainer;
+}
+namespace tessera::optim {
+class Optimizer;
+}
+namespace tessera::parallel {
+class DataParallel;
+}
+
+namespace tessera::checkpoint {
+
+// Which replica this rank belongs to when replicas differ (see the file comment).
+struct ReplicaInfo {
+  int index = 0;  // this rank's replica, in [0, count)
+  int count = 1;  // replicas whose parameters differ between syncs; 1: all identical
+};
+
+// "" for count == 1, else "replica-<index>/". Throws InvalidArgument for an
+// index outside [0, count).
+std::string replicaPrefix(const ReplicaInfo& replica);
+
+// The pieces of one rank's training run. None owned; all must outlive the call.
+struct TrainingParts {
+  Trainer* trainer = nullptr;
+  // Only restoring uses it: the names of its trainable parameters are what a
+  // state must hold under model/ (FSDP ranks see only their own pieces). May
+  // be null: then only the names in this rank's layout are checked.
+  torch::nn::Module* model = nullptr;
+  parallel::DataParallel* dp = nullptr;
+  optim::Optimizer* optimizer = nullptr;  // the one the Trainer steps
+  ReplicaInfo replica;
+};
+
+// Local (not collective). This rank's part of the training state, with
+// `extraMeta` added to the meta. The model pieces alias the live parameters
+// (FSDP: views of the shards); the optimizer state is a copy
+// (Trainer::snapshot). Checkpointer::save copies what it gets; anyone else
+// keeping the result across a training step must clone() it. Call between
+// steps (e.g. in an afterStep callback). Throws InvalidArgument for a missing
+// part, NotSupported when the strategy has no parameter layout.
+StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::string, std::string>& extraMeta = {});
+
+// What a source of training state holds: tensor names with their global
+// shapes and dtypes, and its meta. From a checkpoint's index or an in-memory
+// StateDict. of(CheckpointIndex) throws InvalidArgument for a dtype name it
+// does not know.
+struct StateSummary {
+  struct Tensor {
+    std::vector<int64_t> shape;
+    at::ScalarType dtype = at::kFloat;
+  };
+  std::map<std::string, Tensor> tensors;
+  std::map<std::string, std::string> meta;
+
+  static StateSummary of(const CheckpointIndex& index);
+  static StateSummary of(const StateDict& state);
+};
+
+// Local. The flat ranges this rank must read from `source` to restore its
+// part: its layout's ranges of every model/ parameter and of every optimizer
+// state kind the source holds for them, optim/scalars and trainer/rng.
+// Checks first and throws one InvalidArgument listing every problem: model
+// parameters missing from the source, source parameters the model does not
+// have (unexpected), shape mismatches ("is this a checkpoint of another
+// model?"); an optimizer state kind this run's optimizer needs that the
+// source lacks (naming the kind and both optimizers); missing trainer meta.
+std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const StateSummary& source);
+
+// Local. Restores this rank's part from `loaded`, which must cover the
+// ranges trainingStateRequests() asked for (load()'s result, or
+// extractRanges() of an in-memory state) and carry the source's meta.
+// Everything is checked and staged in fresh tensors first, then the Trainer
+// (sampler, optimizer, rng, step) is restored, then the parameters are
+// copied in: a failure leaves the run as it was. Throws InvalidArgument
+// naming the tensor or key.
+void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded);
+
+// Local: resolveCheckpoint + readIndex + trainingStateRequests + load +
+// restoreTrainingState. Returns the restored step. Throws CheckpointError
+// (unreadable or corrupt files) or InvalidArgument (a state that does not fit
+// this run).
+int64_t restoreTrainingStateFromCheckpoint(const TrainingParts& parts, const std::string& path);
+
+// Local: the in-memory counterpart of load(): each request's range, assembled
+// from whichever pieces of `source` cover it, as a one-piece tensor (fresh,
+// not aliasing `source`); meta copied. Throws InvalidArgument naming a
+// missing tensor, a shape or dtype mismatch, or a range `source` does not cover.
+StateDict extractRanges(const StateDict& source, const std::vector<LoadRequest>& requests);
+
+}  // namespace tessera::checkpoint

@@ -1,0 +1,11 @@
+# The checkpoint storage layer: format round trips, resharding, async saves,
+# atomic commits under crashes and full disks, corruption errors, h5py access.
+tessera_add_test(test_checkpoint_format ${CMAKE_CURRENT_SOURCE_DIR}/format_test.cc)
+add_dependencies(test_checkpoint_format tessera_h5zstd)
+target_compile_definitions(test_checkpoint_format PRIVATE
+  TESSERA_H5ZSTD_PLUGIN_DIR="${PROJECT_BINARY_DIR}/hdf5-plugins"
+  TESSERA_CHECKPOINT_H5PY_SCRIPT="${CMAKE_CURRENT_SOURCE_DIR}/read_with_h5py.py")
+# The corruption test finds a chunk's file address with libhdf5.
+find_package(HDF5 REQUIRED COMPONENTS C)
+target_include_directories(test_checkpoint_format SYSTEM PRIVATE ${HDF5_C_INCLUDE_DIRS} ${HDF5_INCLUDE_DIRS})
+target_link_libraries(test_checkpoint_format PRIVATE ${HDF5_C_LIBRARIES})

@@ -1,0 +1,16 @@
+# Training state <-> StateDict, FSDP's parameter layout and safetensors, in
+# one process and on 2 ranks (about 6 s); tessera-train --checkpoint-dir /
+# --resume and tessera-export end to end under tessera-run (about 30 s).
+find_package(nlohmann_json REQUIRED)
+
+tessera_add_test(test_training_state ${CMAKE_CURRENT_SOURCE_DIR}/state_test.cc)
+
+tessera_add_test(test_training_state_cli ${CMAKE_CURRENT_SOURCE_DIR}/state_cli_test.cc
+  ${PROJECT_SOURCE_DIR}/tests/launcher/subprocess.cc)
+target_link_libraries(test_training_state_cli PRIVATE nlohmann_json::nlohmann_json)
+target_compile_definitions(test_training_state_cli PRIVATE
+  TESSERA_RUN_PATH="$<TARGET_FILE:tessera-run>"
+  TESSERA_TRAIN_PATH="$<TARGET_FILE:tessera-train>"
+  TESSERA_EXPORT_PATH="$<TARGET_FILE:tessera-export>"
+  TESSERA_EXAMPLE_CONFIGS="${PROJECT_SOURCE_DIR}/examples/configs")
+add_dependencies(test_training_state_cli tessera-run tessera-train tessera-export)

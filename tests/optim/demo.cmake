@@ -1,0 +1,1 @@
+tessera_add_test(test_demo demo_test.cc)
