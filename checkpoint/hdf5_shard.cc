@@ -219,6 +219,7 @@ void ShardWriter::createDataset(const PieceDataset& d) {
   H5Pset_chunk(dcpl, 1, &chunk);
   H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
   H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_INCR);
+  if (d.shuffle) H5Pset_shuffle(dcpl);
   if (d.zstdLevel > 0) {
     const unsigned level = static_cast<unsigned>(d.zstdLevel);
     H5Pset_filter(dcpl, kZstdFilterId, H5Z_FLAG_MANDATORY, 1, &level);
@@ -288,14 +289,20 @@ namespace {
 // The zstd-compressed chunks of a 1-D dataset, read raw (H5Dread_chunk), so
 // they can be decoded on several threads; false (nothing read) when the
 // dataset is not chunked with zstd as its only filter or a chunk skipped it.
-bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_t>>& frames, int64_t& chunkNumel) {
+bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_t>>& frames, int64_t& chunkNumel,
+                    bool& shuffled) {
   const hid_t dcpl = H5Dget_create_plist(dataset);
-  bool ok = dcpl >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_nfilters(dcpl) == 1;
+  const int filters = dcpl >= 0 ? H5Pget_nfilters(dcpl) : -1;
+  bool ok = dcpl >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED && (filters == 1 || filters == 2);
   hsize_t chunk = 0;
-  if (ok) {
+  auto filterAt = [&](unsigned index) {
     unsigned flags = 0, config = 0;
     size_t count = 0;
-    ok = H5Pget_filter2(dcpl, 0, &flags, &count, nullptr, 0, nullptr, &config) == kZstdFilterId &&
+    return H5Pget_filter2(dcpl, index, &flags, &count, nullptr, 0, nullptr, &config);
+  };
+  if (ok) {
+    shuffled = filters == 2;
+    ok = (!shuffled || filterAt(0) == H5Z_FILTER_SHUFFLE) && filterAt(filters - 1) == kZstdFilterId &&
          H5Pget_chunk(dcpl, 1, &chunk) == 1 && chunk > 0;
   }
   if (dcpl >= 0) H5Pclose(dcpl);
@@ -316,7 +323,7 @@ bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_
 // Decodes frames[c] into chunk c of dst on up to hardware-threads threads.
 // Returns "" or what went wrong with the first bad chunk.
 std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_t chunkNumel, int64_t numel,
-                         size_t elementSize, uint8_t* dst) {
+                         size_t elementSize, bool shuffled, uint8_t* dst) {
   std::atomic<size_t> next{0};
   std::mutex mutex;
   std::string problem;
@@ -326,8 +333,9 @@ std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_
       const size_t chunkBytes = static_cast<size_t>(chunkNumel) * elementSize;
       const int64_t first = static_cast<int64_t>(c) * chunkNumel;
       const size_t usedBytes = static_cast<size_t>(std::min(chunkNumel, numel - first)) * elementSize;
-      uint8_t* out = dst + first * static_cast<int64_t>(elementSize);
-      if (usedBytes < chunkBytes) {
+      uint8_t* target = dst + first * static_cast<int64_t>(elementSize);
+      uint8_t* out = target;
+      if (usedBytes < chunkBytes || shuffled) {
         padded.resize(chunkBytes);
         out = padded.data();
       }
@@ -337,7 +345,23 @@ std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_
         if (problem.empty()) problem = "chunk " + std::to_string(c) + ": " + error;
         return;
       }
-      if (usedBytes < chunkBytes) std::memcpy(dst + first * static_cast<int64_t>(elementSize), padded.data(), usedBytes);
+      if (shuffled) {  // inverse of HDF5's shuffle filter, only the elements used
+        const size_t planes = chunkBytes / elementSize;
+        const size_t used = usedBytes / elementSize;
+        if (elementSize == 4) {
+          const uint8_t *p0 = padded.data(), *p1 = p0 + planes, *p2 = p1 + planes, *p3 = p2 + planes;
+          for (size_t i = 0; i < used; ++i) {
+            const uint32_t v = p0[i] | (uint32_t{p1[i]} << 8) | (uint32_t{p2[i]} << 16) | (uint32_t{p3[i]} << 24);
+            std::memcpy(target + 4 * i, &v, 4);
+          }
+        } else {
+          for (size_t i = 0; i < used; ++i) {
+            for (size_t b = 0; b < elementSize; ++b) target[i * elementSize + b] = padded[b * planes + i];
+          }
+        }
+      } else if (usedBytes < chunkBytes) {
+        std::memcpy(target, padded.data(), usedBytes);
+      }
     }
   };
   const int threads = static_cast<int>(std::min<size_t>(frames.size(), std::max(1u, std::thread::hardware_concurrency())));
@@ -353,7 +377,7 @@ std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_
 void ShardReader::readDataset(const std::string& path, int64_t numel, size_t elementSize, void* dst) {
   std::vector<std::vector<uint8_t>> frames;
   int64_t chunkNumel = 0;
-  bool framesRead = false;
+  bool framesRead = false, shuffled = false;
   std::string problem;
   {
     auto lock = lockHdf5();
@@ -369,7 +393,7 @@ void ShardReader::readDataset(const std::string& path, int64_t numel, size_t ele
       problem = "dataset " + path + " holds " + std::to_string(dims) + " elements of " + std::to_string(typeSize) +
                 " bytes, the index says " + std::to_string(numel) + " of " + std::to_string(elementSize);
     } else {
-      framesRead = readZstdFrames(dataset, numel, frames, chunkNumel);
+      framesRead = readZstdFrames(dataset, numel, frames, chunkNumel, shuffled);
       H5Eclear2(H5E_DEFAULT);
       if (!framesRead && H5Dread(dataset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, dst) < 0) {
         problem = "cannot decode dataset " + path + " (corrupt chunk?): " + hdf5ErrorText();
@@ -381,7 +405,7 @@ void ShardReader::readDataset(const std::string& path, int64_t numel, size_t ele
   }
   if (problem.empty() && framesRead) {
     // Decoded outside the HDF5 lock, in parallel.
-    const std::string error = decodeFrames(frames, chunkNumel, numel, elementSize, static_cast<uint8_t*>(dst));
+    const std::string error = decodeFrames(frames, chunkNumel, numel, elementSize, shuffled, static_cast<uint8_t*>(dst));
     if (!error.empty()) problem = "cannot decode dataset " + path + " (corrupt chunk?): " + error;
   }
   if (!problem.empty()) throw CheckpointError("shard file " + path_ + ": " + problem);

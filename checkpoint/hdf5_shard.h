@@ -29,6 +29,7 @@ struct PieceDataset {
   int64_t numel = 0;                 // > 0
   int64_t chunkNumel = 0;            // elements per chunk (the last one is zero-padded)
   int zstdLevel = 0;                 // 0: no filter
+  bool shuffle = false;              // HDF5 shuffle filter before zstd (chunks arrive shuffled)
 };
 
 // Writes one shard file. Every method serializes on the process-wide HDF5

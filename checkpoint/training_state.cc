@@ -273,8 +273,12 @@ std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const
   for (const std::string& name : expected) {
     if (!source.tensors.count(modelPrefix + name)) missing.push_back(name);
   }
+  // Without the module a sharded rank knows only its own pieces' names: the
+  // others' are not unexpected.
+  const bool knowsAllNames = parts.model != nullptr || !parts.dp->sharded();
   for (auto it = source.tensors.lower_bound(modelPrefix);
-       it != source.tensors.end() && it->first.compare(0, modelPrefix.size(), modelPrefix) == 0; ++it) {
+       knowsAllNames && it != source.tensors.end() && it->first.compare(0, modelPrefix.size(), modelPrefix) == 0;
+       ++it) {
     const std::string name = it->first.substr(modelPrefix.size());
     if (!expectedSet.count(name)) unexpected.push_back(name + " " + shapeText(it->second.shape));
   }

@@ -20,7 +20,10 @@
 // Exit codes: 0 done, 1 a runtime error, 2 a bad command line or config.
 #include <CLI/CLI.hpp>
 
+#include <ATen/ATen.h>
+
 #include <cstdio>
+#include <exception>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -85,7 +88,19 @@ int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::
   // state: how a checkpoint is resharded to this world size).
   int64_t lastSaved = -1;
   if (!flags.resume.empty()) {
-    const int64_t step = checkpoint::restoreTrainingStateFromCheckpoint(state, flags.resume);  // local
+    // Local, but ranks must agree: an FSDP rank sees only its own pieces, so
+    // one rank may find a problem another does not; all stop together.
+    std::exception_ptr failure;
+    int64_t step = 0;
+    try {
+      step = checkpoint::restoreTrainingStateFromCheckpoint(state, flags.resume);
+    } catch (const std::exception&) {
+      failure = std::current_exception();
+    }
+    at::Tensor failed = at::full({1}, failure ? 1.0f : 0.0f);
+    ctx.world->allReduce(failed, comm::ReduceOp::kMax);  // collective
+    if (failure) std::rethrow_exception(failure);
+    if (failed.item<float>() > 0) throw Error("another rank could not restore " + flags.resume + " (see its message)");
     if (ctx.rank() == 0) {
       TESSERA_LOG(kInfo) << "resumed from " << checkpoint::resolveCheckpoint(flags.resume) << " at step " << step;
     }

@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <thread>
 
+#include "tessera/checkpoint/safetensors.h"
+#include "tessera/core/config.h"
 #include "tessera/core/data/byte_corpus.h"
 #include "tessera/core/data/fashion_mnist.h"
 #include "tessera/core/error.h"
@@ -152,6 +154,14 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
   job->dpComm = dataParallelComm(config.parallel, *job->mesh, localUpdates);  // collective for hybrid, local updates
   job->model = buildModel(config);
+  if (!config.model.init_from.empty()) {
+    // Before the strategy: FSDP empties the parameters, and DDP/FSDP/DiLoCo broadcast rank 0's values.
+    try {
+      checkpoint::loadSafetensorsInto(job->model->module(), config.model.init_from);
+    } catch (const Error& e) {
+      throw ConfigError("model.init_from", e.what());
+    }
+  }
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
   job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh, localUpdates);  // collective
   job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh);  // collective for DiLoCo

@@ -98,14 +98,18 @@ class Int8Ring {
 
   Int8Message messageFor(const Chunk& c) const { return Int8Message(static_cast<int>(flags_.size()), c.length); }
 
-  // Quantizes c into m; a non-finite chunk sets this rank's flag and travels as zeros.
-  void encode(const Chunk& c, Int8Message& m) {
+  // A new message holding c quantized and the flags known so far. A
+  // non-finite chunk sets this rank's flag and travels as zeros.
+  Int8Message encode(const Chunk& c) {
+    Int8Message m = messageFor(c);
+    std::memset(m.flags(), 0, flags_.size() * 8);
     if (!int8::quantize(c.data, c.length, m.codes(), m.table())) {
       flags_[rank_ / 64] |= uint64_t{1} << (rank_ % 64);
       std::memset(m.table(), 0, kTableBytes);
       std::memset(m.codes(), int8::kZeroPoint, static_cast<size_t>(c.length));
     }
     stampFlags(m);
+    return m;
   }
 
   void stampFlags(Int8Message& m) {
@@ -142,10 +146,7 @@ class Int8Ring {
       const Chunk incoming = chunk(lane, mod(rank_ - 1, n_));
       in[lane][0] = messageFor(incoming);
       recvs[lane][0] = recv(in[lane][0], lane);
-      const Chunk own = chunk(lane, rank_);
-      out[lane][0] = messageFor(own);
-      std::memset(out[lane][0].flags(), 0, flags_.size() * 8);
-      encode(own, out[lane][0]);
+      out[lane][0] = encode(chunk(lane, rank_));
       sends[lane][0] = send(out[lane][0], lane);
     }
     for (int s = 0; s < steps; ++s) {
@@ -163,9 +164,7 @@ class Int8Ring {
         int8::dequantizeAccumulate(got.codes(), got.table(), target.length, target.data);
         if (more) {
           if (sends[lane][next]) sends[lane][next]->wait();
-          out[lane][next] = messageFor(target);
-          std::memset(out[lane][next].flags(), 0, flags_.size() * 8);
-          encode(target, out[lane][next]);
+          out[lane][next] = encode(target);
           sends[lane][next] = send(out[lane][next], lane);
         } else {
           // This lane's chunk is fully reduced: its all-gather starts now,
@@ -187,9 +186,7 @@ class Int8Ring {
     ag_[lane].messages.resize(n_);
     const Chunk own = chunk(lane, mod(rank_ + 1, n_));
     Int8Message& ours = ag_[lane].messages[0];
-    ours = messageFor(own);
-    std::memset(ours.flags(), 0, flags_.size() * 8);
-    encode(own, ours);
+    ours = encode(own);
     ag_[lane].messages[1] = messageFor(chunk(lane, rank_));
     ag_[lane].pendingRecv = recv(ag_[lane].messages[1], kLanes + lane);
     ag_[lane].sends.push_back(send(ours, kLanes + lane));

@@ -126,7 +126,7 @@ CheckpointOptions optionsFor(const std::string& dir, int level = 3) {
   return o;
 }
 
-TEST(CheckpointFormat, EveryDtypeRoundTripsExactly) {
+TEST(CheckpointFormat, EveryDtypeAndSubRangesRoundTripExactly) {
   for (int level : {0, 3}) {
     const std::string dir = scratchDir("dtypes" + std::to_string(level));
     const StateDict state = everyDtypeState();
@@ -151,25 +151,15 @@ TEST(CheckpointFormat, EveryDtypeRoundTripsExactly) {
     for (const auto& [name, shape] : everyDtypeShapes()) {
       testing::expectTensorsEqual(loaded.whole(name), valuesOf(name, shape), name + " (zstd level " + std::to_string(level) + ")");
     }
+    // A range across the boundary of model/big's two chunks.
+    const StateDict part = load(dir, {LoadRequest{"model/big", {1100000}, at::kFloat, 549990, 20}}, {});
+    ASSERT_EQ(part.tensors.at("model/big").pieces.size(), 1u);
+    EXPECT_EQ(part.tensors.at("model/big").pieces[0].offset, 549990);
+    EXPECT_FALSE(part.tensors.at("model/big").replicated);
+    testing::expectTensorsEqual(part.tensors.at("model/big").pieces[0].local,
+                                valuesOf("model/big", {1100000}).narrow(0, 549990, 20), "range across two chunks");
     fs::remove_all(dir);
   }
-}
-
-TEST(CheckpointFormat, LoadsSubRangesAcrossPieces) {
-  const std::string dir = scratchDir("range");
-  const StateDict state = everyDtypeState();
-  {
-    Checkpointer ckpt(optionsFor(dir), comm::makeSingleRankCommunicator());
-    ckpt.save(1, state);
-    ckpt.wait();
-  }
-  const StateDict part = load(dir, {LoadRequest{"model/big", {1100000}, at::kFloat, 1048570, 20}}, {});
-  const at::Tensor expected = valuesOf("model/big", {1100000}).narrow(0, 1048570, 20);
-  ASSERT_EQ(part.tensors.at("model/big").pieces.size(), 1u);
-  EXPECT_EQ(part.tensors.at("model/big").pieces[0].offset, 1048570);
-  EXPECT_FALSE(part.tensors.at("model/big").replicated);
-  testing::expectTensorsEqual(part.tensors.at("model/big").pieces[0].local, expected, "range across two chunks");
-  fs::remove_all(dir);
 }
 
 // ---- Several ranks: slices, replicated and duplicated pieces -------------
@@ -450,6 +440,13 @@ TEST(CheckpointCommit, RealFullTmpfs) {
   if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, "size=1m") != 0) {
     GTEST_SKIP() << "mount -t tmpfs failed (" << std::strerror(errno) << "): the fault-injection test covers ENOSPC";
   }
+  struct Unmount {  // also when an assertion or an exception leaves early
+    std::string dir;
+    ~Unmount() {
+      ::umount(dir.c_str());
+      fs::remove_all(dir);
+    }
+  } unmount{dir};
   {
     Checkpointer ckpt(optionsFor(dir + "/ckpt", 0), comm::makeSingleRankCommunicator());
     StateDict state;
@@ -465,15 +462,16 @@ TEST(CheckpointCommit, RealFullTmpfs) {
     testing::expectTensorsEqual(load(dir + "/ckpt", {LoadRequest{"model/f32", {3, 5}, at::kFloat}}).whole("model/f32"),
                                 valuesOf("model/f32", {3, 5}), "step 1 on the full disk");
   }
-  ::umount(dir.c_str());
-  fs::remove_all(dir);
 }
 
 // ---- Corrupt and mismatched checkpoints -------------------------------
 
+// Each kind of damage on a fresh checkpoint (one test: process start-up
+// dominates a case's time).
 class CheckpointCorruption : public ::testing::Test {
- protected:
-  void SetUp() override {
+ public:
+  void prepare(int level) {
+    level_ = level;
     dir_ = scratchDir("corrupt");
     state_ = everyDtypeState();
     Checkpointer ckpt(optionsFor(dir_, level_), comm::makeSingleRankCommunicator());
@@ -482,7 +480,7 @@ class CheckpointCorruption : public ::testing::Test {
     step_ = dir_ + "/step-00000007";
     shard_ = step_ + "/rank-00000.h5";
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void cleanup() { fs::remove_all(dir_); }
   std::string loadError() {
     const std::string message = checkpointErrorOf([&] { load(dir_, wholeRequests(state_)); });
     std::cout << "error: " << message << "\n";
@@ -492,95 +490,106 @@ class CheckpointCorruption : public ::testing::Test {
   int level_ = 3;
   std::string dir_, step_, shard_;
   StateDict state_;
+
+  void flippedByteInCompressedData() {
+    // Where HDF5 put the compressed first chunk of model/big.
+    haddr_t address = HADDR_UNDEF;
+    hsize_t bytes = 0;
+    {
+      const hid_t file = H5Fopen(shard_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+      const hid_t dataset = H5Dopen2(file, "model/big@0", H5P_DEFAULT);
+      unsigned mask = 0;
+      const hsize_t first = 0;
+      ASSERT_GE(H5Dget_chunk_info_by_coord(dataset, &first, &mask, &address, &bytes), 0);
+      H5Dclose(dataset);
+      H5Fclose(file);
+    }
+    ASSERT_GT(bytes, 100u);
+    std::fstream file(shard_, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekg(static_cast<std::streamoff>(address + bytes / 2));
+    char c;
+    file.get(c);
+    file.seekp(static_cast<std::streamoff>(address + bytes / 2));
+    file.put(static_cast<char>(c ^ 0x10));
+    file.close();
+    const std::string message = loadError();
+    EXPECT_NE(message.find("rank-00000.h5"), std::string::npos) << message;
+    EXPECT_NE(message.find("tensor model/big"), std::string::npos) << message;
+  }
+
+  void flippedByteInRawDataFailsTheChecksum() {
+    // Find element 5000 of model/big in the uncompressed file and change it.
+    const float needle[4] = {(5000 % 1000) * 0.5f - 7, (5001 % 1000) * 0.5f - 7, (5002 % 1000) * 0.5f - 7,
+                             (5003 % 1000) * 0.5f - 7};
+    std::string bytes = readText(shard_);
+    const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(needle), sizeof needle));
+    ASSERT_NE(at, std::string::npos);
+    bytes[at + 1] ^= 0x01;
+    std::ofstream(shard_, std::ios::binary | std::ios::trunc) << bytes;
+    const std::string message = loadError();
+    EXPECT_NE(message.find("checksum"), std::string::npos) << message;
+    EXPECT_NE(message.find("rank-00000.h5"), std::string::npos) << message;
+    EXPECT_NE(message.find("tensor model/big"), std::string::npos) << message;
+  }
+
+  void truncatedFile() {
+    fs::resize_file(shard_, fs::file_size(shard_) / 2);
+    const std::string message = loadError();
+    EXPECT_NE(message.find(shard_), std::string::npos) << message;
+    EXPECT_NE(message.find("tensor "), std::string::npos) << message;
+  }
+
+  void missingShardFile() {
+    fs::remove(shard_);
+    const std::string message = loadError();
+    EXPECT_NE(message.find(shard_), std::string::npos) << message;
+    EXPECT_NE(message.find("No such file"), std::string::npos) << message;
+  }
+
+  void futureFormatVersion() {
+    std::string index = readText(step_ + "/index.json");
+    const size_t at = index.find("\"format_version\": 1");
+    ASSERT_NE(at, std::string::npos) << index.substr(0, 300);
+    index.replace(at, std::strlen("\"format_version\": 1"), "\"format_version\": 99");
+    writeText(step_ + "/index.json", index);
+    const std::string message = loadError();
+    EXPECT_NE(message.find(step_ + "/index.json"), std::string::npos) << message;
+    EXPECT_NE(message.find("version 99"), std::string::npos) << message;
+    EXPECT_NE(message.find("reads version 1"), std::string::npos) << message;
+  }
+
+  void anotherModelListsEveryMismatch() {
+    std::vector<LoadRequest> requests = {
+        LoadRequest{"model/a", {2}, at::kFloat}, LoadRequest{"model/b", {2}, at::kFloat},
+        LoadRequest{"model/f32", {5, 3}, at::kFloat},   // shape
+        LoadRequest{"model/f64", {7}, at::kFloat}};     // dtype
+    const std::string message = checkpointErrorOf([&] { load(dir_, requests); });
+    std::cout << "error: " << message << "\n";
+    EXPECT_NE(message.find("checkpoint " + step_ + " does not fit this model: missing model/a, model/b; unexpected "
+                           "model/bf16, model/big, model/f16"),
+              std::string::npos)
+        << message;
+    EXPECT_NE(message.find("shape mismatch model/f32: checkpoint [3,5] vs model [5,3]"), std::string::npos) << message;
+    EXPECT_NE(message.find("dtype mismatch model/f64: checkpoint float64 vs model float32"), std::string::npos) << message;
+    EXPECT_EQ(message.find("optim/"), std::string::npos) << "optim/ is not strict: " << message;
+  }
 };
 
-TEST_F(CheckpointCorruption, FlippedByteInCompressedData) {
-  // Where HDF5 put the compressed first chunk of model/big.
-  haddr_t address = HADDR_UNDEF;
-  hsize_t bytes = 0;
-  {
-    const hid_t file = H5Fopen(shard_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-    const hid_t dataset = H5Dopen2(file, "model/big@0", H5P_DEFAULT);
-    unsigned mask = 0;
-    const hsize_t first = 0;
-    ASSERT_GE(H5Dget_chunk_info_by_coord(dataset, &first, &mask, &address, &bytes), 0);
-    H5Dclose(dataset);
-    H5Fclose(file);
+TEST_F(CheckpointCorruption, EveryKindOfDamageIsNamed) {
+  const std::vector<std::tuple<const char*, void (CheckpointCorruption::*)(), int>> cases = {
+      {"FlippedByteInCompressedData", &CheckpointCorruption::flippedByteInCompressedData, 3},
+      {"FlippedByteInRawDataFailsTheChecksum", &CheckpointCorruption::flippedByteInRawDataFailsTheChecksum, 0},
+      {"TruncatedFile", &CheckpointCorruption::truncatedFile, 3},
+      {"MissingShardFile", &CheckpointCorruption::missingShardFile, 3},
+      {"FutureFormatVersion", &CheckpointCorruption::futureFormatVersion, 3},
+      {"AnotherModelListsEveryMismatch", &CheckpointCorruption::anotherModelListsEveryMismatch, 3},
+  };
+  for (const auto& [name, method, level] : cases) {
+    SCOPED_TRACE(name);
+    prepare(level);
+    (this->*method)();
+    cleanup();
   }
-  ASSERT_GT(bytes, 100u);
-  std::fstream file(shard_, std::ios::in | std::ios::out | std::ios::binary);
-  file.seekg(static_cast<std::streamoff>(address + bytes / 2));
-  char c;
-  file.get(c);
-  file.seekp(static_cast<std::streamoff>(address + bytes / 2));
-  file.put(static_cast<char>(c ^ 0x10));
-  file.close();
-  const std::string message = loadError();
-  EXPECT_NE(message.find("rank-00000.h5"), std::string::npos) << message;
-  EXPECT_NE(message.find("tensor model/big"), std::string::npos) << message;
-}
-
-TEST_F(CheckpointCorruption, FlippedByteInRawDataFailsTheChecksum) {
-  TearDown();
-  level_ = 0;
-  SetUp();
-  // Find element 5000 of model/big in the uncompressed file and change it.
-  const float needle[4] = {(5000 % 1000) * 0.5f - 7, (5001 % 1000) * 0.5f - 7, (5002 % 1000) * 0.5f - 7,
-                           (5003 % 1000) * 0.5f - 7};
-  std::string bytes = readText(shard_);
-  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(needle), sizeof needle));
-  ASSERT_NE(at, std::string::npos);
-  bytes[at + 1] ^= 0x01;
-  std::ofstream(shard_, std::ios::binary | std::ios::trunc) << bytes;
-  const std::string message = loadError();
-  EXPECT_NE(message.find("checksum"), std::string::npos) << message;
-  EXPECT_NE(message.find("rank-00000.h5"), std::string::npos) << message;
-  EXPECT_NE(message.find("tensor model/big"), std::string::npos) << message;
-}
-
-TEST_F(CheckpointCorruption, TruncatedFile) {
-  fs::resize_file(shard_, fs::file_size(shard_) / 2);
-  const std::string message = loadError();
-  EXPECT_NE(message.find(shard_), std::string::npos) << message;
-  EXPECT_NE(message.find("tensor "), std::string::npos) << message;
-}
-
-TEST_F(CheckpointCorruption, MissingShardFile) {
-  fs::remove(shard_);
-  const std::string message = loadError();
-  EXPECT_NE(message.find(shard_), std::string::npos) << message;
-  EXPECT_NE(message.find("No such file"), std::string::npos) << message;
-}
-
-TEST_F(CheckpointCorruption, FutureFormatVersion) {
-  std::string index = readText(step_ + "/index.json");
-  const size_t at = index.find("\"format_version\": 1");
-  ASSERT_NE(at, std::string::npos) << index.substr(0, 300);
-  index.replace(at, std::strlen("\"format_version\": 1"), "\"format_version\": 99");
-  writeText(step_ + "/index.json", index);
-  const std::string message = loadError();
-  EXPECT_NE(message.find(step_ + "/index.json"), std::string::npos) << message;
-  EXPECT_NE(message.find("version 99"), std::string::npos) << message;
-  EXPECT_NE(message.find("reads version 1"), std::string::npos) << message;
-}
-
-TEST_F(CheckpointCorruption, AnotherModelListsEveryMismatch) {
-  std::vector<LoadRequest> requests = {
-      LoadRequest{"model/a", {2}, at::kFloat}, LoadRequest{"model/b", {2}, at::kFloat},
-      LoadRequest{"model/f32", {5, 3}, at::kFloat},   // shape
-      LoadRequest{"model/f64", {7}, at::kFloat}};     // dtype
-  const std::string message = checkpointErrorOf([&] { load(dir_, requests); });
-  std::cout << "error: " << message << "\n";
-  EXPECT_NE(message.find("checkpoint " + step_ + " does not fit this model: missing model/a, model/b; unexpected "
-                         "model/bf16, model/big, model/f16"),
-            std::string::npos)
-      << message;
-  EXPECT_NE(message.find("shape mismatch model/f32: checkpoint [3,5] vs model [5,3]"), std::string::npos) << message;
-  EXPECT_NE(message.find("dtype mismatch model/f64: checkpoint float64 vs model float32"), std::string::npos) << message;
-  EXPECT_EQ(message.find("optim/"), std::string::npos) << "optim/ is not strict: " << message;
-}
-
-TEST(CheckpointCorruptionPaths, NoCheckpointThere) {
   const std::string message = checkpointErrorOf([&] { resolveCheckpoint("/nonexistent/ckpt"); });
   EXPECT_NE(message.find("no checkpoint at /nonexistent/ckpt"), std::string::npos) << message;
 }

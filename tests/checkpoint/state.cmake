@@ -1,6 +1,6 @@
 # Training state <-> StateDict, FSDP's parameter layout and safetensors, in
 # one process and on 2 ranks (about 6 s); tessera-train --checkpoint-dir /
-# --resume and tessera-export end to end under tessera-run (about 30 s).
+# --resume and tessera-export end to end under tessera-run (about 35 s).
 find_package(nlohmann_json REQUIRED)
 
 tessera_add_test(test_training_state ${CMAKE_CURRENT_SOURCE_DIR}/state_test.cc)

@@ -1,7 +1,7 @@
 // Compressed all-reduce: the int8 ring of PRIME/INTELLECT-1 (REFERENCE §4),
 // selectable per call or per optimizer (`compression = "none" | "int8"`).
 //
-// int8 algorithm (any communicator with send/recv: Gloo, MPI; NCCL too):
+// int8 algorithm (any communicator with send/recv; CPU tensors: Gloo, MPI):
 // the flat fp32 tensor is split into 2 * size chunks; a ring reduce-scatter
 // (each hop: uint8 codes + a 256-entry fp32 table of bucket means; the
 // receiver dequantizes by table lookup and accumulates in fp32, two chunks in
@@ -46,7 +46,8 @@ const char* toString(Compression compression);  // "none", "int8"
 Compression parseCompression(const std::string& value, const std::string& field = "compression");
 
 // Collective over comm: in-place kSum or kAvg of a contiguous float32 CPU
-// tensor, on every rank (same numel everywhere). kNone is exactly
+// tensor, on every rank (same numel everywhere; int8 runs on the calling
+// thread and keeps up to about half the tensor's bytes in message buffers). kNone is exactly
 // comm.allReduce(tensor, op). Throws InvalidArgument for another op or dtype
 // (naming it) and for non-finite values (above), CommError/TimeoutError from
 // the communicator. Bytes show in comm.stats() under send/recv for int8.
