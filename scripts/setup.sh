@@ -13,7 +13,7 @@ packages=(
   libgtest-dev libgmock-dev                  # tests
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libssl-dev
   fortunes dataset-fashion-mnist             # training data
-  python3
+  python3 gnuplot-nox iproute2                # plots from the benchmarks; namespaces + tc for --link
 )
 
 missing=()
