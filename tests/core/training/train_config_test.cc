@@ -82,7 +82,7 @@ TEST(TrainConfig, ModelKeysDependOnTheKind) {
 TEST(TrainConfig, UnknownSectionNamesTheValidSections) {
   const ConfigError e = parseError(kMinimalGpt + "[optimizer]\nlr = 0.1\n");
   EXPECT_EQ(e.field(), "optimizer");
-  EXPECT_NE(std::string(e.what()).find("model, data, optim, train, parallel"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("model, data, optim, diloco, demo, mt_dao, train, parallel"), std::string::npos) << e.what();
   EXPECT_EQ(parseError("steps = 3\n").field(), "steps");
 }
 
@@ -140,6 +140,67 @@ TEST(TrainConfig, ShippedConfigsAreValidOnTwoRanks) {
     const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/" + name);
     EXPECT_NO_THROW(c.parallel.validate(2)) << name;
   }
+}
+
+TEST(TrainConfig, ShippedDilocoConfigIsValidOnFourRanks) {
+  const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-diloco.toml");
+  EXPECT_EQ(c.optimizer, "diloco");
+  EXPECT_EQ(c.optim.name, "adamw");  // the inner optimizer
+  EXPECT_EQ(c.diloco.compression, "int8");
+  EXPECT_NO_THROW(c.parallel.validate(4, c.localUpdates()));
+}
+
+TEST(TrainConfig, CommunicationLightOptimizersReadTheirSections) {
+  const TrainJobConfig d = parseTrainJobConfig(kMinimalGpt + R"(
+[optim]
+name = "diloco"
+[diloco]
+inner = "sgd"
+inner_steps = 7
+fragments = 7
+delay = 0
+mixing = 0.5
+[parallel]
+strategy = "none"
+dp_replicate = 2
+)");
+  EXPECT_TRUE(d.localUpdates());
+  EXPECT_EQ(d.optim.name, "sgd");
+  EXPECT_EQ(d.diloco.inner_steps, 7);
+  EXPECT_EQ(d.diloco.fragments, 7);
+  EXPECT_DOUBLE_EQ(d.diloco.mixing, 0.5);
+  EXPECT_NO_THROW(d.parallel.validate(2, true));
+
+  const TrainJobConfig m = parseTrainJobConfig(kMinimalGpt + R"(
+[optim]
+name = "mt-dao"
+[mt_dao]
+betas = [0.9, 0.999]
+nus = [0.3, 0.5]
+sync_momenta = [4, 8]
+sync_params = 16
+)");
+  EXPECT_EQ(m.mt_dao.betas, (std::vector<double>{0.9, 0.999}));
+  EXPECT_EQ(m.mt_dao.sync_momenta, (std::vector<int64_t>{4, 8}));
+  EXPECT_EQ(m.mt_dao.sync_params, 16);
+
+  const TrainJobConfig demo = parseTrainJobConfig(kMinimalGpt, {"optim.name=demo", "demo.compression_topk=8"});
+  EXPECT_EQ(demo.demo.compression_topk, 8);
+}
+
+TEST(TrainConfig, CommunicationLightOptimizerErrorsNameTheField) {
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=adam"}).field(), "optim.name");
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=diloco", "diloco.inner=demo"}).field(), "diloco.inner");
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=diloco", "diloco.inner_steps=0"}).field(), "diloco.inner_steps");
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=demo", "parallel.strategy=fsdp"}).field(), "parallel.strategy");
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=mt-dao", "mt_dao.nus=[0.9, 0.9]"}).field().rfind("mt_dao.", 0), 0u);
+  EXPECT_EQ(parseError(kMinimalGpt, {"optim.name=mt-dao", "mt_dao.betas=[\"x\"]"}).field(), "mt_dao.betas");
+  // Inside a replica: hybrid would replicate twice; none needs one rank per replica.
+  const TrainJobConfig hybrid = parseTrainJobConfig(kMinimalGpt, {"optim.name=diloco", "parallel.strategy=hybrid"});
+  EXPECT_EQ(configErrorOf([&] { hybrid.parallel.validate(1, true); }).field(), "parallel.strategy");
+  const TrainJobConfig none =
+      parseTrainJobConfig(kMinimalGpt, {"optim.name=diloco", "parallel.strategy=none", "parallel.dp_shard=2"});
+  EXPECT_EQ(configErrorOf([&] { none.parallel.validate(2, true); }).field(), "parallel.dp_shard");
 }
 
 }  // namespace
