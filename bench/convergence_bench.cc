@@ -98,6 +98,11 @@ struct MethodResult {
 };
 
 uint64_t bytesSent(const comm::CommPtr& comm) { return comm ? comm->stats().totalBytesSent() : 0; }
+uint64_t bytesSent(const std::vector<comm::CommPtr>& comms) {
+  uint64_t total = 0;
+  for (const auto& c : comms) total += bytesSent(c);
+  return total;
+}
 
 MethodResult runMethod(DistributedContext& ctx, const ConvergenceBenchConfig& c, const std::string& method) {
   std::vector<std::string> overrides = c.overrides;
@@ -117,7 +122,12 @@ MethodResult runMethod(DistributedContext& ctx, const ConvergenceBenchConfig& c,
   ctx.world->barrier();
   const Stopwatch wall;
   auto built = launcher::buildTrainJob(job, ctx, "");  // collective
-  const comm::CommPtr cross = built->mesh->comm(parallel::MeshAxis::kDpReplicate);
+  // Cross-replica traffic: the dp_replicate axis, plus any communicator the
+  // optimizer split off it (streaming DiLoCo's background all-reduces).
+  std::vector<comm::CommPtr> cross = {built->mesh->comm(parallel::MeshAxis::kDpReplicate)};
+  for (const comm::CommPtr& c : built->optimizer->communicators()) {
+    if (c != cross.front()) cross.push_back(c);
+  }
   const comm::CommPtr inside = built->mesh->comm(parallel::MeshAxis::kDpShard);
   const uint64_t crossStart = bytesSent(cross);
   const uint64_t insideStart = bytesSent(inside);

@@ -183,6 +183,11 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   parts.val = job->val.get();
   parts.dpComm = job->dpComm;
   parts.trafficComms = trafficComms(config.parallel, *job->mesh, localUpdates);
+  for (const comm::CommPtr& c : job->optimizer->communicators()) {  // e.g. streaming DiLoCo's private one
+    if (std::find(parts.trafficComms.begin(), parts.trafficComms.end(), c) == parts.trafficComms.end()) {
+      parts.trafficComms.push_back(c);
+    }
+  }
   parts.metrics = job->metrics.get();
   parts.isRank0 = ctx.rank() == 0;
   return job;

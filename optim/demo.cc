@@ -186,6 +186,10 @@ class Demo final : public Optimizer {
     return {};
   }
 
+  std::vector<comm::CommPtr> communicators() const override {
+    return comm_ ? std::vector<comm::CommPtr>{comm_} : std::vector<comm::CommPtr>{};
+  }
+
   OptimizerState state() const override {
     OptimizerState s;
     s.perParameter["demo/delta"] = delta_;

@@ -108,6 +108,12 @@ class Diloco final : public Optimizer {
     return result;
   }
 
+  std::vector<comm::CommPtr> communicators() const override {
+    std::vector<comm::CommPtr> comms = {replicaComm_};
+    if (streamComm_) comms.push_back(streamComm_);
+    return comms;
+  }
+
   OptimizerState state() const override {
     // An in-flight pseudo-gradient is finished here (every replica started
     // it, so waiting involves no new collective) and saved already averaged;

@@ -112,6 +112,10 @@ class MtDao final : public Optimizer {
     return sync();
   }
 
+  std::vector<comm::CommPtr> communicators() const override {
+    return comm_ ? std::vector<comm::CommPtr>{comm_} : std::vector<comm::CommPtr>{};
+  }
+
   OptimizerState state() const override {
     OptimizerState s;
     for (size_t j = 0; j < momenta_.size(); ++j) s.perParameter[momentumKind(j)] = momenta_[j];

@@ -14,6 +14,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "tessera/comm/communicator.h"
+
 #include <map>
 #include <memory>
 #include <string>
@@ -80,6 +82,10 @@ class Optimizer {
   // changing anything: throws InvalidArgument naming a missing kind or
   // scalar, or the parameter index and both shapes of a mismatch. Local.
   virtual void loadState(const OptimizerState& state) = 0;
+  // The communicators step() talks over (empty for local optimizers), so a
+  // training loop can count their bytes (StepReport::commBytes) -- including
+  // private ones an optimizer split off for background traffic.
+  virtual std::vector<comm::CommPtr> communicators() const { return {}; }
 };
 
 // AdamW or SGD over `parameters` (e.g. DataParallel::optimizerParameters()),
