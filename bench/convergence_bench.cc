@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -88,6 +89,7 @@ std::vector<std::string> methodOverrides(const std::string& method, int ranks) {
 
 struct MethodResult {
   std::string method;
+  std::string layout;        // e.g. "2 replicas x 2 ranks (fsdp)"
   double valLoss = 0;
   double trainLoss = 0;
   int64_t tokens = 0;
@@ -134,19 +136,18 @@ MethodResult runMethod(DistributedContext& ctx, const ConvergenceBenchConfig& c,
   Trainer trainer(built->parts, job.train);
   MethodResult result;
   result.method = method;
-  int64_t tokensPerStep = 0;
+  result.layout = std::to_string(job.parallel.mesh.dp_replicate) + " replicas x " +
+                  std::to_string(job.parallel.mesh.dp_shard) + " ranks (" + job.parallel.strategy + ")";
   trainer.callbacks().afterStep.push_back([&](const StepReport& r) {
-    tokensPerStep = r.tokens / std::max<int64_t>(1, r.step);
     if (r.valLoss) result.curve.emplace_back(r.tokens, *r.valLoss);
   });
   const StepReport last = trainer.run();  // collective
   result.crossBytes = bytesSent(cross) - crossStart;
   result.insideBytes = bytesSent(inside) - insideStart;
-  result.valLoss = last.valLoss.value_or(trainer.evaluate());
+  result.valLoss = last.valLoss ? *last.valLoss : trainer.evaluate();  // collective only when needed
   result.trainLoss = last.loss;
   result.tokens = last.tokens;
   result.wallSeconds = wall.seconds();
-  (void)tokensPerStep;
   return result;
 }
 
@@ -198,8 +199,7 @@ void runConvergenceBench(DistributedContext& ctx, const ConvergenceBenchConfig& 
     line.add("bench", "convergence");
     line.add("method", r.method);
     line.add("ranks", ctx.worldSize());
-    line.add("layout", r.method == "ddp" ? std::to_string(ctx.worldSize()) + " replicas (DDP)"
-                                         : "2 replicas x " + std::to_string(ctx.worldSize() / 2) + " ranks");
+    line.add("layout", r.layout);
     line.add("steps", c.steps);
     line.add("tokens", r.tokens);
     line.add("val_loss", r.valLoss);
@@ -208,14 +208,15 @@ void runConvergenceBench(DistributedContext& ctx, const ConvergenceBenchConfig& 
     line.add("bytes_per_inner_step", static_cast<double>(r.crossBytes) / static_cast<double>(c.steps));
     line.add("intra_replica_bytes_total", static_cast<int64_t>(r.insideBytes));
     if (ddp != nullptr && r.method != "ddp") {
-      line.add("bytes_ratio_vs_ddp", r.crossBytes > 0 ? static_cast<double>(ddp->crossBytes) / r.crossBytes : 0.0);
+      // One replica sends nothing across replicas: no ratio to report.
+      if (r.crossBytes > 0) line.add("bytes_ratio_vs_ddp", static_cast<double>(ddp->crossBytes) / r.crossBytes);
       line.add("val_gap_vs_ddp", r.valLoss / ddp->valLoss - 1.0);
     }
     line.add("wall_s", r.wallSeconds);
     std::printf("%s\n", line.toJson().c_str());
   }
   std::fflush(stdout);
-  std::system(("mkdir -p '" + c.outDir + "'").c_str());
+  std::filesystem::create_directories(c.outDir);
   const std::string png = plotCurves(c, results);
   if (!png.empty()) {
     std::printf("{\"bench\": \"convergence\", \"plot\": \"%s\"}\n", png.c_str());

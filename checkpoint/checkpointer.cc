@@ -282,8 +282,18 @@ std::string Checkpointer::Impl::commit(const SaveJob& current, const std::vector
       if (!error.empty()) errors += (errors.empty() ? "" : "; ") + ("rank " + std::to_string(r) + ": " + error);
       for (const auto& [name, info] : report.at("tensors").items()) {
         StoredTensor& t = index.tensors[name];
-        t.globalShape = info.at("shape").get<std::vector<int64_t>>();
-        if (t.dtype.empty() || t.dtype == "?") t.dtype = info.at("dtype").get<std::string>();
+        const auto shape = info.at("shape").get<std::vector<int64_t>>();
+        const auto dtype = info.at("dtype").get<std::string>();
+        if (t.dtype.empty()) {
+          t.globalShape = shape;
+          t.dtype = dtype;
+        } else if (shape != t.globalShape || (dtype != t.dtype && dtype != "?" && t.dtype != "?")) {
+          errors += (errors.empty() ? "" : "; ") + ("tensor " + name + ": rank " + std::to_string(r) +
+                                                    " has another shape or dtype (" + dtype + ") than a lower rank (" +
+                                                    t.dtype + ")");
+        } else if (t.dtype == "?") {
+          t.dtype = dtype;
+        }
       }
       for (const json& p : report.at("pieces")) {
         index.tensors[p.at("tensor").get<std::string>()].pieces.push_back(
@@ -310,18 +320,34 @@ std::string Checkpointer::Impl::commit(const SaveJob& current, const std::vector
     if (errors.empty()) {
       writeFileDurably(tmpDir + "/" + kIndexFileName, indexToJson(index));
       fsyncPath(tmpDir);
-      const std::string replaced = options.dir + "/" + kTempPrefix + "replaced-" + stepName;
-      if (pathExists(finalDir)) {  // the same step saved again (after a resume)
+      // The same step saved again (after a resume): the old directory steps
+      // aside under a name the constructor restores (not a .tmp- name, which
+      // it deletes), and comes back if the new one cannot take its place.
+      const std::string replaced = options.dir + "/" + kReplacedPrefix + stepName;
+      bool movedOld = false;
+      if (pathExists(finalDir)) {
         removeTree(replaced);
         renamePath(finalDir, replaced);
+        movedOld = true;
       }
-      renamePath(tmpDir, finalDir);
-      fsyncPath(options.dir);
-      const std::string latestTmp = options.dir + "/" + kTempPrefix + kLatestFileName;
-      writeFileDurably(latestTmp, stepName + "\n");
-      renamePath(latestTmp, options.dir + "/" + kLatestFileName);
-      fsyncPath(options.dir);
+      try {
+        renamePath(tmpDir, finalDir);
+        fsyncPath(options.dir);
+      } catch (...) {
+        if (movedOld) renamePath(replaced, finalDir);
+        throw;
+      }
       removeTree(replaced);
+      try {
+        const std::string latestTmp = options.dir + "/" + kTempPrefix + kLatestFileName;
+        writeFileDurably(latestTmp, stepName + "\n");
+        renamePath(latestTmp, options.dir + "/" + kLatestFileName);
+        fsyncPath(options.dir);
+      } catch (const std::exception& e) {
+        return "error\ncheckpoint of step " + std::to_string(current.step) + " is complete in " + finalDir +
+               ", but " + options.dir + "/" + kLatestFileName + " could not be updated (" + e.what() +
+               "); --resume " + finalDir + " loads it";
+      }
       prune(finalDir);
       return "ok\n" + finalDir;
     }
@@ -366,6 +392,14 @@ Checkpointer::Checkpointer(CheckpointOptions options, comm::CommPtr comm) : impl
     if (comm->rank() == 0) {  // leftovers of saves that crashed
       for (const std::string& name : listDirectory(options.dir)) {
         if (name.rfind(kTempPrefix, 0) == 0) removeTree(options.dir + "/" + name);
+        if (name.rfind(kReplacedPrefix, 0) == 0) {  // a re-save of this step crashed mid-commit
+          const std::string original = options.dir + "/" + name.substr(std::string(kReplacedPrefix).size());
+          if (pathExists(original)) {
+            removeTree(options.dir + "/" + name);
+          } else {
+            renamePath(options.dir + "/" + name, original);
+          }
+        }
       }
     }
   } catch (const std::exception& e) {

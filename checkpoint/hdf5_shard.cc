@@ -11,6 +11,8 @@
 #include <mutex>
 #include <thread>
 
+#include <zstd.h>
+
 #include "checkpoint/file_ops.h"
 #include "checkpoint/zstd_filter.h"
 #include "tessera/checkpoint/checkpoint.h"
@@ -314,6 +316,8 @@ bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_
     hsize_t bytes = 0;
     uint32_t mask = 0;
     if (H5Dget_chunk_storage_size(dataset, &offset, &bytes) < 0) return false;
+    // A corrupt size must fail as damage, not as a huge allocation.
+    if (bytes > ZSTD_compressBound(static_cast<size_t>(chunkNumel) * 16) + 4096) return false;
     frames[c].resize(bytes);
     if (H5Dread_chunk(dataset, H5P_DEFAULT, &offset, &mask, frames[c].data()) < 0 || mask != 0) return false;
   }

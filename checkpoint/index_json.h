@@ -12,6 +12,8 @@ namespace tessera::checkpoint {
 inline constexpr const char* kIndexFileName = "index.json";
 inline constexpr const char* kLatestFileName = "latest";
 inline constexpr const char* kTempPrefix = ".tmp-";
+// A committed step directory set aside while the same step is saved again.
+inline constexpr const char* kReplacedPrefix = ".replaced-";
 
 // "step-00000100"
 std::string stepDirectoryName(int64_t step);

@@ -144,18 +144,24 @@ SafetensorsFile readSafetensors(const std::string& path) {
       if (type == dtypeNames().end()) throw fail("tensor '" + name + "' has unknown dtype '" + dtype + "'");
       const auto shape = entry.at("shape").get<std::vector<int64_t>>();
       const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-      int64_t numel = 1;
+      // The size is checked against the file before anything is allocated:
+      // a damaged header must not turn into a huge allocation.
+      const uint64_t elementSize = c10::elementSize(type->second);
+      uint64_t bytes = elementSize;
       for (int64_t d : shape) {
         if (d < 0) throw fail("tensor '" + name + "' has a negative dimension");
-        numel *= d;
+        if (d != 0 && bytes > dataBytes / static_cast<uint64_t>(d)) {
+          throw fail("tensor '" + name + "' has a shape larger than the file's " + std::to_string(dataBytes) +
+                     " data bytes");
+        }
+        bytes *= static_cast<uint64_t>(d);
       }
-      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type->second));
-      const uint64_t bytes = static_cast<uint64_t>(numel) * t.element_size();
       if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > dataBytes ||
           offsets[1] - offsets[0] != bytes) {
         throw fail("tensor '" + name + "' has data_offsets that do not match its " + std::to_string(bytes) +
                    " bytes inside the " + std::to_string(dataBytes) + " data bytes");
       }
+      at::Tensor t = at::empty(shape, at::TensorOptions().dtype(type->second));
       in.seekg(static_cast<std::streamoff>(8 + headerBytes + offsets[0]));
       in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));
       if (!in) throw fail("reading tensor '" + name + "' failed");
@@ -225,8 +231,7 @@ int64_t exportSafetensors(const std::string& checkpointPath, const std::string& 
                           std::optional<at::ScalarType> dtype) {
   const std::string dir = resolveCheckpoint(checkpointPath);
   const CheckpointIndex index = readIndex(dir);
-  int replicas = 1;
-  if (auto it = index.meta.find("replicas"); it != index.meta.end()) replicas = std::max(1, std::stoi(it->second));
+  const int replicas = savedReplicas(index.meta);
   TESSERA_CHECK_ARG(replica >= 0 && replica < replicas, "export: replica " << replica << " not in [0, " << replicas
                                                                            << "): the checkpoint has " << replicas
                                                                            << " replica(s)");

@@ -167,6 +167,8 @@ at::ScalarType dtypeFromName(const std::string& tensor, const std::string& name)
 
 }  // namespace
 
+int savedReplicas(const std::map<std::string, std::string>& meta) { return sourceReplicas(meta); }
+
 std::string replicaPrefix(const ReplicaInfo& replica) {
   TESSERA_CHECK_ARG(replica.count >= 1 && replica.index >= 0 && replica.index < replica.count,
                     "replica index " << replica.index << " not in [0, " << replica.count << ")");
@@ -195,7 +197,7 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
 
   for (size_t i = 0; i < layout.params.size(); ++i) addPieces(prefix + kModel, i, layout.params[i]);
 
-  const TrainingState state = parts.trainer->snapshot();
+  const TrainingState state = parts.trainer->snapshotView();  // the checkpointer copies
   std::vector<std::string> kinds;
   for (const auto& [kind, tensors] : state.optimizer.perParameter) {
     kinds.push_back(kind);

@@ -124,7 +124,7 @@ int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::
 
   const StepReport last = trainer.run();  // collective
   if (checkpointer) {
-    const int64_t finalStep = trainer.snapshot().step;
+    const int64_t finalStep = trainer.step();
     if (lastSaved != finalStep) checkpointer->save(finalStep, checkpoint::collectTrainingState(state, runMeta));
     checkpointer->wait();  // collective; throws the save's error
     if (ctx.rank() == 0) {

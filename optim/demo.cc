@@ -127,6 +127,8 @@ ChunkLayout layoutFor(const at::Tensor& p, size_t index, const DemoConfig& confi
                                                                       << "; only 1-D and 2-D parameters are "
                                                                          "supported (reshape it or optimize it "
                                                                          "with another optimizer)");
+  TESSERA_CHECK_ARG(p.device().is_cpu(), "DeMo: parameter " << index << " is on " << p.device()
+                                                             << "; DeMo runs on CPU tensors only in this version");
   TESSERA_CHECK_ARG(p.numel() > 0 && at::isFloatingType(p.scalar_type()),
                     "DeMo: parameter " << index << " (shape " << p.sizes() << ", dtype " << p.scalar_type()
                                        << ") must be a non-empty floating-point tensor");
@@ -147,10 +149,10 @@ ChunkLayout layoutFor(const at::Tensor& p, size_t index, const DemoConfig& confi
   return layout;
 }
 
-class Demo final : public Optimizer {
+class Demo final : public ParameterOptimizer {
  public:
   Demo(const DemoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr)
-      : config_(config), parameters_(std::move(parameters)), comm_(std::move(comm)), lr_(lr) {
+      : ParameterOptimizer(std::move(parameters), lr), config_(config), comm_(std::move(comm)) {
     for (size_t i = 0; i < parameters_.size(); ++i) {
       ChunkLayout layout = layoutFor(parameters_[i], i, config_);
       layout.offset = components_;
@@ -161,13 +163,6 @@ class Demo final : public Optimizer {
   }
 
   std::string name() const override { return "demo"; }
-  void setLearningRate(double lr) override { lr_ = lr; }
-  double learningRate() const override { return lr_; }
-  void zeroGrad() override {
-    for (auto& p : parameters_) {
-      if (p.grad().defined()) p.mutable_grad().zero_();
-    }
-  }
 
   OptimizerStepResult step() override {
     at::NoGradGuard noGrad;
@@ -267,9 +262,7 @@ class Demo final : public Optimizer {
   }
 
   DemoConfig config_;
-  std::vector<at::Tensor> parameters_;
   comm::CommPtr comm_;
-  double lr_;
   std::vector<ChunkLayout> layouts_;
   std::vector<at::Tensor> delta_;  // per parameter, its shape, contiguous
   int64_t components_ = 0;         // components one worker sends per step, all parameters

@@ -149,7 +149,7 @@ class Diloco final : public Optimizer {
       pending_->work.reset();
     }
     checkOptimizerState("DiLoCo", s, parameters_, {kOuterKind, kMomentumKind, kPendingKind}, {kStepKey});
-    const auto step = static_cast<int64_t>(parseScalar(s, kStepKey));
+    const int64_t step = parseCount(s, kStepKey);
     TESSERA_CHECK_ARG(step >= 0, "DiLoCo state: '" << kStepKey << "' must be >= 0, got " << step);
     const std::vector<at::Tensor>& outer = s.perParameter.at(kOuterKind);
     const std::vector<at::Tensor>& momentum = s.perParameter.at(kMomentumKind);

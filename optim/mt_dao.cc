@@ -77,10 +77,10 @@ void averageAcrossGroup(comm::Communicator& comm, const std::vector<at::Tensor>&
   }
 }
 
-class MtDao final : public Optimizer {
+class MtDao final : public ParameterOptimizer {
  public:
   MtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr0)
-      : config_(config), parameters_(std::move(parameters)), comm_(std::move(comm)), lr0_(lr0), lr_(lr0),
+      : ParameterOptimizer(std::move(parameters), lr0), config_(config), comm_(std::move(comm)), lr0_(lr0),
         momenta_(config_.betas.size()) {
     nuSum_ = std::accumulate(config_.nus.begin(), config_.nus.end(), 0.0);
     for (const at::Tensor& p : parameters_) {
@@ -90,13 +90,6 @@ class MtDao final : public Optimizer {
   }
 
   std::string name() const override { return "mt_dao"; }
-  void setLearningRate(double lr) override { lr_ = lr; }
-  double learningRate() const override { return lr_; }
-  void zeroGrad() override {
-    for (auto& p : parameters_) {
-      if (p.grad().defined()) p.mutable_grad().zero_();
-    }
-  }
 
   OptimizerStepResult step() override {
     at::NoGradGuard noGrad;
@@ -135,11 +128,10 @@ class MtDao final : public Optimizer {
         TESSERA_CHECK_ARG(source[i].defined(), "MT-DAO state: '" << kind << "' of parameter " << i << " is undefined");
       }
     }
-    const double step = parseScalar(s, "step");
-    TESSERA_CHECK_ARG(step >= 0 && step == std::floor(step), "MT-DAO state: scalar 'step' must be a count, got " << step);
+    const int64_t step = parseCount(s, "step");
     for (size_t j = 0; j < momenta_.size(); ++j) copyStateInto(s, momentumKind(j), momenta_[j]);
     copyStateInto(s, kSecondKind, second_);
-    step_ = static_cast<int64_t>(step);
+    step_ = step;
   }
 
  private:
@@ -202,10 +194,8 @@ class MtDao final : public Optimizer {
   }
 
   MtDaoConfig config_;
-  std::vector<at::Tensor> parameters_;
   comm::CommPtr comm_;
   double lr0_;
-  double lr_;
   double nuSum_ = 0;
   std::vector<std::vector<at::Tensor>> momenta_;  // [j][parameter], each contiguous
   std::vector<at::Tensor> second_;                // [parameter]

@@ -72,31 +72,27 @@ double parseScalar(const OptimizerState& state, const std::string& key) {
   return value;
 }
 
-namespace {
-
-// Shared by AdamW and SGD: the parameter list and the learning rate.
-class LocalOptimizer : public Optimizer {
- public:
-  LocalOptimizer(std::vector<at::Tensor> parameters, double lr) : parameters_(std::move(parameters)), lr_(lr) {}
-  void setLearningRate(double lr) override { lr_ = lr; }
-  double learningRate() const override { return lr_; }
-  void zeroGrad() override {
-    for (auto& p : parameters_) {
-      if (p.grad().defined()) p.mutable_grad().zero_();
-    }
+void ParameterOptimizer::zeroGrad() {
+  for (auto& p : parameters_) {
+    if (p.grad().defined()) p.mutable_grad().zero_();
   }
+}
 
- protected:
-  std::vector<at::Tensor> parameters_;
-  double lr_;
-};
+int64_t parseCount(const OptimizerState& state, const std::string& key) {
+  const double value = parseScalar(state, key);
+  TESSERA_CHECK_ARG(std::isfinite(value) && value >= 0 && value == std::floor(value) && value < 9.0e18,
+                    "optimizer state: scalar '" << key << "' must be a step count, got " << value);
+  return static_cast<int64_t>(value);
+}
+
+namespace {
 
 // AdamW with decoupled weight decay, operation for operation as
 // torch::optim::AdamW (libtorch 1.13 and 2.x), so results match it bit for bit.
-class AdamW final : public LocalOptimizer {
+class AdamW final : public ParameterOptimizer {
  public:
   AdamW(const OptimizerConfig& c, std::vector<at::Tensor> parameters, double lr)
-      : LocalOptimizer(std::move(parameters), lr), config_(c), expAvg_(parameters_.size()),
+      : ParameterOptimizer(std::move(parameters), lr), config_(c), expAvg_(parameters_.size()),
         expAvgSq_(parameters_.size()) {}
 
   std::string name() const override { return "adamw"; }
@@ -133,7 +129,7 @@ class AdamW final : public LocalOptimizer {
 
   void loadState(const OptimizerState& s) override {
     checkOptimizerState("AdamW", s, parameters_, {"exp_avg", "exp_avg_sq"}, {"step"});
-    const auto step = static_cast<int64_t>(parseScalar(s, "step"));
+    const int64_t step = parseCount(s, "step");
     copyStateInto(s, "exp_avg", expAvg_);
     copyStateInto(s, "exp_avg_sq", expAvgSq_);
     step_ = step;
@@ -148,10 +144,10 @@ class AdamW final : public LocalOptimizer {
 
 // SGD with L2 weight decay, momentum (buffer starts as the first gradient,
 // dampening 0) and optional Nesterov, as torch::optim::SGD.
-class Sgd final : public LocalOptimizer {
+class Sgd final : public ParameterOptimizer {
  public:
   Sgd(const OptimizerConfig& c, std::vector<at::Tensor> parameters, double lr)
-      : LocalOptimizer(std::move(parameters), lr), config_(c), momentum_(parameters_.size()) {}
+      : ParameterOptimizer(std::move(parameters), lr), config_(c), momentum_(parameters_.size()) {}
 
   std::string name() const override { return "sgd"; }
 

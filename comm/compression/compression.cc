@@ -2,6 +2,8 @@
 // Compression (int8: int8_allreduce.cc), plus the background-thread async form.
 #include "tessera/comm/compression.h"
 
+#include <ATen/ops/empty.h>
+
 #include <thread>
 
 #include "comm/compression/int8_allreduce.h"
@@ -67,12 +69,32 @@ Compression parseCompression(const std::string& value, const std::string& field)
   return Compression::kNone;
 }
 
+namespace {
+
+// Collective: every rank must pass as many elements, because the ring's
+// send/recv carry no collective description of their own. One tiny
+// all-reduce (max of n and of -n) makes a mismatch a clear error on every rank.
+void checkSameNumel(Communicator& comm, const at::Tensor& tensor, CallOptions options) {
+  at::Tensor extent = at::empty({2}, at::kLong);
+  extent.data_ptr<int64_t>()[0] = tensor.numel();
+  extent.data_ptr<int64_t>()[1] = -tensor.numel();
+  comm.allReduce(extent, ReduceOp::kMax, options);
+  const int64_t most = extent.data_ptr<int64_t>()[0], least = -extent.data_ptr<int64_t>()[1];
+  TESSERA_CHECK_ARG(most == least, "int8 all-reduce on group '" << comm.name() << "': ranks passed tensors of "
+                                                                << least << " to " << most << " elements (this rank "
+                                                                << tensor.numel() << "); every rank must pass the same size");
+}
+
+}  // namespace
+
 void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Compression compression,
                          CallOptions options) {
   if (compression == Compression::kNone) return comm.allReduce(tensor, op, options);
   checkInt8Arguments(comm, tensor, op);
   // One rank: the sum and the average are the tensor itself. Nothing to send.
-  if (comm.size() == 1 || tensor.numel() == 0) return;
+  if (comm.size() == 1) return;
+  checkSameNumel(comm, tensor, options);
+  if (tensor.numel() == 0) return;
   detail::int8RingAllReduce(comm, tensor, op == ReduceOp::kAvg, options);
 }
 

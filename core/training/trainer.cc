@@ -170,24 +170,37 @@ void Trainer::printProgress(const StepReport& r, bool last) const {
   std::fflush(stderr);
 }
 
-TrainingState Trainer::snapshot() const {
+TrainingState Trainer::snapshotView() const {
   TrainingState s = state_;
   s.trainSampler = parts_.train->state();
   s.optimizer = parts_.optimizer->state();
-  for (auto& [kind, tensors] : s.optimizer.perParameter) {
-    for (auto& t : tensors) {
-      if (t.defined()) t = t.detach().clone();
-    }
-  }
   at::Generator generator = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(generator.mutex());
   s.rng = generator.get_state();
   return s;
 }
 
+TrainingState Trainer::snapshot() const {
+  TrainingState s = snapshotView();
+  for (auto& [kind, tensors] : s.optimizer.perParameter) {
+    for (auto& t : tensors) {
+      if (t.defined()) t = t.detach().clone();
+    }
+  }
+  return s;
+}
+
 void Trainer::restore(const TrainingState& s) {
+  // Both loadState()s check before they change anything; the sampler is put
+  // back if the optimizer refuses, so a failed restore changes nothing.
+  const data::SamplerState previous = parts_.train->state();
   parts_.train->loadState(s.trainSampler);
-  parts_.optimizer->loadState(s.optimizer);
+  try {
+    parts_.optimizer->loadState(s.optimizer);
+  } catch (...) {
+    parts_.train->loadState(previous);
+    throw;
+  }
   if (s.rng.defined()) {
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(generator.mutex());

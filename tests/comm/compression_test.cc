@@ -341,6 +341,16 @@ TESSERA_WORKER(int8_degenerate) {
   TESSERA_CHECK(std::abs(t[123].item<double>() / 1e30 - 1.0) < 1e-6, "outlier lost: " << t[123].item<double>());
   expectIdenticalOnAllRanks(*comm, t, "outlier");
 
+  // Different sizes on different ranks (including an empty one): a clear
+  // error on every rank, not a hang or a transport failure.
+  auto uneven = at::ones({ctx.rank == 0 ? 0 : 1000 + ctx.rank});
+  try {
+    allReduceCompressed(*comm, uneven, ReduceOp::kSum, Compression::kInt8);
+    TESSERA_CHECK(false, "tensors of different sizes were accepted");
+  } catch (const InvalidArgument& e) {
+    TESSERA_CHECK(std::string(e.what()).find("every rank must pass the same size") != std::string::npos, e.what());
+  }
+
   // And the communicator is still usable for plain collectives.
   auto ones = at::ones({5});
   comm->allReduce(ones);

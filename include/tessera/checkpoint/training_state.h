@@ -69,6 +69,9 @@ struct ReplicaInfo {
 // "" for count == 1, else "replica-<index>/". Throws InvalidArgument for an
 // index outside [0, count).
 std::string replicaPrefix(const ReplicaInfo& replica);
+// The number of replicas a state was saved with (meta "replicas"; 1 when
+// absent). Throws InvalidArgument when the entry is not a count >= 1.
+int savedReplicas(const std::map<std::string, std::string>& meta);
 
 // The pieces of one rank's training run. None owned; all must outlive the call.
 struct TrainingParts {

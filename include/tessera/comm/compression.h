@@ -61,6 +61,8 @@ void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Com
 // a different order on different ranks -- give overlapping traffic its own
 // communicator (comm->split). Argument errors throw at the call; wait()
 // rethrows the others. Destroying the handle waits for the thread.
+// At most one int8 call may be in flight per communicator: the ring uses
+// fixed tags, so two would exchange each other's messages.
 WorkPtr allReduceCompressedAsync(CommPtr comm, at::Tensor tensor, ReduceOp op, Compression compression,
                                  CallOptions options = {});
 

@@ -88,6 +88,20 @@ class Optimizer {
   virtual std::vector<comm::CommPtr> communicators() const { return {}; }
 };
 
+// Base for optimizers that update a fixed list of tensors at a rate set by
+// the loop: holds both and implements the rate and zeroGrad() once.
+class ParameterOptimizer : public Optimizer {
+ public:
+  ParameterOptimizer(std::vector<at::Tensor> parameters, double lr) : parameters_(std::move(parameters)), lr_(lr) {}
+  void setLearningRate(double lr) override { lr_ = lr; }
+  double learningRate() const override { return lr_; }
+  void zeroGrad() override;
+
+ protected:
+  std::vector<at::Tensor> parameters_;
+  double lr_;
+};
+
 // AdamW or SGD over `parameters` (e.g. DataParallel::optimizerParameters()),
 // starting at learning rate `lr`. The tensors are shared, not copied: they
 // must outlive the optimizer. Throws ConfigError for a bad config.
@@ -108,5 +122,7 @@ void copyStateInto(const OptimizerState& state, const std::string& kind, std::ve
 // InvalidArgument naming `key`).
 std::string formatScalar(double value);
 double parseScalar(const OptimizerState& state, const std::string& key);
+// A step counter: a finite whole number >= 0 (throws InvalidArgument naming `key`).
+int64_t parseCount(const OptimizerState& state, const std::string& key);
 
 }  // namespace tessera::optim

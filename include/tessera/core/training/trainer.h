@@ -108,7 +108,13 @@ class Trainer {
 
   // Not collective. See TrainingState.
   TrainingState snapshot() const;
-  // Not collective. Throws InvalidArgument if the sampler state does not fit.
+  // As snapshot(), but the optimizer tensors alias the live buffers (valid
+  // until the next step): for callers that copy them anyway (checkpoints).
+  TrainingState snapshotView() const;
+  // Optimizer steps completed.
+  int64_t step() const { return state_.step; }
+  // Not collective. Throws InvalidArgument if the sampler or optimizer state
+  // does not fit; then nothing changed.
   void restore(const TrainingState& state);
 
   // Collective over the dp group: mean validation loss over eval_batches
