@@ -46,6 +46,22 @@ class StoreError : public Error {
   using Error::Error;
 };
 
+// A peer could not prove it knows the job's join secret (or this process
+// could not prove it to the peer). The connection is closed; the message
+// names the peer and the reason. Retrying with the same secret fails again.
+class AuthError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Bytes received on a tessera socket (store, live recovery) do not form a
+// valid message: wrong magic or version, a length over the limit, truncated.
+// The connection is dropped; nothing else is affected.
+class ProtocolError : public Error {
+ public:
+  using Error::Error;
+};
+
 // The build or the machine lacks a feature (no MPI, no GPU, ...).
 class NotSupported : public Error {
  public:

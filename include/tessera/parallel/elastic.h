@@ -1,0 +1,123 @@
+// ElasticMesh: training that keeps going while nodes leave and join
+// (REFERENCE §5; PRIME's ElasticDeviceMesh, torchft's quorum).
+//
+// Two levels:
+//   - the local group: the processes of one node (fixed membership for the
+//     node's lifetime; a failed process restarts the whole node). It carries
+//     whatever runs inside a node (FSDP/DDP over dp_shard).
+//   - the elastic global group, one per local rank index l: process l of
+//     every member node (the dp_replicate axis; DiLoCo averages its
+//     pseudo-gradients here). Gloo over the store, re-formed under the store
+//     prefix "elastic/e<epoch>/l<l>" whenever membership changes.
+//
+// Membership lives in the store (the job's single authority, which is what
+// rules out split brain: a partitioned minority cannot reach it, so it can
+// neither decide nor be part of a decision; it waits and later rejoins):
+//   - each node (local rank 0) heartbeats every heartbeat_interval by
+//     incrementing "elastic/hb/<member>"; a node whose counter has not moved
+//     for heartbeat_timeout (as seen by the observer's own clock: no clock
+//     sync needed) is dead. SIGTERM/leave() writes "elastic/left/<member>",
+//     which counts as dead at once.
+//   - at each outer step k (attempt a), every member process marks itself
+//     arrived; the leader -- the lowest-slot member alive in its view --
+//     waits until every live member arrived, then publishes the decision
+//     "elastic/round/<k>/<a>" with compareSet (so exactly one decision
+//     exists even if two nodes believe they lead): epoch, members, joiners
+//     admitted with their sources. Others take over only when the leader is
+//     dead in their view.
+//   - joiners register ("elastic/join/<n>"), are admitted at the next outer
+//     step's decision, receive the state the source snapshots right after
+//     that outer step (live recovery), train the following round and become
+//     members at the next decision. Joiners count towards min_nodes.
+//   - below min_nodes the survivors wait up to wait_timeout for nodes, then
+//     stop with an error naming who is missing.
+//   - a failed attempt (group formation or all-reduce threw) is voted:
+//     every member writes its result; the step commits only if every live
+//     member succeeded, else all retry the same step (attempt a + 1) with the
+//     same pseudo-gradients after dead members are dropped. At most
+//     max_retries attempts.
+//
+// Launcher contract (tessera-run --nnodes MIN:MAX, one launcher per node):
+// workers get TESSERA_ELASTIC=1, TESSERA_STORE_ADDR=host:port (a tessera
+// store, comm/store_server.h), TESSERA_NODE_SLOT, TESSERA_NODE_INCARNATION,
+// TESSERA_NNODES=MIN:MAX, TESSERA_ADVERTISE_HOST, LOCAL_RANK,
+// LOCAL_WORLD_SIZE, RANK = slot*LOCAL_WORLD_SIZE + LOCAL_RANK, GROUP_RANK =
+// slot, and TESSERA_JOIN_TOKEN_FILE passed through. A worker that finds it
+// was dropped from the job (e.g. after a partition healed) exits with
+// kExitEvicted; the launcher restarts the node, which rejoins through live
+// recovery. The leader also writes the latest decision to
+// "elastic/membership" (JSON: {"epoch","outer_step","members":[...],
+// "joiners":[...],"dropped":[...]}) for launchers and tools to report.
+//
+// Events: rank 0 of each node appends JSON lines to its metrics file:
+//   {"event":"membership","epoch":E,"outer_step":K,"members":[...],"joined":[...],"dropped":[...],"time_s":T}
+//   {"event":"outer_step","step":S,"outer_step":K,"epoch":E,"attempts":A,"param_hash":"<xxh64 hex>","time_s":T}
+//   {"event":"recovered","from":"<member>","bytes":B,"seconds":X,"outer_step":K,"time_s":T}
+//   {"event":"served","to":"<member>","bytes":B,"seconds":X,"outer_step":K,"time_s":T}
+//   {"event":"retry","outer_step":K,"attempt":A,"error":"...","time_s":T}
+// (time_s: seconds since the Unix epoch, so nodes' lines can be merged.)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tessera/comm/communicator.h"
+#include "tessera/comm/store.h"
+
+namespace tessera::parallel {
+
+// Exit code of a worker that was dropped from the job and must rejoin.
+constexpr int kExitEvicted = 75;
+
+// The [elastic] section. Plain struct; validate() before use.
+struct ElasticConfig {
+  double heartbeat_interval_s = 2.0;
+  double heartbeat_timeout_s = 10.0;
+  int min_nodes = 1;                  // below this the survivors wait, then stop
+  int max_nodes = 0;                  // 0: no limit; joiners beyond it are refused
+  double wait_timeout_s = 60.0;       // how long survivors wait below min_nodes
+  double collective_timeout_s = 30.0; // one attempt's group formation + all-reduce
+  int max_retries = 3;                // attempts per outer step
+  double join_timeout_s = 300.0;      // joiner: admission + receiving the state
+  double start_grace_s = 1.0;         // founders: after min_nodes registered, wait for more this long
+
+  // Throws ConfigError naming the field (prefix + "heartbeat_timeout_s").
+  void validate(const std::string& prefix = "elastic.") const;
+};
+
+// Who this process is (from the launcher's environment, see above).
+struct ElasticIdentity {
+  int slot = 0;
+  int incarnation = 0;
+  int localRank = 0;
+  int localSize = 1;
+  int minNodes = 1;
+  int maxNodes = 0;
+  std::string storeAddress;          // host:port of the tessera store
+  std::string advertiseHost = "127.0.0.1";
+  // "<slot>.<incarnation>": unique over the job's life.
+  std::string memberId() const;
+  // Reads the variables above; throws InvalidArgument naming a missing or bad one.
+  static ElasticIdentity fromEnv();
+};
+
+// A decision, as published.
+struct Membership {
+  int64_t epoch = 0;
+  int64_t outerStep = 0;
+  int attempt = 0;
+  std::vector<std::string> members;                         // ascending slot
+  std::vector<std::pair<std::string, std::string>> joiners;  // (joiner, source member) admitted here
+  std::vector<std::string> dropped;                          // members of the previous decision left out
+  std::string toJson() const;
+  static Membership fromJson(const std::string& text);  // throws InvalidArgument
+  int indexOf(const std::string& member) const;          // -1 when absent
+};
+
+}  // namespace tessera::parallel
