@@ -74,12 +74,12 @@ std::string MetricsRecord::toJson() const {
   return out.str();
 }
 
-MetricsWriter::MetricsWriter(const std::string& path) {
+MetricsWriter::MetricsWriter(const std::string& path, bool append) {
   if (path == "-") {
     file_ = stdout;
     return;
   }
-  file_ = std::fopen(path.c_str(), "w");
+  file_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (file_ == nullptr) {
     throw Error("cannot open metrics file '" + path + "': " + std::strerror(errno) +
                 " (check that the directory exists and is writable)");
@@ -91,8 +91,10 @@ MetricsWriter::~MetricsWriter() {
   if (ownsFile_) std::fclose(file_);
 }
 
-void MetricsWriter::write(const MetricsRecord& record) {
-  const std::string line = record.toJson() + "\n";
+void MetricsWriter::write(const MetricsRecord& record) { writeLine(record.toJson()); }
+
+void MetricsWriter::writeLine(const std::string& json) {
+  const std::string line = json + "\n";
   if (std::fwrite(line.data(), 1, line.size(), file_) != line.size() || std::fflush(file_) != 0) {
     throw Error(std::string("writing metrics failed: ") + std::strerror(errno) +
                 " (is the disk full?)");

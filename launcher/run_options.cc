@@ -27,17 +27,31 @@ const char* const kFooter = R"(Examples:
   tessera-run --nproc-per-node 4 ./train --steps 100
   tessera-run --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500 --nproc-per-node 8 ./train
   tessera-run --backend mpi --nproc-per-node 4 ./train      (runs mpirun -np 4 ./train)
+  tessera-store --port 29400 &                              (elastic: the store, outliving every node)
+  tessera-run --nnodes 2:4 --nproc-per-node 2 --rdzv-endpoint store:29400 --max-restarts 3 tessera-train --config c.toml
 
 Each worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK,
 MASTER_ADDR, MASTER_PORT and TESSERA_BACKEND; tessera::init() reads them.
+Elastic mode (--nnodes MIN:MAX) runs one node of a job whose nodes may leave
+and join: the node takes a slot (--node-rank, else the next free one from the
+store), restarts its workers after a failure (--max-restarts) or when they
+were dropped from the job (exit code 75), and reports membership changes.
+Workers also get TESSERA_ELASTIC=1, TESSERA_STORE_ADDR, TESSERA_NODE_SLOT,
+TESSERA_NODE_INCARNATION, TESSERA_NNODES and TESSERA_ADVERTISE_HOST. The store
+is a tessera store: `tessera-store --port P` (recommended: it outlives every
+node), or --host-store (it lives as long as this tessera-run). The join secret
+comes from --join-token-file, else TESSERA_JOIN_TOKEN_FILE or TESSERA_JOIN_TOKEN.
 Exit code: 0 when every worker exits 0; 1 when one fails; 2 on bad flags;
 128+N when tessera-run is stopped by signal N.)";
 
-void addFlags(CLI::App& app, RunOptions& o) {
+void addFlags(CLI::App& app, RunOptions& o, std::string& nnodesText) {
   app.add_option("--nproc-per-node,--nproc_per_node", o.nprocPerNode, "Workers to start on this node")
       ->capture_default_str();
-  app.add_option("--nnodes", o.nnodes, "Nodes in the job (one tessera-run per node)")->capture_default_str();
-  app.add_option("--node-rank,--node_rank", o.nodeRank, "This node's index; node 0 hosts the store")
+  app.add_option("--nnodes", nnodesText,
+                 "Nodes in the job (one tessera-run per node): N, or MIN:MAX for an elastic job")
+      ->capture_default_str();
+  app.add_option("--node-rank,--node_rank", o.nodeRank,
+                 "This node's index; node 0 hosts the store. Elastic: the node's slot (default: the next free one)")
       ->capture_default_str();
   auto* rdzv = app.add_option("--rdzv-endpoint,--rdzv_endpoint", o.rdzvEndpoint,
                               "host:port of the store node 0 hosts (instead of --master-addr/--master-port)");
@@ -50,13 +64,22 @@ void addFlags(CLI::App& app, RunOptions& o) {
   app.add_option("--backend", o.backend, "gloo: start workers here; mpi: start them with mpirun")
       ->capture_default_str();
   app.add_option("--max-restarts,--max_restarts", o.maxRestarts,
-                 "Restart all workers this many times after a failure (one node only)")
+                 "Restart all workers this many times after a failure (one node, or elastic)")
       ->capture_default_str();
   app.add_option("--grace-period", o.gracePeriodSeconds, "Seconds between SIGTERM and SIGKILL when stopping workers")
       ->capture_default_str();
-  app.add_option("--rdzv-timeout,--rdzv_timeout", o.rdzvTimeoutSeconds, "Seconds nodes > 0 wait for node 0's store")
+  app.add_option("--rdzv-timeout,--rdzv_timeout", o.rdzvTimeoutSeconds, "Seconds nodes > 0 (elastic: every node) wait for the store")
       ->capture_default_str();
   app.add_option("--tail-lines", o.tailLines, "Lines of a failed worker's output to repeat")->capture_default_str();
+  app.add_option("--join-token-file,--join_token_file", o.joinTokenFile,
+                 "Elastic: file holding the job's join secret (default: $TESSERA_JOIN_TOKEN_FILE, "
+                 "$TESSERA_JOIN_TOKEN)");
+  app.add_option("--advertise-host,--advertise_host", o.advertiseHost,
+                 "Elastic: the address other nodes reach this node's workers at")
+      ->capture_default_str();
+  app.add_flag("--host-store,--host_store", o.hostStore,
+               "Elastic: host the store on the --rdzv-endpoint port for as long as this tessera-run lives "
+               "(a standalone tessera-store, which outlives every node, is better)");
 }
 
 // CLI11's usage line would say "[OPTIONS]" and hide that a program follows.
@@ -101,17 +124,56 @@ Endpoint RunOptions::storeEndpoint() const {
   return {masterAddr, masterPort};
 }
 
+void parseNnodes(const std::string& text, RunOptions& options) {
+  const auto bad = [&](const std::string& why) {
+    return InvalidArgument("--nnodes '" + text + "' " + why +
+                           ": give N (a fixed job of N nodes) or MIN:MAX (an elastic job), e.g. 2 or 1:4");
+  };
+  const auto number = [&](const std::string& part) {
+    int value = 0;
+    auto [ptr, ec] = std::from_chars(part.data(), part.data() + part.size(), value);
+    if (part.empty() || ec != std::errc() || ptr != part.data() + part.size()) throw bad("is not a number");
+    return value;
+  };
+  const auto colon = text.find(':');
+  if (colon == std::string::npos) {
+    options.elastic = false;
+    options.nnodes = number(text);
+    return;
+  }
+  if (text.find(':', colon + 1) != std::string::npos) throw bad("has more than one ':'");
+  options.elastic = true;
+  options.minNodes = number(text.substr(0, colon));
+  options.maxNodes = number(text.substr(colon + 1));
+  options.nnodes = options.maxNodes;
+}
+
 void RunOptions::validate() const {
   REQUIRE_FLAG(nprocPerNode >= 1, "--nproc-per-node must be >= 1, got " << nprocPerNode);
-  REQUIRE_FLAG(nnodes >= 1, "--nnodes must be >= 1, got " << nnodes);
-  REQUIRE_FLAG(nodeRank >= 0 && nodeRank < nnodes,
-               "--node-rank " << nodeRank << " is out of range for --nnodes " << nnodes << ": use 0.." << nnodes - 1);
+  if (elastic) {
+    const std::string range = std::to_string(minNodes) + ":" + std::to_string(maxNodes);
+    REQUIRE_FLAG(minNodes >= 1, "--nnodes " << range << ": MIN must be >= 1, got " << minNodes);
+    REQUIRE_FLAG(minNodes <= maxNodes,
+                 "--nnodes " << range << ": MIN must be <= MAX (MIN:MAX, e.g. " << maxNodes << ":" << minNodes << ")");
+    REQUIRE_FLAG(!nodeRankGiven || (nodeRank >= 0 && nodeRank < maxNodes),
+                 "--node-rank " << nodeRank << " is out of range for --nnodes " << range << ": use 0.." << maxNodes - 1
+                                << " (the node slots), or leave it out to take the next free slot");
+    REQUIRE_FLAG(backend == "gloo", "--nnodes MIN:MAX (elastic) works with --backend gloo only");
+    REQUIRE_FLAG(!advertiseHost.empty(), "--advertise-host is empty: give the address other nodes reach this one at");
+  } else {
+    REQUIRE_FLAG(nnodes >= 1, "--nnodes must be >= 1, got " << nnodes);
+    REQUIRE_FLAG(nodeRank >= 0 && nodeRank < nnodes,
+                 "--node-rank " << nodeRank << " is out of range for --nnodes " << nnodes << ": use 0.." << nnodes - 1);
+    REQUIRE_FLAG(!hostStore, "--host-store works with --nnodes MIN:MAX (elastic) only");
+    REQUIRE_FLAG(joinTokenFile.empty(), "--join-token-file works with --nnodes MIN:MAX (elastic) only");
+  }
   REQUIRE_FLAG(backend == "gloo" || backend == "mpi", "--backend must be gloo or mpi, got '" << backend << "'");
   REQUIRE_FLAG(backend != "mpi" || nnodes == 1,
                "--backend mpi starts one mpirun on this node; for several nodes run mpirun with a hostfile");
   REQUIRE_FLAG(maxRestarts >= 0, "--max-restarts must be >= 0, got " << maxRestarts);
-  REQUIRE_FLAG(maxRestarts == 0 || nnodes == 1,
-               "--max-restarts works with --nnodes 1 only (restarting one node alone would desynchronise the job)");
+  REQUIRE_FLAG(maxRestarts == 0 || nnodes == 1 || elastic,
+               "--max-restarts works with --nnodes 1 or MIN:MAX only (restarting one node of a fixed job alone "
+               "would desynchronise it)");
   REQUIRE_FLAG(gracePeriodSeconds >= 0, "--grace-period must be >= 0 seconds, got " << gracePeriodSeconds);
   REQUIRE_FLAG(rdzvTimeoutSeconds > 0, "--rdzv-timeout must be > 0 seconds, got " << rdzvTimeoutSeconds);
   REQUIRE_FLAG(tailLines >= 0, "--tail-lines must be >= 0, got " << tailLines);
@@ -119,6 +181,9 @@ void RunOptions::validate() const {
   const std::string flag = rdzvEndpoint.empty() ? "--master-port" : "--rdzv-endpoint";
   REQUIRE_FLAG(store.port >= 0 && store.port <= 65535, flag << " " << store.port << " is not a port: use 0..65535");
   REQUIRE_FLAG(!store.host.empty(), "the store host is empty: give --master-addr or --rdzv-endpoint host:port");
+  REQUIRE_FLAG(store.port != 0 || !elastic,
+               flag << " 0 (any free port) does not work with --nnodes MIN:MAX: every node, and every node that "
+                       "joins later, must know the store's port");
   REQUIRE_FLAG(store.port != 0 || nnodes == 1,
                flag << " 0 (any free port) works with --nnodes 1 only: other nodes could not learn the port");
   REQUIRE_FLAG(!command.empty(), "missing the program to run: tessera-run [flags] PROGRAM [ARGS...]");
@@ -132,10 +197,11 @@ void RunOptions::validate() const {
 
 std::variant<RunOptions, int> parseRunOptions(int argc, char** argv) {
   RunOptions options;
+  std::string nnodesText = "1";
   CLI::App app("tessera-run: start the workers of a tessera job on this node", "tessera-run");
   app.formatter(std::make_shared<UsageFormatter>());
   app.footer(kFooter);
-  addFlags(app, options);
+  addFlags(app, options, nnodesText);
   // Everything from the first positional on is the worker's command line,
   // flags included: `tessera-run -n 2 ./train --lr 1` passes --lr to train.
   app.prefix_command();
@@ -150,6 +216,8 @@ std::variant<RunOptions, int> parseRunOptions(int argc, char** argv) {
   options.command = app.remaining();
   if (!options.command.empty() && options.command.front() == "--") options.command.erase(options.command.begin());
   try {
+    parseNnodes(nnodesText, options);
+    options.nodeRankGiven = app.count("--node-rank") > 0;
     options.validate();
   } catch (const Error& e) {
     return usageError(app, e.what());

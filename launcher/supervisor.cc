@@ -89,6 +89,7 @@ Supervisor::Supervisor(SupervisorOptions options, std::function<std::vector<Work
 
 JobOutcome Supervisor::run() {
   Stopwatch watch;
+  int restarts = 0;  // after failures; evictions are not counted
   for (int attempt = 0;; ++attempt) {
     AttemptResult result = runAttempt(attempt);
     if (result.end == End::kSucceeded && board_ != nullptr) result = waitForOtherNodes();
@@ -97,12 +98,18 @@ JobOutcome Supervisor::run() {
       say("all workers exited 0 after " + took);
       return {0};
     }
-    if (result.end == End::kWorkerFailed && attempt < options_.maxRestarts) {
-      say("restarting all workers (restart " + std::to_string(attempt + 1) + " of " +
+    if (result.end == End::kEvicted) {
+      say(options_.evictedMessage);
+      continue;
+    }
+    if (result.end == End::kWorkerFailed && restarts < options_.maxRestarts) {
+      ++restarts;
+      say("restarting all workers (restart " + std::to_string(restarts) + " of " +
           std::to_string(options_.maxRestarts) + ")");
       continue;
     }
-    say("job failed after " + took + ": " + result.reason);
+    // A signal is someone's decision (in elastic mode: this node leaves the job), not a failure.
+    say((result.end == End::kInterrupted ? "stopped after " : "job failed after ") + took + ": " + result.reason);
     return {result.end == End::kInterrupted ? 128 + result.signal : 1};
   }
 }
@@ -149,7 +156,15 @@ Supervisor::AttemptResult Supervisor::runAttempt(int attempt) {
 
 Supervisor::AttemptResult Supervisor::failWorker(Workers& workers, size_t failed) {
   WorkerProcess& worker = *workers[failed];
-  std::string how = worker.label() + " " + worker.status().describe();
+  const ExitStatus& status = worker.status();
+  if (options_.evictedExitCode >= 0 && status.exited && status.code == options_.evictedExitCode) {
+    const size_t others = countRunning(workers);
+    say(worker.label() + " " + status.describe() + " (dropped from the job)" +
+        (others > 0 ? "; stopping the other " + plural(others, "worker") : ""));
+    stopAll(workers, SIGTERM);
+    return {End::kEvicted, 0, worker.label() + " was dropped from the job"};
+  }
+  std::string how = worker.label() + " " + status.describe();
   if (worker.status().signal == SIGKILL && !sentKill_) {
     how += " (not sent by tessera-run: the out-of-memory killer? see dmesg)";
   }

@@ -2,7 +2,9 @@
 // output, forwards SIGINT/SIGTERM to them, and when one fails stops the rest
 // (SIGTERM, then SIGKILL after a grace period) and reports which rank failed,
 // how, and its last lines. Restarts the whole node's workers up to
-// maxRestarts times. Private to the launcher.
+// maxRestarts times. A worker exiting with evictedExitCode (elastic mode:
+// dropped from the job) also restarts the node, without using up a restart.
+// Private to the launcher.
 //
 // What it does not do: decide what the workers are (tessera_run.cc builds
 // their command lines and environments) or talk to other nodes itself (JobBoard).
@@ -57,6 +59,12 @@ struct SupervisorOptions {
   int maxRestarts = 0;
   // Lines of a failed worker's output repeated in the failure report.
   size_t tailLines = 20;
+  // Elastic mode: a worker exiting with this code was dropped from the job and
+  // must rejoin: the node's workers are stopped and started again, which is
+  // not a failure (does not count against maxRestarts). -1: no such code.
+  int evictedExitCode = -1;
+  // Said when that happens ("node 2 was dropped from the job; rejoining").
+  std::string evictedMessage = "the workers were dropped from the job; rejoining";
   // Multi-node only: how long node 0 keeps the store up for other nodes after
   // its own workers finished.
   std::chrono::milliseconds finishTimeout{std::chrono::minutes(5)};
@@ -69,7 +77,9 @@ struct JobOutcome {
 
 class Supervisor {
  public:
-  // makeWorkers(attempt) returns the workers of restart attempt `attempt` (0 first).
+  // makeWorkers(attempt) returns the workers of attempt `attempt` (0 first;
+  // every restart, after a failure or an eviction, is a new attempt). It may
+  // throw Error, which fails the job like a worker that cannot start.
   // `board` is null on a single node; otherwise it outlives the supervisor.
   Supervisor(SupervisorOptions options, std::function<std::vector<WorkerSpec>(int attempt)> makeWorkers,
              SignalPipe& signals, JobBoard* board);
@@ -79,7 +89,7 @@ class Supervisor {
 
  private:
   using Workers = std::vector<std::unique_ptr<WorkerProcess>>;
-  enum class End { kSucceeded, kWorkerFailed, kLaunchFailed, kInterrupted, kRemoteFailure };
+  enum class End { kSucceeded, kWorkerFailed, kEvicted, kLaunchFailed, kInterrupted, kRemoteFailure };
   struct AttemptResult {
     End end = End::kSucceeded;
     int signal = 0;      // kInterrupted: the signal received

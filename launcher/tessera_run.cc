@@ -6,8 +6,10 @@
 // each node starts its workers with the variables tessera::init() reads
 // (launch_info.h), prefixes their output with "[rank N] ", and stops the job
 // when one fails. MPI: hands the workers to `mpirun -np N` and supervises it.
-// What it does not do: elastic membership changes (parallel/elastic), or
-// scheduling across machines (one tessera-run runs on each node).
+// Elastic (--nnodes MIN:MAX): runs one node of a job whose nodes may leave
+// and join, through a tessera store (elastic_node.h).
+// What it does not do: the elastic protocol itself (parallel/elastic, run by
+// the workers), or scheduling across machines (one tessera-run per node).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -17,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "launcher/elastic_node.h"
 #include "launcher/job_board.h"
 #include "launcher/run_options.h"
 #include "launcher/supervisor.h"
@@ -38,28 +41,6 @@ void ensureStandardFds() {
   }
 }
 
-std::vector<std::string> toEntries(const EnvMap& env) {
-  std::vector<std::string> entries;
-  for (const auto& [name, value] : env) entries.push_back(name + "=" + value);
-  return entries;
-}
-
-std::string joined(const std::vector<std::string>& words) {
-  std::string out;
-  for (const auto& word : words) out += (out.empty() ? "" : " ") + word;
-  return out;
-}
-
-// N workers each running libtorch's default one-thread-per-core pools would
-// oversubscribe the CPU N times over; split the cores unless the user chose.
-// Returns the value set, or "" when the user's own setting stands.
-std::string shareCores(EnvMap& env, int workersOnNode) {
-  if (env.count("OMP_NUM_THREADS") > 0 || workersOnNode <= 1) return "";
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  env["OMP_NUM_THREADS"] = std::to_string(std::max(1, cores / workersOnNode));
-  return env["OMP_NUM_THREADS"];
-}
-
 // The one line a user reads first: who runs where, and through which store.
 std::string summaryLine(const RunOptions& options, const Endpoint& store, const std::string& threads) {
   std::ostringstream out;
@@ -72,7 +53,7 @@ std::string summaryLine(const RunOptions& options, const Endpoint& store, const 
       << plural(static_cast<size_t>(options.nprocPerNode), "worker") << "), backend gloo, store tcp://" << store.host
       << ":" << store.port << (options.nodeRank == 0 ? " hosted here" : " on node 0");
   if (!threads.empty()) out << ", OMP_NUM_THREADS=" << threads;
-  out << "; running " << joined(options.command);
+  out << "; running " << joinWords(options.command);
   return out.str();
 }
 
@@ -102,7 +83,7 @@ std::vector<WorkerSpec> glooWorkers(const RunOptions& options, const EnvMap& bas
     env[env::kStoreHosted] = "1";
     env[env::kRestartCount] = std::to_string(attempt);
     const std::string label = "rank " + std::to_string(rank);
-    workers.push_back({label, "[" + label + "] ", options.command, toEntries(env)});
+    workers.push_back({label, "[" + label + "] ", options.command, toEnvEntries(env)});
   }
   return workers;
 }
@@ -164,13 +145,13 @@ int runWithMpirun(const RunOptions& options) {
   }
   if (!threads.empty()) argv.insert(argv.end(), {"-x", "OMP_NUM_THREADS"});
   argv.insert(argv.end(), options.command.begin(), options.command.end());
-  say("world size " + std::to_string(options.nprocPerNode) + ", backend mpi: running " + joined(argv));
+  say("world size " + std::to_string(options.nprocPerNode) + ", backend mpi: running " + joinWords(argv));
 
   SignalPipe signals;
   Supervisor supervisor(
       supervisorOptions(options),
       [&](int) {
-        return std::vector<WorkerSpec>{{"mpirun", "", argv, toEntries(env)}};
+        return std::vector<WorkerSpec>{{"mpirun", "", argv, toEnvEntries(env)}};
       },
       signals, nullptr);
   return supervisor.run().exitCode;
@@ -187,6 +168,7 @@ int main(int argc, char** argv) {
   if (const int* exitCode = std::get_if<int>(&parsed)) return *exitCode;
   const RunOptions& options = std::get<RunOptions>(parsed);
   try {
+    if (options.elastic) return runElasticNode(options);
     return options.backend == "mpi" ? runWithMpirun(options) : runWithGloo(options);
   } catch (const std::exception& e) {
     say(std::string("error: ") + e.what());

@@ -23,12 +23,14 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <sstream>
 
+#include "launcher/elastic_train.h"
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
 #include "tessera/checkpoint/checkpoint.h"
@@ -164,6 +166,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 19))
       ->needs(dirOption);
   app.add_option("--resume", flags.resume, "restore a checkpoint (its directory, or a root with `latest`) first");
+  std::string faultPlan;
+  app.add_option("--fault", faultPlan,
+                 "inject faults (comm/fault.h), e.g. \"kill:rank=1,step=30;slow:rank=0,factor=2\"");
   CLI11_PARSE(app, argc, argv);
 
   tessera::launcher::TrainJobConfig job;
@@ -172,6 +177,15 @@ int main(int argc, char** argv) {
   } catch (const tessera::Error& e) {
     std::fprintf(stderr, "tessera-train: %s\n", e.what());
     return 2;
+  }
+  const char* elastic = std::getenv("TESSERA_ELASTIC");
+  if (elastic != nullptr && std::string(elastic) == "1") {
+    if (!flags.dir.empty() || !flags.resume.empty()) {
+      std::fprintf(stderr, "tessera-train: elastic runs recover from peers; --checkpoint-dir/--resume are not "
+                           "supported with tessera-run --nnodes MIN:MAX yet\n");
+      return 2;
+    }
+    return tessera::launcher::runElasticNode(job, metricsPath, faultPlan);
   }
   try {
     tessera::InitOptions options;

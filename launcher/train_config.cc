@@ -23,7 +23,7 @@ struct Field {
 // Dotted section name ("optim", "model.moe") -> its keys, in documentation order.
 using Schema = std::map<std::string, std::vector<Field>>;
 
-const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel";
+const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel, elastic, faults";
 
 // The keys of every section, pointing into `c`. [model] lists the keys of c.model.kind only.
 Schema schemaOf(TrainJobConfig& c) {
@@ -73,6 +73,13 @@ Schema schemaOf(TrainJobConfig& c) {
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
                    {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}};
+  auto& e = c.elastic;
+  s["elastic"] = {{"heartbeat_interval_s", &e.heartbeat_interval_s}, {"heartbeat_timeout_s", &e.heartbeat_timeout_s},
+                  {"min_nodes", &e.min_nodes},       {"max_nodes", &e.max_nodes},
+                  {"wait_timeout_s", &e.wait_timeout_s}, {"collective_timeout_s", &e.collective_timeout_s},
+                  {"max_retries", &e.max_retries},   {"join_timeout_s", &e.join_timeout_s},
+                  {"start_grace_s", &e.start_grace_s}};
+  s["faults"] = {{"plan", &c.fault_plan}};
   return s;
 }
 
@@ -290,6 +297,7 @@ void TrainJobConfig::validate() const {
                          "DeMo compresses whole 1-D/2-D parameters; \"fsdp\" shards them (valid: none, ddp)");
   }
   if (optimizer == "mt-dao") mt_dao.validate("mt_dao.");
+  elastic.validate("elastic.");
   data.validate();
   optim.validate("optim.");
   schedule.validate("optim.");

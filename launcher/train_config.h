@@ -22,6 +22,7 @@
 #include "tessera/optim/mt_dao.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/elastic.h"
 
 namespace tessera::launcher {
 
@@ -65,6 +66,11 @@ struct TrainJobConfig {
   optim::LrScheduleConfig schedule;   // [optim] too: lr, min_lr, schedule, warmup_steps, decay_fraction
   TrainConfig train;
   ParallelSection parallel;
+  // [elastic]: membership timing for runs under `tessera-run --nnodes MIN:MAX`
+  // (TESSERA_ELASTIC=1); ignored otherwise. Elastic runs need optim.name = "diloco".
+  parallel::ElasticConfig elastic;
+  // [faults] plan: a fault plan (comm/fault.h), for experiments and tests.
+  std::string fault_plan;
 
   // Every section's validate() and the checks across sections (the model
   // fits the dataset; gpt: data.seq_len <= model.block_size; fsdp and

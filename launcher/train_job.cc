@@ -65,10 +65,14 @@ std::vector<int> layerGroups(const parallel::DataParallel& dp) {
 // The optimizer [optim] name selects, over the strategy's tensors. Collective
 // for the communication-light ones (they broadcast or split over dp_replicate).
 std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config, parallel::DataParallel& dp,
-                                                   const parallel::DeviceMesh& mesh) {
+                                                   const parallel::DeviceMesh& mesh, const ElasticJobOptions* elastic) {
   using parallel::MeshAxis;
   const comm::CommPtr& replicas = mesh.comm(MeshAxis::kDpReplicate);
   std::vector<at::Tensor> parameters = dp.optimizerParameters();
+  if (elastic) {
+    auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
+    return optim::makeElasticDiloco(config.diloco, std::move(inner), parameters, elastic->averager, layerGroups(dp));
+  }
   if (config.optimizer == "diloco") {
     auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
     return optim::makeDiloco(config.diloco, std::move(inner), parameters, replicas, layerGroups(dp));
@@ -142,8 +146,16 @@ std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job) {
 }  // namespace
 
 std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const DistributedContext& ctx,
-                                        const std::string& metricsPath) {
+                                        const std::string& metricsPath, const ElasticJobOptions* elastic) {
   const bool localUpdates = config.localUpdates();
+  if (elastic) {
+    TESSERA_CHECK_CONFIG(config.optimizer == "diloco", "optim.name",
+                         "elastic runs (tessera-run --nnodes MIN:MAX) train with DiLoCo across nodes; got \""
+                             << config.optimizer << "\" (set optim.name = \"diloco\")");
+    TESSERA_CHECK_CONFIG(config.parallel.mesh.dp_replicate == 1, "parallel.dp_replicate",
+                         "in an elastic run the nodes are the replicas and [parallel] describes one node: set "
+                         "parallel.dp_replicate = 1 (got " << config.parallel.mesh.dp_replicate << ")");
+  }
   config.parallel.validate(ctx.worldSize(), localUpdates);  // every rank throws the same error before any collective
   auto job = std::make_unique<TrainJob>();
   job->threads = config.train.threads > 0
@@ -164,15 +176,19 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   }
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
   job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh, localUpdates);  // collective
-  job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh);  // collective for DiLoCo
+  job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh, elastic);  // collective for DiLoCo
   if (localUpdates) {
     job->replica = job->mesh->coordinate(parallel::MeshAxis::kDpReplicate);
     job->replicas = config.parallel.mesh.dp_replicate;
   }
-  JobData data = loadData(config, job->dpComm ? job->dpComm->rank() : 0, job->dpComm ? job->dpComm->size() : 1);
+  const int dpRank = job->dpComm ? job->dpComm->rank() : 0;
+  const int dpSize = job->dpComm ? job->dpComm->size() : 1;
+  JobData data = elastic ? loadData(config, elastic->node * dpSize + dpRank, elastic->nodes * dpSize) : loadData(config, dpRank, dpSize);
   job->train = std::move(data.train);
   job->val = std::move(data.val);
-  if (ctx.rank() == 0 && !metricsPath.empty()) job->metrics = std::make_unique<MetricsWriter>(metricsPath);
+  if (ctx.rank() == 0 && !metricsPath.empty()) {
+    job->metrics = std::make_unique<MetricsWriter>(metricsPath, /*append=*/elastic != nullptr);
+  }
 
   TrainerParts& parts = job->parts;
   parts.model = job->model.get();

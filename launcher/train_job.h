@@ -38,9 +38,22 @@ struct TrainJob {
   int replicas = 1;                                  // replicas whose parameters differ between syncs
 };
 
+// What changes when the job is one node of an elastic run (tessera-run
+// --nnodes MIN:MAX): ctx.world is the node's local group, the [parallel] mesh
+// describes one node (dp_replicate = 1: the nodes are the replicas), DiLoCo
+// averages through `averager` (the elastic mesh), and each node reads its
+// own shard of the data, fixed by its slot.
+struct ElasticJobOptions {
+  optim::PseudoGradientAverager averager;
+  int node = 0;   // this node's slot: it reads data shard node * dp size + dp rank
+  int nodes = 1;  // slots in the job (max nodes): node * dp size shards in all
+};
+
 // Collective over ctx.world (the mesh splits it; DDP/FSDP broadcast rank 0's
 // parameters). Throws ConfigError for a config that does not fit the world.
+// `elastic` non-null: one node of an elastic run (see above); metrics are
+// appended to (a restarted node keeps its earlier lines).
 std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& job, const DistributedContext& ctx,
-                                        const std::string& metricsPath);
+                                        const std::string& metricsPath, const ElasticJobOptions* elastic = nullptr);
 
 }  // namespace tessera::launcher

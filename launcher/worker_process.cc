@@ -9,9 +9,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <sstream>
+#include <thread>
 
 #include "tessera/core/error.h"
 
@@ -129,6 +131,25 @@ void writeAll(int fd, std::string_view text) {
     if (n <= 0) return;
     text.remove_prefix(static_cast<size_t>(n));
   }
+}
+
+std::vector<std::string> toEnvEntries(const std::map<std::string, std::string>& env) {
+  std::vector<std::string> entries;
+  for (const auto& [name, value] : env) entries.push_back(name + "=" + value);
+  return entries;
+}
+
+std::string joinWords(const std::vector<std::string>& words) {
+  std::string out;
+  for (const auto& word : words) out += (out.empty() ? "" : " ") + word;
+  return out;
+}
+
+std::string shareCores(std::map<std::string, std::string>& env, int workersOnNode) {
+  if (env.count("OMP_NUM_THREADS") > 0 || workersOnNode <= 1) return "";
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  env["OMP_NUM_THREADS"] = std::to_string(std::max(1, cores / workersOnNode));
+  return env["OMP_NUM_THREADS"];
 }
 
 std::string findProgram(const std::string& name, const std::string& pathVar) {

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstddef>
 #include <deque>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -41,6 +42,16 @@ void writeAll(int fd, std::string_view text);
 // Where argv[0] would be executed from: itself if it contains '/', else the
 // first executable match in the ':'-separated `pathVar`. Empty if none.
 std::string findProgram(const std::string& name, const std::string& pathVar);
+
+// A worker environment as "NAME=value" entries (WorkerSpec::env).
+std::vector<std::string> toEnvEntries(const std::map<std::string, std::string>& env);
+// The words joined by single spaces (a command line, for messages).
+std::string joinWords(const std::vector<std::string>& words);
+// N workers each running libtorch's default one-thread-per-core pools would
+// oversubscribe the CPU N times over: sets OMP_NUM_THREADS in `env` to the
+// cores split over `workersOnNode`, unless the user chose. Returns the value
+// set, or "" when the user's own setting stands.
+std::string shareCores(std::map<std::string, std::string>& env, int workersOnNode);
 
 struct WorkerSpec {
   std::string label;              // names the worker in messages: "rank 3", "mpirun"

@@ -52,10 +52,16 @@ at::Tensor sliceLike(const at::Tensor& flat, int64_t offset, const at::Tensor& l
 class Diloco final : public Optimizer {
  public:
   Diloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner, std::vector<at::Tensor> parameters,
-         comm::CommPtr replicaComm, const std::vector<int>& groups)
+         comm::CommPtr replicaComm, const std::vector<int>& groups, PseudoGradientAverager averager = nullptr)
       : config_(config), compression_(comm::parseCompression(config.compression, "diloco.compression")),
-        inner_(std::move(inner)), parameters_(std::move(parameters)), replicaComm_(std::move(replicaComm)) {
+        inner_(std::move(inner)), parameters_(std::move(parameters)), replicaComm_(std::move(replicaComm)),
+        averager_(std::move(averager)) {
     layOut(groups);
+    if (averager_) {
+      at::NoGradGuard noGrad;
+      for (size_t i = 0; i < parameters_.size(); ++i) outerViews_[i].copy_(parameters_[i]);
+      return;
+    }
     // Every replica starts from replica 0's parameters (REFERENCE §1: theta_g
     // is initialised once and broadcast).
     at::NoGradGuard noGrad;
@@ -91,7 +97,9 @@ class Diloco final : public Optimizer {
       if (!isApplyStep(f, step_)) continue;
       if (config_.delay == 0) {
         snapshotPseudoGradient(f);
-        if (fragmentNumel(f) > 0) {
+        if (averager_) {
+          averager_(fragmentSlice(delta_, f), step_ / config_.inner_steps);
+        } else if (fragmentNumel(f) > 0) {
           comm::allReduceCompressed(*replicaComm_, fragmentSlice(delta_, f), comm::ReduceOp::kAvg, compression_);
         }
       } else {
@@ -109,6 +117,7 @@ class Diloco final : public Optimizer {
   }
 
   std::vector<comm::CommPtr> communicators() const override {
+    if (averager_) return {};
     std::vector<comm::CommPtr> comms = {replicaComm_};
     if (streamComm_) comms.push_back(streamComm_);
     return comms;
@@ -336,6 +345,7 @@ class Diloco final : public Optimizer {
   std::unique_ptr<Optimizer> inner_;
   std::vector<at::Tensor> parameters_;  // the training tensors (theta_i), shared with inner_
   comm::CommPtr replicaComm_;
+  PseudoGradientAverager averager_;  // elastic: replaces the all-reduce on replicaComm_
   comm::CommPtr streamComm_;  // split off replicaComm_ when delay > 0
 
   std::vector<int> fragmentOf_;        // per parameter
@@ -363,6 +373,19 @@ std::unique_ptr<Optimizer> makeDiloco(const DilocoConfig& config, std::unique_pt
   TESSERA_CHECK_ARG(replicaComm != nullptr, "makeDiloco: no replica communicator");
   TESSERA_CHECK_ARG(!parameters.empty(), "makeDiloco: no parameters");
   return std::make_unique<Diloco>(config, std::move(inner), std::move(parameters), std::move(replicaComm), groups);
+}
+
+std::unique_ptr<Optimizer> makeElasticDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
+                                             std::vector<at::Tensor> parameters, PseudoGradientAverager averager,
+                                             std::vector<int> groups) {
+  config.validate();
+  TESSERA_CHECK_CONFIG(config.fragments == 1 && config.delay == 0, "diloco.fragments",
+                       "elastic training runs plain DiLoCo: set diloco.fragments = 1 and diloco.delay = 0 (got "
+                           << config.fragments << " and " << config.delay << ")");
+  TESSERA_CHECK_ARG(inner != nullptr, "makeElasticDiloco: no inner optimizer");
+  TESSERA_CHECK_ARG(averager != nullptr, "makeElasticDiloco: no averager");
+  return std::make_unique<Diloco>(config, std::move(inner), std::move(parameters),
+                                  comm::makeSingleRankCommunicator("elastic-unused"), groups, std::move(averager));
 }
 
 }  // namespace tessera::optim

@@ -19,6 +19,10 @@
 //   then per piece, the raw bytes streamed in chunks (no frame per piece),
 //   followed by one 8-byte xxh64 of the piece's bytes.
 //   trailer frame: "DONE" | u64 xxh64 over every piece checksum in order.
+// Strings ("len key", "len name") are a u32 byte count, then the bytes.
+// dtype codes: 1 float32, 2 float64, 3 bfloat16, 4 float16, 5 int32,
+// 6 int64, 7 uint8, 8 int8, 9 int16, 10 bool (checkpoint/recovery_wire.h).
+// xxh64 uses seed 0; a piece checksum goes out as 8 bytes little-endian.
 // Every announced length is checked against the header's totals and the
 // dtype's size before anything is allocated.
 #pragma once
@@ -43,8 +47,8 @@ struct RecoveryStats {
 struct RecoveryOptions {
   std::string bindHost = "127.0.0.1";  // the sender listens here (the node's advertised address)
   std::string secret;                  // join secret (comm/net.h); "" on both sides: no secret
-  // Sender: how long to wait for the joiner to connect and for the whole
-  // transfer. Receiver: the whole transfer.
+  // Sender: how long to wait for the joiner to connect and authenticate,
+  // then (counted afresh) for the whole transfer. Receiver: the whole transfer.
   std::chrono::milliseconds timeout = std::chrono::minutes(5);
 };
 

@@ -15,6 +15,11 @@
 //                                 probability P: it fails with CommError
 //                                 ("dropped by the fault plan") as a lost
 //                                 message would after its retries
+//   kill:rank=R,collective=N[,comm=NAME]
+//                                 rank R raises SIGKILL on itself as its N-th
+//                                 collective on a matching communicator starts
+//                                 (e.g. inside an outer all-reduce: its peers
+//                                 are already waiting on it)
 //   fail:collective=N[,comm=NAME][,rank=R]
 //                                 the N-th collective (1-based, counted per
 //                                 communicator) of matching communicators fails
@@ -56,6 +61,7 @@ struct FaultPlan {
     int64_t n = 1;            // 1-based
     std::string comm;
     int rank = kAnyRank;
+    bool kill = false;        // kill:...,collective=N: SIGKILL instead of a CommError
   };
 
   std::vector<Kill> kills;
@@ -78,6 +84,13 @@ struct FaultPlan {
 // its operations; returns `inner` itself when none match it. The wrapper
 // forwards everything else (split() children are wrapped too; stats count
 // the inner traffic).
+// Details: "messages" are collectives and sends (a recv is never faulted). A
+// delay sleeps on the calling thread before the operation is issued. A
+// dropped or failed operation never reaches `inner`; its Work's wait() throws
+// CommError. A dropped or failed collective breaks the wrapper, as a real
+// failure breaks a backend (every later call throws CommError at once); the
+// peers wait for it until their timeout. A dropped send breaks nothing. Each
+// wrapper draws from its own stream, seeded by plan.seed, rank and name().
 CommPtr injectFaults(CommPtr inner, const FaultPlan& plan, int rank);
 
 // The step-level faults (kill, slow) for one rank, driven by the training

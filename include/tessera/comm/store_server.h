@@ -47,6 +47,7 @@ struct StoreServerStats {
   uint64_t authFailures = 0;      // refused by the handshake
   uint64_t protocolErrors = 0;    // dropped for a malformed request
   uint64_t requests = 0;          // served
+  uint64_t overloaded = 0;        // closed at once: maxConnections reached
 };
 
 class StoreServer {

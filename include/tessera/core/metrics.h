@@ -43,13 +43,16 @@ std::string jsonQuote(const std::string& text);
 
 class MetricsWriter {
  public:
-  // Opens (truncating) path; "-" writes to stdout. Throws Error naming the path.
-  explicit MetricsWriter(const std::string& path);
+  // Opens path, truncating it (or appending: a restarted elastic node keeps
+  // its earlier lines); "-" writes to stdout. Throws Error naming the path.
+  explicit MetricsWriter(const std::string& path, bool append = false);
   ~MetricsWriter();
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
 
   void write(const MetricsRecord& record);
+  // One line already in JSON (event records made elsewhere).
+  void writeLine(const std::string& json);
 
  private:
   std::FILE* file_ = nullptr;

@@ -72,6 +72,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -112,5 +113,21 @@ struct DilocoConfig {
 std::unique_ptr<Optimizer> makeDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
                                       std::vector<at::Tensor> parameters, comm::CommPtr replicaComm,
                                       std::vector<int> groups = {});
+
+// Elastic training (parallel/elastic.h) replaces the replica all-reduce:
+// at outer step n (n = 1, 2, ...: after inner step n*H) DiLoCo calls
+// averager(flat, n) with its fp32 pseudo-gradient; the averager leaves the
+// mean over the replicas taking part in it (re-forming the group and
+// retrying as it must) or throws, and then theta_g is unchanged.
+using PseudoGradientAverager = std::function<void(at::Tensor flat, int64_t outerStep)>;
+
+// DiLoCo whose outer all-reduce is `averager` (plain DiLoCo only: throws
+// ConfigError for fragments > 1 or delay > 0). Nothing is broadcast at
+// construction: elastic founders start from identical parameters (the same
+// seed) and joiners receive the state from a peer. communicators() is empty
+// (the elastic mesh counts its own traffic).
+std::unique_ptr<Optimizer> makeElasticDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
+                                             std::vector<at::Tensor> parameters, PseudoGradientAverager averager,
+                                             std::vector<int> groups = {});
 
 }  // namespace tessera::optim

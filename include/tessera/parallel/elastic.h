@@ -60,15 +60,19 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/comm/compression.h"
 #include "tessera/comm/store.h"
+#include "tessera/core/error.h"
 
 namespace tessera::parallel {
 
@@ -109,15 +113,140 @@ struct ElasticIdentity {
 
 // A decision, as published.
 struct Membership {
-  int64_t epoch = 0;
-  int64_t outerStep = 0;
+  int64_t epoch = 0;       // the elastic groups' generation: bumped when members change or an attempt failed
+  int64_t outerStep = 0;   // -1: the start of the job
   int attempt = 0;
-  std::vector<std::string> members;                         // ascending slot
+  std::vector<std::string> members;                         // take part in this outer step, ascending slot
   std::vector<std::pair<std::string, std::string>> joiners;  // (joiner, source member) admitted here
-  std::vector<std::string> dropped;                          // members of the previous decision left out
+  std::vector<std::string> pending;   // joiners admitted earlier, still receiving state or catching up
+  std::vector<std::string> dropped;   // candidates of the previous decision left out (dead, left, too slow)
+  int64_t joinCursor = 0;             // registrations ("elastic/join/<n>", n < joinCursor) already handled
+  std::string stop;                   // non-empty: the job stops; the reason (e.g. below min_nodes)
+
   std::string toJson() const;
   static Membership fromJson(const std::string& text);  // throws InvalidArgument
   int indexOf(const std::string& member) const;          // -1 when absent
+};
+
+// Slot of a member id "<slot>.<incarnation>" (throws InvalidArgument).
+int slotOf(const std::string& member);
+
+// Thrown when this node finds itself dropped from the job (it was partitioned
+// or too slow): the worker exits with kExitEvicted and rejoins as a new node.
+class Evicted : public Error {
+ public:
+  using Error::Error;
+};
+
+// Thrown when this node left the job on request (SIGTERM -> leave()): the
+// worker stops training and exits 0.
+class LeftJob : public Error {
+ public:
+  using Error::Error;
+};
+
+// Where a joiner gets its state from.
+struct RecoveryTicket {
+  std::string source;        // member id of the source
+  std::string address;       // host:port of its StateSender for this local rank
+  int64_t outerStep = 0;     // the state is the one right after this outer step
+  Membership decision;       // the committed decision that admitted this node
+};
+
+// One node's view of the elastic job. Owned by the worker; every local rank
+// of a node has one. Not thread-safe (one training thread calls it), apart
+// from leave().
+class ElasticMesh {
+ public:
+  // Connects to the store (two clients: one for the heartbeat thread),
+  // forms the local group (Gloo over the store under
+  // "elastic/node/<member>"), registers the node and, on local rank 0,
+  // starts the heartbeat thread. Collective over the node's processes.
+  // Throws StoreError/AuthError when the store refuses or cannot be reached,
+  // ConfigError for a bad config.
+  ElasticMesh(ElasticIdentity identity, ElasticConfig config, comm::Compression compression = comm::Compression::kNone);
+  ~ElasticMesh();
+  ElasticMesh(const ElasticMesh&) = delete;
+  ElasticMesh& operator=(const ElasticMesh&) = delete;
+
+  const ElasticIdentity& identity() const { return identity_; }
+  const ElasticConfig& config() const { return config_; }
+  const comm::CommPtr& local() const { return local_; }
+  const comm::StorePtr& store() const { return store_; }
+  const std::string& secret() const { return secret_; }
+
+  // Blocks until this node is part of the job. Returns nullopt for a founder
+  // (the job starts with it; every founder initialises identically from the
+  // config's seed), or where to receive the state from for a joiner (admitted
+  // at an outer step). Throws TimeoutError after join_timeout, Error when the
+  // job refuses the node (max_nodes reached, stopped).
+  std::optional<RecoveryTicket> join();
+  // Joiner: call after the received state was restored, before training on.
+  void recovered(const RecoveryTicket& ticket);
+
+  // Collective over the members at outer step `outerStep`: `flat` (this
+  // process's fp32 pseudo-gradient) becomes the mean over the member nodes'
+  // values. Decides membership first (see the file comment), re-forms the
+  // elastic group when needed and retries failed attempts with the same
+  // input. Returns the committed decision. Throws Evicted, TimeoutError
+  // (no decision, naming the leader), Error (below min_nodes too long, or
+  // every attempt failed).
+  Membership averageAcrossNodes(at::Tensor flat, int64_t outerStep);
+
+  // The last committed decision, and this process's current elastic group
+  // (null before the first outer step and after a failure).
+  const Membership& committed() const { return committed_; }
+  const comm::CommPtr& group() const { return group_; }
+  // Joiners this process must serve after the committed outer step (the
+  // decision named it as their source).
+  std::vector<std::string> joinersToServe() const;
+  // Publishes where joiner `member` finds this process's StateSender.
+  void publishRecoverySource(const std::string& member, const std::string& address);
+
+  // Announces a graceful leave ("elastic/left/<member>"), so nobody waits for
+  // this node's heartbeat to time out. Idempotent. Not for signal handlers.
+  void leave();
+  // Async-signal-safe: only sets a flag. The training thread sees it at the
+  // next step (leaveIfRequested) or inside a wait of this class, announces
+  // the leave and throws LeftJob.
+  void requestLeave() { leaveRequested_.store(true); }
+  bool leaveRequested() const { return leaveRequested_.load(); }
+  // Throws LeftJob (after leave()) when a leave was requested.
+  void leaveIfRequested();
+
+  // Called with each event line (see the file comment) on local rank 0;
+  // tessera-train appends them to the metrics file.
+  std::function<void(const std::string& jsonLine)> onEvent;
+  // Applied to every elastic group formed (fault injection wraps it here).
+  std::function<comm::CommPtr(comm::CommPtr)> wrapGroup;
+  // Attempts the last committed outer step took (1 = no retry).
+  int lastAttempts() const { return lastAttempts_; }
+
+ private:
+  struct Monitor;
+  Membership decide(int64_t outerStep, int attempt);
+  Membership decideStart();
+  std::optional<Membership> tryDecide(const std::string& base, int64_t outerStep, int attempt);
+  void formGroup(const Membership& decision);
+  bool vote(const Membership& decision, bool ok);
+  void emit(const std::string& jsonLine);
+
+  ElasticIdentity identity_;
+  ElasticConfig config_;
+  comm::Compression compression_;
+  std::string secret_;
+  std::string me_;
+  comm::StorePtr store_;
+  comm::CommPtr local_;
+  comm::CommPtr group_;
+  int64_t groupEpoch_ = -1;
+  Membership committed_;
+  std::unique_ptr<Monitor> monitor_;
+  std::atomic<bool> leaveRequested_{false};
+  std::atomic<bool> announcedLeave_{false};
+  std::chrono::steady_clock::time_point roundStart_;
+  std::optional<std::chrono::steady_clock::time_point> belowMinSince_;
+  int lastAttempts_ = 1;
 };
 
 }  // namespace tessera::parallel

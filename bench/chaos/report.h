@@ -1,0 +1,178 @@
+// What a chaos run recorded, and the figures computed from it.
+//
+// The runner (runner.cc) writes a journal, DIR/chaos.jsonl, one JSON object a
+// line:
+//   {"type":"start","unix":T0,"nodes":N,"nproc_per_node":P,"network":"loopback","rate_bps":R,
+//    "tokens_per_node_step":B,"steps":S}
+//   {"type":"launch","node":I,"incarnation":K,"unix":T,"metrics":"node2-1.jsonl"}
+//   {"type":"action","action":"kill","node":I,"unix":T[,"detail":"..."]}
+//   {"type":"seen","node":I,"incarnation":K,"line":L,"unix":T}   (when the runner read step line L)
+//   {"type":"exit","node":I,"incarnation":K,"unix":T,"code":C}
+//   {"type":"end","unix":T,"reason":"finished"|"timeout"|...}
+// and each node incarnation's tessera-train writes its own metrics file (step
+// lines and the event lines of tessera/parallel/elastic.h). A step line's
+// time_s counts from that trainer's start, so the wall time of a step line is
+// when the runner saw it (polled every 100 ms), unless time_s is itself a Unix
+// time. Event lines carry Unix times and are used as they are.
+//
+// Definitions (all times in seconds since the start of the run):
+//   failure      a kill or leave action (soak kills included).
+//   dead members the members of the failed node ("<slot>.<incarnation>") in
+//                the last membership published before the failure.
+//   recovery_s   from the failure to the first committed outer step (an
+//                "outer_step" event, any node) after it whose epoch's
+//                membership contains none of the dead members: the survivors
+//                committed without it. A failure is "survived" when that
+//                commit exists.
+//   stall_s      the part of recovery_s the failure cost: commit time minus
+//                max(failure time, previous commit + the typical outer round
+//                (median gap between consecutive commits of the same epoch
+//                that needed one attempt)). Training resumed after stall_s.
+//   steps_discarded / tokens_discarded
+//                inner steps the dead node trained since its last commit
+//                (its pseudo-gradient never reached the others), estimated
+//                as the highest step any node had logged at the failure minus
+//                the step of the last commit before it; tokens = steps x
+//                tokens_per_node_step.
+//   committed steps lost / repeated
+//                outer steps (the "outer_step" index) missing from the union
+//                of all nodes' commits (a gap between the first and last), or
+//                logged twice by one incarnation. Target 0 for both.
+//   hash_mismatches
+//                outer steps whose param_hash differs between nodes.
+//   rejoin       per restart/join: from the action to the node's "recovered"
+//                event (rejoin_s) and to the first membership naming it as a
+//                member (member_s); bytes, seconds and throughput of the live
+//                recovery, and throughput / link rate when the link has one.
+//   final loss   the loss of the step line with the highest step (mean over
+//                the nodes that logged that step).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tessera::chaos {
+
+struct MetricsLine {
+  double unix = 0;        // wall time (see above)
+  nlohmann::json value;
+};
+
+struct IncarnationRecord {
+  int node = 0;
+  int incarnation = 0;
+  double startUnix = 0;
+  double endUnix = -1;    // -1: still running when the record was taken
+  int exitCode = 0;       // meaningful when endUnix >= 0; < 0: -signal
+  std::string metricsFile;
+  std::vector<MetricsLine> lines;
+};
+
+struct ActionRecord {
+  double unix = 0;
+  std::string action;     // kill restart join leave partition heal throttle start
+  int node = 0;
+  std::string detail;
+};
+
+struct ChaosRecord {
+  double startUnix = 0;
+  double endUnix = 0;
+  std::string endReason;
+  int nodes = 0;
+  int nprocPerNode = 1;
+  int64_t steps = 0;
+  std::string network = "loopback";
+  double rateBitsPerSecond = 0;  // 0: no limit
+  double tokensPerNodeStep = 0;
+  std::vector<IncarnationRecord> runs;
+  std::vector<ActionRecord> actions;
+};
+
+// Reads DIR/chaos.jsonl and every metrics file it names. Throws
+// InvalidArgument naming the file and line when one cannot be read.
+// Incomplete last lines (a process killed mid-write) are skipped.
+ChaosRecord loadChaosRecord(const std::string& dir);
+
+struct FailureResult {
+  double atS = 0;
+  int node = 0;
+  std::string action;
+  std::vector<std::string> deadMembers;
+  bool survived = false;
+  double recoveryS = -1;
+  double stallS = -1;
+  int64_t resumedOuterStep = -1;
+  int64_t stepsDiscarded = 0;
+  double tokensDiscarded = 0;
+};
+
+struct JoinResult {
+  double atS = 0;
+  int node = 0;
+  std::string action;
+  bool recovered = false;
+  double rejoinS = -1;
+  double memberS = -1;
+  std::string member;
+  std::string from;
+  double bytes = 0;
+  double seconds = 0;
+  double bytesPerSecond = 0;
+  double linkFraction = -1;  // -1: no link rate
+};
+
+struct NodeSummary {
+  int node = 0;
+  int incarnations = 0;
+  int64_t lastStep = -1;
+  double lastLoss = 0;
+  int64_t commBytes = 0;   // summed over incarnations (each counts from 0)
+  int lastExitCode = 0;
+  bool running = false;
+};
+
+struct ChaosReport {
+  std::vector<ActionRecord> actions;
+  std::vector<FailureResult> failures;
+  std::vector<JoinResult> joins;
+  std::vector<NodeSummary> nodes;
+  int64_t firstOuterStep = -1;
+  int64_t lastOuterStep = -1;
+  int64_t committedOuterSteps = 0;   // distinct outer steps committed
+  std::vector<int64_t> lostOuterSteps;
+  std::vector<int64_t> repeatedOuterSteps;
+  std::vector<int64_t> hashMismatches;
+  int64_t retries = 0;
+  int64_t finalStep = -1;
+  double finalLoss = 0;
+  double wallSeconds = 0;
+  int survivedFailures = 0;
+  double meanRecoveryS = -1;
+  double meanStallS = -1;
+  double maxStallS = -1;
+  double meanRecoveryBytesPerSecond = -1;
+  double meanLinkFraction = -1;
+  int64_t stepsDiscarded = 0;
+  double tokensDiscarded = 0;
+  double typicalRoundS = -1;
+};
+
+ChaosReport computeReport(const ChaosRecord& record);
+
+// report.json's content; `baseline` (a no-fault run of the same job) adds
+// "baseline" and "final_loss_gap" (chaos / baseline - 1).
+nlohmann::ordered_json reportJson(const ChaosRecord& record, const ChaosReport& report,
+                                  const ChaosReport* baseline = nullptr);
+
+// Writes DIR/report.tsv + DIR/report.gp and runs gnuplot for DIR/report.png:
+// loss vs wall time per node (and the baseline's, dashed), kills in red and
+// joins (live recoveries) in green. Returns the PNG path, "" without gnuplot.
+std::string plotReport(const std::string& dir, const ChaosRecord& record, const ChaosReport& report,
+                       const ChaosRecord* baseline = nullptr);
+
+}  // namespace tessera::chaos

@@ -1,0 +1,9 @@
+# comm/net: sockets with deadlines, frames and the join handshake, and
+# tessera's own TCP store built on them (the elastic jobs' rendezvous).
+target_sources(tessera PRIVATE
+  ${CMAKE_CURRENT_SOURCE_DIR}/net/socket.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/net/auth.cc)
+target_sources(tessera PRIVATE
+  ${CMAKE_CURRENT_SOURCE_DIR}/store/store_protocol.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/store/store_server.cc
+  ${CMAKE_CURRENT_SOURCE_DIR}/store/store_client.cc)

@@ -1,0 +1,320 @@
+// ElasticMesh in one process: each "node" is a thread with its own mesh,
+// store clients and Gloo groups, talking through a real tessera store over
+// loopback. Membership decisions, joins, leaves, deaths, retries and
+// evictions are checked against what the protocol (elastic.h) promises.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <functional>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tessera/comm/fault.h"
+#include "tessera/comm/store_server.h"
+#include "tessera/core/config.h"
+#include "tessera/parallel/elastic.h"
+
+namespace tessera::parallel {
+namespace {
+
+class ElasticMeshTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    comm::StoreServerOptions options;
+    options.host = "127.0.0.1";
+    server_ = std::make_unique<comm::StoreServer>(options);
+  }
+
+  ElasticIdentity identity(int slot, int minNodes, int maxNodes, int incarnation = 0) const {
+    ElasticIdentity id;
+    id.slot = slot;
+    id.incarnation = incarnation;
+    id.minNodes = minNodes;
+    id.maxNodes = maxNodes;
+    id.storeAddress = "127.0.0.1:" + std::to_string(server_->port());
+    return id;
+  }
+
+  static ElasticConfig fastConfig() {
+    ElasticConfig c;
+    c.heartbeat_interval_s = 0.1;
+    c.heartbeat_timeout_s = 0.6;
+    c.wait_timeout_s = 2;
+    c.collective_timeout_s = 5;
+    c.join_timeout_s = 20;
+    c.start_grace_s = 0.2;
+    return c;
+  }
+
+  // Runs body(node) on `count` threads at once and returns their results (rethrowing the first error).
+  template <typename Body>
+  static auto onNodes(int count, Body body) {
+    using Result = decltype(body(0));
+    std::vector<std::future<Result>> futures;
+    for (int node = 0; node < count; ++node) futures.push_back(std::async(std::launch::async, body, node));
+    std::vector<Result> results;
+    for (auto& f : futures) results.push_back(f.get());
+    return results;
+  }
+
+  std::unique_ptr<comm::StoreServer> server_;
+};
+
+// Node i contributes (i + k) at outer step k; the mean of 0..n-1 plus k is exact in fp32.
+at::Tensor contribution(int node, int64_t outerStep) { return at::full({7}, static_cast<float>(node + outerStep)); }
+
+TEST(ElasticMembership, JsonRoundTripAndSlots) {
+  Membership m;
+  m.epoch = 4;
+  m.outerStep = 9;
+  m.attempt = 1;
+  m.members = {"0.0", "2.1"};
+  m.joiners = {{"3.0", "0.0"}};
+  m.pending = {"5.2"};
+  m.dropped = {"1.0"};
+  m.joinCursor = 6;
+  const Membership back = Membership::fromJson(m.toJson());
+  EXPECT_EQ(back.epoch, 4);
+  EXPECT_EQ(back.outerStep, 9);
+  EXPECT_EQ(back.attempt, 1);
+  EXPECT_EQ(back.members, m.members);
+  EXPECT_EQ(back.joiners, m.joiners);
+  EXPECT_EQ(back.pending, m.pending);
+  EXPECT_EQ(back.dropped, m.dropped);
+  EXPECT_EQ(back.joinCursor, 6);
+  EXPECT_EQ(back.indexOf("2.1"), 1);
+  EXPECT_EQ(back.indexOf("7.0"), -1);
+  EXPECT_EQ(slotOf("12.3"), 12);
+  EXPECT_THROW(slotOf("nodot"), InvalidArgument);
+  EXPECT_THROW(Membership::fromJson("{\"epoch\": 1}"), InvalidArgument);
+}
+
+TEST(ElasticMembership, ConfigErrorsNameTheField) {
+  ElasticConfig c;
+  c.heartbeat_timeout_s = 1;  // < 2 x interval (2 s)
+  try {
+    c.validate();
+    FAIL() << "expected a ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("elastic.heartbeat_timeout_s"), std::string::npos) << e.what();
+  }
+  ElasticConfig d;
+  d.min_nodes = 3;
+  d.max_nodes = 2;
+  EXPECT_THROW(d.validate(), ConfigError);
+}
+
+TEST_F(ElasticMeshTest, ThreeFoundersAverageEveryOuterStep) {
+  const auto results = onNodes(3, [&](int node) {
+    ElasticMesh mesh(identity(node, 3, 3), fastConfig());
+    EXPECT_FALSE(mesh.join().has_value()) << "a founder needs no state";
+    std::vector<int64_t> epochs;
+    for (int64_t k = 1; k <= 3; ++k) {
+      at::Tensor flat = contribution(node, k);
+      const Membership d = mesh.averageAcrossNodes(flat, k);
+      EXPECT_EQ(d.members.size(), 3u);
+      EXPECT_TRUE(at::equal(flat, at::full({7}, static_cast<float>(1 + k)))) << flat;
+      epochs.push_back(d.epoch);
+    }
+    return epochs;
+  });
+  for (const auto& epochs : results) {
+    EXPECT_EQ(epochs, results[0]);
+    EXPECT_EQ(epochs[0], epochs[2]) << "unchanged membership must reuse the group (same epoch)";
+  }
+}
+
+// PRIME's issue #21: a global group of one silently never communicated.
+// Here a node alone still runs every outer step, and the mean of one is itself.
+TEST_F(ElasticMeshTest, GroupOfOneRunsEveryOuterStep) {
+  ElasticMesh mesh(identity(0, 1, 1), fastConfig());
+  ASSERT_FALSE(mesh.join().has_value());
+  for (int64_t k = 1; k <= 3; ++k) {
+    at::Tensor flat = at::arange(5, at::kFloat) * static_cast<float>(k);
+    const at::Tensor expected = flat.clone();
+    const Membership d = mesh.averageAcrossNodes(flat, k);
+    EXPECT_EQ(d.members, std::vector<std::string>{"0.0"});
+    EXPECT_EQ(d.outerStep, k);
+    EXPECT_TRUE(at::equal(flat, expected));
+    ASSERT_NE(mesh.group(), nullptr) << "the group of one must exist and carry the outer step";
+    EXPECT_EQ(mesh.group()->size(), 1);
+  }
+}
+
+// A graceful leave is seen at once: with a 60 s heartbeat timeout the
+// survivors would otherwise wait a minute for the leaver.
+TEST_F(ElasticMeshTest, GracefulLeaveDoesNotWaitForTheHeartbeatTimeout) {
+  ElasticConfig config = fastConfig();
+  config.heartbeat_timeout_s = 60;
+  config.wait_timeout_s = 60;
+  const auto started = std::chrono::steady_clock::now();
+  const auto results = onNodes(3, [&](int node) {
+    ElasticMesh mesh(identity(node, 2, 3), config);
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 2) {
+      mesh.leave();
+      return std::vector<std::string>{};
+    }
+    flat = contribution(node, 2);
+    const Membership d = mesh.averageAcrossNodes(flat, 2);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 0.5f + 2.0f))) << "mean of nodes 0 and 1 only";
+    EXPECT_EQ(d.dropped, std::vector<std::string>{"2.0"});
+    return d.members;
+  });
+  EXPECT_EQ(results[0], (std::vector<std::string>{"0.0", "1.0"}));
+  EXPECT_EQ(results[1], results[0]);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  EXPECT_LT(seconds, 30.0) << "the leave must not wait for the 60 s heartbeat timeout";
+}
+
+// A node that stops heartbeating (its mesh destroyed, as a killed process's
+// would be) is dropped after the heartbeat timeout; the survivors' outer
+// step averages over themselves only.
+TEST_F(ElasticMeshTest, DeadNodeIsDroppedAfterTheHeartbeatTimeout) {
+  const auto results = onNodes(3, [&](int node) {
+    auto mesh = std::make_unique<ElasticMesh>(identity(node, 2, 3), fastConfig());
+    EXPECT_FALSE(mesh->join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh->averageAcrossNodes(flat, 1);
+    if (node == 1) {
+      mesh.reset();  // dies silently: no leave notice, no more heartbeats
+      return Membership{};
+    }
+    flat = contribution(node, 2);
+    const Membership d = mesh->averageAcrossNodes(flat, 2);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 1.0f + 2.0f))) << "mean of nodes 0 and 2";
+    return d;
+  });
+  EXPECT_EQ(results[0].members, (std::vector<std::string>{"0.0", "2.0"}));
+  EXPECT_EQ(results[0].dropped, std::vector<std::string>{"1.0"});
+  EXPECT_EQ(results[2].toJson(), results[0].toJson()) << "both survivors follow the same decision";
+}
+
+TEST_F(ElasticMeshTest, BelowMinNodesTheSurvivorStopsWithAClearError) {
+  const auto results = onNodes(2, [&](int node) -> std::string {
+    ElasticMesh mesh(identity(node, 2, 2), fastConfig());
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 1) {
+      mesh.leave();
+      return "";
+    }
+    try {
+      flat = contribution(node, 2);
+      mesh.averageAcrossNodes(flat, 2);
+      return "no error";
+    } catch (const Error& e) {
+      return e.what();
+    }
+  });
+  EXPECT_NE(results[0].find("min_nodes = 2"), std::string::npos) << results[0];
+  EXPECT_NE(results[0].find("stopped"), std::string::npos) << results[0];
+}
+
+// A joiner registers while the job runs, is admitted at the next outer step
+// with a source, gets the address the source publishes, and after recovery
+// takes part in the following outer step (new epoch, mean over three).
+TEST_F(ElasticMeshTest, JoinerIsAdmittedServedAndThenAveraged) {
+  std::promise<void> firstStepDone;
+  std::shared_future<void> firstStep = firstStepDone.get_future().share();
+  auto founder = [&](int node) {
+    ElasticMesh mesh(identity(node, 2, 3), fastConfig());
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 0) firstStepDone.set_value();
+    // Outer step 2 must admit the joiner: give it time to register.
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    flat = contribution(node, 2);
+    const Membership admitted = mesh.averageAcrossNodes(flat, 2);
+    EXPECT_EQ(admitted.members.size(), 2u);
+    for (const std::string& joiner : mesh.joinersToServe()) {
+      mesh.publishRecoverySource(joiner, "127.0.0.1:" + std::to_string(40000 + node));
+    }
+    flat = contribution(node, 3);
+    const Membership d = mesh.averageAcrossNodes(flat, 3);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 1.0f + 3.0f))) << "mean of 0, 1 and the joiner (2)";
+    EXPECT_GT(d.epoch, admitted.epoch);
+    return admitted;
+  };
+  auto f0 = std::async(std::launch::async, founder, 0);
+  auto f1 = std::async(std::launch::async, founder, 1);
+  firstStep.wait();
+  ElasticMesh joiner(identity(2, 2, 3), fastConfig());
+  const std::optional<RecoveryTicket> ticket = joiner.join();
+  ASSERT_TRUE(ticket.has_value());
+  EXPECT_EQ(ticket->source, "0.0");
+  EXPECT_EQ(ticket->address, "127.0.0.1:40000");
+  EXPECT_EQ(ticket->outerStep, 2);
+  joiner.recovered(*ticket);
+  at::Tensor flat = contribution(2, 3);
+  const Membership d = joiner.averageAcrossNodes(flat, 3);
+  EXPECT_EQ(d.members, (std::vector<std::string>{"0.0", "1.0", "2.0"}));
+  EXPECT_TRUE(at::equal(flat, at::full({7}, 4.0f)));
+  const Membership admitted = f0.get();
+  f1.get();
+  ASSERT_EQ(admitted.joiners.size(), 1u);
+  EXPECT_EQ(admitted.joiners[0].first, "2.0");
+}
+
+// A failure inside the outer all-reduce (the fault plan fails node 1's first
+// collective on its elastic group) is voted down and the same step is
+// retried on a re-formed group with the same inputs: the result is the
+// correct mean, on every node, once.
+TEST_F(ElasticMeshTest, FailedAllReduceIsRetriedWithTheSamePseudoGradients) {
+  const auto results = onNodes(3, [&](int node) {
+    ElasticMesh mesh(identity(node, 3, 3), fastConfig());
+    if (node == 1) {
+      // Only the first group formed gets the fault: the retry's group is healthy.
+      const comm::FaultPlan plan = comm::FaultPlan::parse("fail:collective=1,comm=elastic");
+      auto wrapped = std::make_shared<bool>(false);
+      mesh.wrapGroup = [plan, wrapped](comm::CommPtr group) {
+        if (*wrapped) return group;
+        *wrapped = true;
+        return comm::injectFaults(group, plan, 0);
+      };
+    }
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    const Membership d = mesh.averageAcrossNodes(flat, 1);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 2.0f))) << flat;
+    EXPECT_EQ(d.members.size(), 3u);
+    return mesh.lastAttempts();
+  });
+  EXPECT_EQ(results, (std::vector<int>{2, 2, 2}));
+}
+
+// A node too slow to arrive within wait_timeout is dropped; when it arrives
+// it learns so (Evicted: the worker exits 75 and rejoins as a new node).
+TEST_F(ElasticMeshTest, NodeDroppedWhileAwayIsEvicted) {
+  ElasticConfig config = fastConfig();
+  config.wait_timeout_s = 1;
+  const auto results = onNodes(3, [&](int node) -> std::string {
+    ElasticMesh mesh(identity(node, 2, 3), config);
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 2) std::this_thread::sleep_for(std::chrono::seconds(3));
+    try {
+      flat = contribution(node, 2);
+      const Membership d = mesh.averageAcrossNodes(flat, 2);
+      return "member of " + std::to_string(d.members.size());
+    } catch (const Evicted& e) {
+      return std::string("evicted: ") + e.what();
+    }
+  });
+  EXPECT_EQ(results[0], "member of 2");
+  EXPECT_EQ(results[1], "member of 2");
+  EXPECT_EQ(results[2].rfind("evicted: ", 0), 0u) << results[2];
+}
+
+}  // namespace
+}  // namespace tessera::parallel
