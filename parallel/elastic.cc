@@ -559,7 +559,8 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
     std::ostringstream why;
     why << "only " << total << " node(s) " << joinList(d.members) << " alive at outer step " << outerStep
         << ", below min_nodes = " << config_.min_nodes << ", after waiting " << config_.wait_timeout_s
-        << " s (lost: " << joinList(d.dropped) << "); restart nodes and resume from the last checkpoint";
+        << " s (lost: " << joinList(d.dropped) << "); the job stops: start more nodes in time, or lower MIN in "
+        << "tessera-run --nnodes MIN:MAX";
     d.stop = why.str();
   }
   const bool sameGroup = d.members == prev.members && attempt == 0 && prev.outerStep >= 0;

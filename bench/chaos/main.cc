@@ -104,6 +104,13 @@ void summarize(const std::string& dir, const ChaosRecord& record, const ChaosRep
   const int64_t params = parametersFromLogs(dir, std::max(record.nodes, 1));
   int64_t sent = 0;
   for (const auto& n : report.nodes) sent = std::max(sent, n.commBytes);
+  // Step lines without comm_bytes (the elastic run's cross-node all-reduce
+  // may not be counted there): estimate what a ring all-reduce of the
+  // committed outer steps sent per rank.
+  const bool measured = sent > 0;
+  if (!measured && params > 0 && record.outerBytesPerParameter > 0) {
+    sent = static_cast<int64_t>(report.ringPayloads * static_cast<double>(params) * record.outerBytesPerParameter);
+  }
   // DDP all-reduces every gradient every step: a ring sends 2(n-1)/n of it per rank.
   const double ddp = ranks > 1 && params > 0 && report.finalStep > 0
                          ? 2.0 * (ranks - 1) / ranks * static_cast<double>(params) * 4.0 * report.finalStep
@@ -112,6 +119,8 @@ void summarize(const std::string& dir, const ChaosRecord& record, const ChaosRep
   traffic["parameters"] = params;
   traffic["ranks"] = ranks;
   traffic["bytes_sent_per_rank"] = sent;
+  traffic["bytes_sent_source"] = measured ? "measured: comm_bytes of the step lines (the highest node)"
+                                          : "estimated: ring all-reduce of every committed outer step";
   traffic["ddp_bytes_per_rank"] = ddp;
   if (sent > 0 && ddp > 0) traffic["ddp_over_sent"] = ddp / static_cast<double>(sent);
   json["traffic"] = traffic;
@@ -150,9 +159,9 @@ void summarize(const std::string& dir, const ChaosRecord& record, const ChaosRep
                 static_cast<long long>(report.stepsDiscarded), report.tokensDiscarded);
   }
   if (sent > 0 && ddp > 0) {
-    std::printf("  bytes sent per rank: %s; DDP on %d ranks would have sent %s (%lld params x 4 B x 2(n-1)/n x %lld "
+    std::printf("  bytes sent per rank%s: %s; DDP on %d ranks would have sent %s (%lld params x 4 B x 2(n-1)/n x %lld "
                 "steps): %.0fx less\n",
-                human(static_cast<double>(sent)).c_str(), ranks, human(ddp).c_str(), static_cast<long long>(params),
+                measured ? "" : " (estimated from the outer steps)", human(static_cast<double>(sent)).c_str(), ranks, human(ddp).c_str(), static_cast<long long>(params),
                 static_cast<long long>(report.finalStep), ddp / static_cast<double>(sent));
   }
   std::printf("  report: %s/report.json\n", dir.c_str());

@@ -77,6 +77,7 @@ struct Commit {
   double unix = 0;        // earliest over the nodes that logged it
   int64_t epoch = 0;
   int attempts = 1;
+  int members = 0;        // 0: not in the event (then the epoch's membership says)
 };
 
 struct MembershipSeen {
@@ -113,6 +114,7 @@ ChaosRecord loadChaosRecord(const std::string& dir) {
       record.network = text(j, "network");
       record.rateBitsPerSecond = number(j, "rate_bps");
       record.tokensPerNodeStep = number(j, "tokens_per_node_step");
+      record.outerBytesPerParameter = number(j, "outer_bytes_per_param");
     } else if (type == "launch") {
       IncarnationRecord run;
       run.node = static_cast<int>(integer(j, "node", 0));
@@ -189,7 +191,8 @@ ChaosReport computeReport(const ChaosRecord& record) {
         if (++loggedHere[k] == 2) report.repeatedOuterSteps.push_back(k);
         const std::string hash = text(j, "param_hash");
         if (!hash.empty()) hashes[k].insert(hash);
-        Commit c{k, integer(j, "step", 0), line.unix, integer(j, "epoch", 0), static_cast<int>(integer(j, "attempts", 1))};
+        Commit c{k, integer(j, "step", 0), line.unix, integer(j, "epoch", 0), static_cast<int>(integer(j, "attempts", 1)),
+                 static_cast<int>(integer(j, "members", 0))};
         auto it = commits.find(k);
         if (it == commits.end() || c.unix < it->second.unix) commits[k] = c;
       } else if (isEvent(j, "retry")) {
@@ -223,6 +226,13 @@ ChaosReport computeReport(const ChaosRecord& record) {
     if (prev != commits.end() && prev->second.epoch == c.epoch && c.attempts <= 1) gaps.push_back(c.unix - prev->second.unix);
   }
   report.typicalRoundS = median(gaps);
+
+  for (const auto& [k, c] : commits) {
+    int m = c.members;
+    auto epoch = byEpoch.find(c.epoch);
+    if (m == 0 && epoch != byEpoch.end()) m = static_cast<int>(epoch->second.members.size());
+    if (m > 1) report.ringPayloads += 2.0 * (m - 1) / m;
+  }
 
   std::vector<MembershipSeen> memberships;
   for (const auto& [epoch, m] : byEpoch) memberships.push_back(m);

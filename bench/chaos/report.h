@@ -46,6 +46,11 @@
 //                recovery, and throughput / link rate when the link has one.
 //   final loss   the loss of the step line with the highest step (mean over
 //                the nodes that logged that step).
+//   ring_payloads
+//                sum over committed outer steps of 2(m-1)/m (m: members of
+//                the step): x parameters x bytes per parameter is what each
+//                rank of a ring all-reduce sent across nodes (an estimate for
+//                runs whose step lines report no comm_bytes).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -89,6 +94,7 @@ struct ChaosRecord {
   std::string network = "loopback";
   double rateBitsPerSecond = 0;  // 0: no limit
   double tokensPerNodeStep = 0;
+  double outerBytesPerParameter = 0;  // 0: unknown
   std::vector<IncarnationRecord> runs;
   std::vector<ActionRecord> actions;
 };
@@ -160,6 +166,9 @@ struct ChaosReport {
   int64_t stepsDiscarded = 0;
   double tokensDiscarded = 0;
   double typicalRoundS = -1;
+  // Sum over committed outer steps of 2(m-1)/m, m = the members of that
+  // step: what a ring all-reduce sends per rank, in units of the payload.
+  double ringPayloads = 0;
 };
 
 ChaosReport computeReport(const ChaosRecord& record);

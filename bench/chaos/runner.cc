@@ -304,7 +304,8 @@ class Runner {
                   {"network", plan_.network},
                   {"rate_bps", plan_.rate.empty() ? 0.0 : parseRateBitsPerSecond(plan_.rate)},
                   {"steps", shape.steps},
-                  {"tokens_per_node_step", shape.tokensPerNodeStep}};
+                  {"tokens_per_node_step", shape.tokensPerNodeStep},
+                  {"outer_bytes_per_param", shape.outerBytesPerParameter}};
     record(start);
     if (plan_.joinToken) {
       tokenPath_ = dir_ + "/join-token";
@@ -846,7 +847,15 @@ JobShape readJobShape(const ChaosPlan& plan) {
       throw ConfigError("job.overrides", "'" + o + "': " + key + " must be a number");
     }
   }
+  std::string compression = config.at_path("diloco.compression").value_or(std::string("none"));
+  for (const auto& o : plan.overrides) {
+    const auto eq = o.find('=');
+    if (trim(o.substr(0, eq)) != "diloco.compression") continue;
+    compression = trim(o.substr(eq + 1));
+    compression.erase(std::remove(compression.begin(), compression.end(), '"'), compression.end());
+  }
   JobShape shape;
+  shape.outerBytesPerParameter = compression == "int8" ? 1.0 : compression == "none" ? 4.0 : 0.0;
   shape.steps = plan.steps > 0 ? plan.steps : static_cast<int64_t>(values["train.steps"]);
   shape.tokensPerNodeStep =
       values["data.batch_size"] * values["data.seq_len"] * values["train.grad_accum"] * plan.nprocPerNode;

@@ -40,12 +40,16 @@ struct RunnerOptions {
 // cleaning up).
 std::string runChaos(const ChaosPlan& plan, const RunnerOptions& options);
 
-// train.steps, and the tokens one node trains per step
-// (data.batch_size x data.seq_len x train.grad_accum x nproc_per_node), from
-// the config file with the plan's overrides applied.
+// train.steps, the tokens one node trains per step (data.batch_size x
+// data.seq_len x train.grad_accum x nproc_per_node) and the outer
+// all-reduce's bytes per parameter, from the config file with the plan's
+// overrides applied.
 struct JobShape {
   int64_t steps = 0;
   double tokensPerNodeStep = 0;
+  // Bytes per parameter DiLoCo's outer all-reduce sends (diloco.compression:
+  // int8 1, none 4; 0 when the config says neither).
+  double outerBytesPerParameter = 0;
 };
 JobShape readJobShape(const ChaosPlan& plan);
 

@@ -92,7 +92,7 @@ class ElasticJob {
                                      "--set", "elastic.heartbeat_timeout_s=2.0",
                                      "--set", "elastic.wait_timeout_s=20.0",
                                      "--set", "elastic.collective_timeout_s=10.0",
-                                     "--set", "elastic.start_grace_s=0.5",
+                                     "--set", "elastic.start_grace_s=" + startGrace,
                                      "--set", "train.threads=1"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     std::map<std::string, std::string> env = {
@@ -131,6 +131,7 @@ class ElasticJob {
   int steps = 30;
   int innerSteps = 5;
   int minNodes = 1;
+  std::string startGrace = "3.0";  // founders wait this long for each other after min_nodes registered
 
  private:
   fs::path dir_;
@@ -179,7 +180,7 @@ int expectSameParameters(const std::map<int64_t, std::string>& a, const std::map
 // none skipped.
 TEST(ElasticEndToEnd, KillDuringInnerPhaseSurvivorsContinueIdentical) {
   ElasticJob job("inner");
-  job.minNodes = 3;  // the three start together
+  job.minNodes = 2;  // the three start together (start grace), and two may go on
   Subprocess& n0 = job.start(0, 0);
   Subprocess& n1 = job.start(1, 0);
   Subprocess& n2 = job.start(2, 0);
@@ -219,7 +220,7 @@ TEST(ElasticEndToEnd, RestartedNodeRecoversFromAPeerAndIsBitIdentical) {
   ASSERT_EQ(r0.exitCode, 0) << r0.output;
   ASSERT_EQ(r1.exitCode, 0) << r1.output;
   const auto recovered = eventsOf(readLines(job.metrics(1)), "recovered");
-  ASSERT_EQ(recovered.size(), 1u) << again.output;
+  ASSERT_EQ(recovered.size(), 1u) << again.output();
   EXPECT_GT(recovered[0]["bytes"].get<int64_t>(), 10000);
   EXPECT_EQ(recovered[0]["from"], "0.0");
   const auto h0 = hashesOf(job.metrics(0));
@@ -241,7 +242,7 @@ TEST(ElasticEndToEnd, RestartedNodeRecoversFromAPeerAndIsBitIdentical) {
 // way, they re-form without it and retry the same outer step.
 TEST(ElasticEndToEnd, KillDuringOuterAllReduceIsRetriedWithoutLoss) {
   ElasticJob job("outer");
-  job.minNodes = 3;
+  job.minNodes = 2;
   Subprocess& n0 = job.start(0, 0);
   Subprocess& n1 = job.start(1, 0);
   Subprocess& n2 = job.start(2, 0, {"--fault", "kill:rank=2,collective=3,comm=elastic"});
