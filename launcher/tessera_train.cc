@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <csignal>
 #include <cstdlib>
 #include <exception>
 #include <fstream>
@@ -147,6 +148,10 @@ int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::
 }  // namespace tessera::launcher
 
 int main(int argc, char** argv) {
+  // A peer that died (or a healed partition resetting old connections) must
+  // surface as an error on that socket, not kill this process: Gloo writes
+  // without MSG_NOSIGNAL.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"tessera-train: run the training job a TOML config describes"};
   std::string configPath;
   std::vector<std::string> overrides;

@@ -30,11 +30,11 @@ const std::string kSecret = "elastic-test-secret";
 // Variables the test process may have inherited that would change what the
 // launcher or its workers see.
 const std::vector<std::string> kForeignVars = {
-    "RANK",          "WORLD_SIZE",      "LOCAL_RANK",         "LOCAL_WORLD_SIZE",        "GROUP_RANK",
-    "MASTER_ADDR",   "MASTER_PORT",     "TESSERA_BACKEND",    "TESSERA_LAUNCHER",        "TESSERA_STORE_HOSTED",
-    "SLURM_PROCID",  "SLURM_NTASKS",    "OMP_NUM_THREADS",    "TESSERA_RESTART_COUNT",   "TESSERA_ELASTIC",
-    "TESSERA_NNODES", "TESSERA_NODE_SLOT", "TESSERA_STORE_ADDR", "TESSERA_NODE_INCARNATION", "TESSERA_JOIN_TOKEN",
-    "TESSERA_JOIN_TOKEN_FILE", "TESSERA_ADVERTISE_HOST"};
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "TESSERA_BACKEND", "TESSERA_LAUNCHER", "TESSERA_STORE_HOSTED", "TESSERA_RESTART_COUNT", "SLURM_PROCID",
+    "SLURM_NTASKS", "OMP_NUM_THREADS", "TESSERA_ELASTIC", "TESSERA_NNODES", "TESSERA_NODE_SLOT",
+    "TESSERA_STORE_ADDR", "TESSERA_NODE_INCARNATION", "TESSERA_ADVERTISE_HOST", "TESSERA_JOIN_TOKEN",
+    "TESSERA_JOIN_TOKEN_FILE"};
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
