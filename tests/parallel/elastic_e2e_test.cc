@@ -405,4 +405,28 @@ TEST(ElasticEndToEnd, PartitionedMinorityWaitsThenRejoins) {
   EXPECT_GE(after, 1) << "the rejoined node must take part in later outer steps";
 }
 
+// SIGTERM is a graceful leave: the node announces it and exits 0, and the
+// others drop it at the next outer step without waiting out its heartbeat
+// timeout (60 s here, longer than this test waits for them).
+TEST(ElasticEndToEnd, SigtermLeavesWithoutTheHeartbeatTimeout) {
+  ElasticJob job("leave");
+  job.steps = 60;
+  job.minNodes = 2;
+  const std::vector<std::string> slowHeartbeat = {"--set", "elastic.heartbeat_timeout_s=60", "--set",
+                                                  "elastic.wait_timeout_s=120"};
+  Subprocess& n0 = job.start(0, 0, slowHeartbeat);
+  Subprocess& n1 = job.start(1, 0, slowHeartbeat);
+  Subprocess& n2 = job.start(2, 0, slowHeartbeat);
+  ASSERT_TRUE(job.waitForStep(2, 10, std::chrono::seconds(120))) << n2.output();
+  n2.signal(SIGTERM);
+  const auto r2 = n2.wait(std::chrono::seconds(30));
+  EXPECT_EQ(r2.exitCode, 0) << r2.output;
+  EXPECT_NE(r2.output.find("left the job"), std::string::npos) << r2.output;
+  const auto r0 = n0.wait(std::chrono::seconds(45));
+  const auto r1 = n1.wait(std::chrono::seconds(10));
+  ASSERT_EQ(r0.exitCode, 0) << "the survivors must not wait for the 60 s heartbeat timeout\n" << r0.output;
+  ASSERT_EQ(r1.exitCode, 0) << r1.output;
+  EXPECT_EQ(expectSameParameters(hashesOf(job.metrics(0)), hashesOf(job.metrics(1))), 12);
+}
+
 }  // namespace

@@ -10,6 +10,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -314,6 +315,43 @@ TEST_F(ElasticMeshTest, NodeDroppedWhileAwayIsEvicted) {
   EXPECT_EQ(results[0], "member of 2");
   EXPECT_EQ(results[1], "member of 2");
   EXPECT_EQ(results[2].rfind("evicted: ", 0), 0u) << results[2];
+}
+
+// Several joiners at one outer step are spread over the members as sources
+// (round-robin), so no single peer sends every copy.
+TEST_F(ElasticMeshTest, SeveralJoinersAreSpreadOverSources) {
+  std::promise<void> firstStepDone;
+  std::shared_future<void> firstStep = firstStepDone.get_future().share();
+  auto founder = [&](int node) {
+    ElasticMesh mesh(identity(node, 2, 4), fastConfig());
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 0) firstStepDone.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+    flat = contribution(node, 2);
+    const Membership admitted = mesh.averageAcrossNodes(flat, 2);
+    for (const std::string& joiner : mesh.joinersToServe()) {
+      mesh.publishRecoverySource(joiner, "127.0.0.1:" + std::to_string(41000 + node));
+    }
+    return admitted;
+  };
+  auto f0 = std::async(std::launch::async, founder, 0);
+  auto f1 = std::async(std::launch::async, founder, 1);
+  firstStep.wait();
+  auto joiner = [&](int slot) {
+    ElasticMesh mesh(identity(slot, 2, 4), fastConfig());
+    const std::optional<RecoveryTicket> ticket = mesh.join();
+    EXPECT_TRUE(ticket.has_value());
+    return ticket ? ticket->source : std::string("none");
+  };
+  auto j2 = std::async(std::launch::async, joiner, 2);
+  auto j3 = std::async(std::launch::async, joiner, 3);
+  const std::set<std::string> sources = {j2.get(), j3.get()};
+  EXPECT_EQ(sources, (std::set<std::string>{"0.0", "1.0"})) << "two joiners, two different sources";
+  const Membership admitted = f0.get();
+  f1.get();
+  EXPECT_EQ(admitted.joiners.size(), 2u);
 }
 
 }  // namespace
