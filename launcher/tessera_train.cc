@@ -36,6 +36,8 @@
 #include "launcher/train_job.h"
 #include "tessera/checkpoint/checkpoint.h"
 #include "tessera/checkpoint/training_state.h"
+#include "tessera/comm/fault.h"
+#include "tessera/core/timer.h"
 #include "tessera/core/logging.h"
 #include "tessera/core/training/trainer.h"
 #include "tessera/launcher/init.h"
@@ -70,8 +72,15 @@ std::map<std::string, std::string> describeRun(const TrainJobConfig& job, const 
   return meta;
 }
 
-int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::string& metricsPath,
-           const CheckpointFlags& flags, const std::map<std::string, std::string>& runMeta) {
+int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string& metricsPath,
+           const CheckpointFlags& flags, const std::map<std::string, std::string>& runMeta, const std::string& faultFlag) {
+  // A fault plan ([faults] plan, --fault, TESSERA_FAULT_PLAN) wraps the world
+  // (every mesh group is split off it, so its faults reach them all) and
+  // drives the step-level kills and slow-downs.
+  std::string planText = job.fault_plan;
+  if (!faultFlag.empty()) planText += (planText.empty() ? "" : ";") + faultFlag;
+  comm::FaultPlan plan = planText.empty() ? comm::FaultPlan::fromEnv() : comm::FaultPlan::parse(planText);
+  if (!plan.empty()) ctx.world = comm::injectFaults(ctx.world, plan, ctx.rank());
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath);  // collective
   if (ctx.rank() == 0) {
     TESSERA_LOG(kInfo) << "training " << job.model.kind << " (" << built->numParameters << " parameters) for "
@@ -79,6 +88,16 @@ int runJob(const TrainJobConfig& job, const DistributedContext& ctx, const std::
                        << job.parallel.mesh.describe() << ", " << built->threads << " threads per rank";
   }
   Trainer trainer(built->parts, job.train);
+  comm::StepFaults stepFaults(plan, ctx.rank());
+  if (stepFaults.active()) {
+    auto stepTimer = std::make_shared<Stopwatch>();
+    trainer.callbacks().beforeStep.push_back([&stepFaults, stepTimer](int64_t step) {
+      stepFaults.beforeStep(step);
+      stepTimer->restart();
+    });
+    trainer.callbacks().afterStep.push_back(
+        [&stepFaults, stepTimer](const StepReport&) { stepFaults.afterStep(stepTimer->seconds()); });
+  }
   checkpoint::TrainingParts state;
   state.trainer = &trainer;
   state.model = &built->model->module();
@@ -197,7 +216,8 @@ int main(int argc, char** argv) {
     options.backend = job.parallel.backend;
     const tessera::DistributedContext ctx = tessera::init(options);
     return tessera::launcher::runJob(job, ctx, metricsPath, flags,
-                                     tessera::launcher::describeRun(job, configPath, overrides, ctx.worldSize()));
+                                     tessera::launcher::describeRun(job, configPath, overrides, ctx.worldSize()),
+                                     faultPlan);
   } catch (const tessera::ConfigError& e) {
     std::fprintf(stderr, "tessera-train: %s\n", e.what());
     return 2;

@@ -8,6 +8,7 @@
 #include <sstream>
 #include <variant>
 
+#include "tessera/comm/fault.h"
 #include "tessera/core/config.h"
 
 namespace tessera::launcher {
@@ -298,6 +299,13 @@ void TrainJobConfig::validate() const {
   }
   if (optimizer == "mt-dao") mt_dao.validate("mt_dao.");
   elastic.validate("elastic.");
+  if (!fault_plan.empty()) {
+    try {
+      comm::FaultPlan::parse(fault_plan);
+    } catch (const InvalidArgument& e) {
+      throw ConfigError("faults.plan", e.what());
+    }
+  }
   data.validate();
   optim.validate("optim.");
   schedule.validate("optim.");

@@ -203,5 +203,19 @@ TEST(TrainConfig, CommunicationLightOptimizerErrorsNameTheField) {
   EXPECT_EQ(configErrorOf([&] { none.parallel.validate(2, true); }).field(), "parallel.dp_shard");
 }
 
+TEST(TrainConfig, ElasticAndFaultSectionsAreReadAndChecked) {
+  const TrainJobConfig c = parseTrainJobConfig(
+      kMinimalGpt, {"elastic.heartbeat_interval_s=0.5", "elastic.heartbeat_timeout_s=3.0", "elastic.min_nodes=2",
+                    "faults.plan=\"kill:rank=1,step=7;slow:rank=0,factor=2\""});
+  EXPECT_EQ(c.elastic.heartbeat_interval_s, 0.5);
+  EXPECT_EQ(c.elastic.heartbeat_timeout_s, 3.0);
+  EXPECT_EQ(c.elastic.min_nodes, 2);
+  EXPECT_EQ(c.fault_plan, "kill:rank=1,step=7;slow:rank=0,factor=2");
+  EXPECT_EQ(parseError(kMinimalGpt, {"elastic.heartbeat_timeout_s=1.0"}).field(), "elastic.heartbeat_timeout_s");
+  EXPECT_EQ(parseError(kMinimalGpt, {"elastic.max_retries=0"}).field(), "elastic.max_retries");
+  EXPECT_EQ(parseError(kMinimalGpt, {"faults.plan=\"explode:rank=1\""}).field(), "faults.plan");
+  EXPECT_EQ(parseError(kMinimalGpt, {"elastic.bogus=1"}).field(), "elastic.bogus");
+}
+
 }  // namespace
 }  // namespace tessera::launcher
