@@ -107,14 +107,6 @@ class FrameReader {
   size_t position_ = 0;
 };
 
-std::string shapeText(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << "]";
-  return out.str();
-}
-
 // Product of the dims, or the first problem ("" when fine) in `problem`.
 int64_t checkedNumel(const std::vector<int64_t>& shape, std::string& problem) {
   int64_t numel = 1;

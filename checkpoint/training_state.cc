@@ -54,14 +54,6 @@ std::vector<std::string> split(const std::string& text, char separator) {
   return out;
 }
 
-std::string shapeText(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << "]";
-  return out.str();
-}
-
 // Text <-> uint8 tensor (optimizer scalars as "key=value" lines).
 at::Tensor textTensor(const std::string& text) {
   at::Tensor out = at::empty({static_cast<int64_t>(text.size())}, at::kByte);

@@ -2,10 +2,19 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <sstream>
 
 #include "tessera/core/error.h"
 
 namespace tessera {
+
+std::string shapeText(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
 
 int64_t StateTensor::globalNumel() const {
   int64_t n = 1;

@@ -43,7 +43,7 @@ else
 fi
 step "run: tessera-chaos --plan examples/chaos/demo.toml --out ${out} ${baseline[*]:-}"
 echo "  DiLoCo (H = 10, int8) on a tiny GPT over fortunes; ${where};"
-echo "  node 2 is killed at step 55 and restarted at step 75 (a few minutes)"
+echo "  node 2 is killed at step 110 and restarted at step 150 (about a minute)"
 "${build_dir}/bench/tessera-chaos" --plan examples/chaos/demo.toml --out "${out}" "${baseline[@]}"
 
 step "done"

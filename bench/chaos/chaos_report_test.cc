@@ -195,6 +195,8 @@ TEST(ChaosReport, RecoveryRejoinAndCommitsFromSyntheticRun) {
   EXPECT_EQ(j.member, "2.1");
   EXPECT_NEAR(j.memberS, 46.5 - 30.0, 1e-6);
   EXPECT_NEAR(r.meanLinkFraction, 0.64, 1e-9);
+  // Ring payloads 2(m-1)/m: outer steps 1-2 and 4-6 with 3 members, 3 with 2.
+  EXPECT_NEAR(r.ringPayloads, 5 * (4.0 / 3.0) + 1.0, 1e-9);
 
   // Final loss: mean over the nodes at step 60 (4 - 2 + {0, 0.2, 0.1}).
   EXPECT_EQ(r.finalStep, 60);
@@ -276,6 +278,40 @@ TEST(ChaosReport, KillThatNeverRecoversIsNotSurvived) {
   EXPECT_LT(r.failures[0].recoveryS, 0);
   EXPECT_EQ(r.survivedFailures, 0);
   EXPECT_LT(r.meanRecoveryS, 0);
+}
+
+// A partition is a failure; after the heal the node's launcher restarts its
+// evicted workers (same runner incarnation, new member 1.1), which recover.
+TEST(ChaosReport, PartitionIsAFailureAndHealRecoversInTheSameIncarnation) {
+  const TestDir dir("heal");
+  SyntheticRun run(dir, {{"type", "start"}, {"unix", kT0}, {"nodes", 2}, {"rate_bps", 1e8}});
+  run.launch(0, 0, 0);
+  run.launch(1, 0, 0);
+  run.membership({0, 1}, 1, 0, {"0.0", "1.0"}, 1.0);
+  run.commit({{0, 0}, {1, 0}}, 1, 1, 1, 10.0);
+  run.action("partition", 1, 12.0);
+  run.membership({0}, 2, 2, {"0.0"}, 19.0, {}, {"1.0"});
+  run.commit({{0, 0}}, 2, 2, 2, 19.5);
+  run.action("heal", 1, 25.0);
+  run.event(1, 0, {{"event", "recovered"}, {"from", "0.0"}, {"bytes", 1e6}, {"seconds", 0.1}}, 27.0);
+  run.membership({0}, 3, 3, {"0.0", "1.1"}, 29.0);
+  run.commit({{0, 0}, {1, 0}}, 3, 3, 1, 29.5);
+  run.end(35.0);
+  run.write();
+  const ChaosReport r = computeReport(loadChaosRecord(dir.string()));
+  ASSERT_EQ(r.failures.size(), 1u);
+  EXPECT_EQ(r.failures[0].action, "partition");
+  EXPECT_TRUE(r.failures[0].survived);
+  EXPECT_NEAR(r.failures[0].recoveryS, 7.5, 1e-6);
+  ASSERT_EQ(r.joins.size(), 1u);
+  EXPECT_EQ(r.joins[0].action, "heal");
+  EXPECT_TRUE(r.joins[0].recovered);
+  EXPECT_NEAR(r.joins[0].rejoinS, 2.0, 1e-6);
+  EXPECT_NEAR(r.joins[0].linkFraction, 1e7 * 8 / 1e8, 1e-9);
+  EXPECT_EQ(r.joins[0].member, "1.1");
+  EXPECT_NEAR(r.joins[0].memberS, 4.0, 1e-6);
+  // Ring payloads: 2(m-1)/m over the commits: m = 2, 1, 2 (members of each epoch).
+  EXPECT_NEAR(r.ringPayloads, 1.0 + 0.0 + 1.0, 1e-9);
 }
 
 TEST(ChaosReport, PlotIsWrittenWhenGnuplotExists) {
@@ -388,6 +424,12 @@ TEST(ChaosPlan, RefusesWhatCannotRun) {
       planWith(config, "[network]\nmode = \"auto\"\nrate = \"100mbit\"\n[[event]]\nat_s = 5\naction = \"partition\"\nnode = 1\n"),
       dir.string(), "test.toml", true);
   EXPECT_EQ(p.network, "netns");
+  EXPECT_EQ(p.rate, "100mbit");
+  // Not root: "auto" falls back to loopback and drops the rate.
+  const ChaosPlan q = parseChaosPlan(planWith(config, "[network]\nmode = \"auto\"\nrate = \"100mbit\"\n"),
+                                     dir.string(), "test.toml", false);
+  EXPECT_EQ(q.network, "loopback");
+  EXPECT_TRUE(q.rate.empty());
 }
 
 TEST(ChaosPlan, RatesInTcUnits) {

@@ -135,17 +135,35 @@ void summarize(const std::string& dir, const ChaosRecord& record, const ChaosRep
   std::printf("\n");
   std::printf("  failures: %zu, survived %d", report.failures.size(), report.survivedFailures);
   if (report.meanRecoveryS >= 0) {
-    std::printf("; kill -> next commit without the node %.1f s on average, training stalled %.1f s (max %.1f s)",
+    std::printf("; failure -> next commit without the node %.1f s on average, training stalled %.1f s (max %.1f s)",
                 report.meanRecoveryS, report.meanStallS, report.maxStallS);
   }
   std::printf("\n");
+  if (report.joins.size() > 6) {
+    int recovered = 0;
+    std::vector<double> rejoin;
+    for (const auto& j : report.joins) {
+      recovered += j.recovered ? 1 : 0;
+      if (j.recovered) rejoin.push_back(j.rejoinS);
+    }
+    double mean = 0;
+    for (double r : rejoin) mean += r / static_cast<double>(rejoin.size());
+    std::printf("  restarts/joins: %zu, recovered from a peer %d (mean %.1f s after the start)", report.joins.size(),
+                recovered, mean);
+    if (report.meanRecoveryBytesPerSecond > 0) {
+      std::printf("; live recovery %s/s", human(report.meanRecoveryBytesPerSecond).c_str());
+      if (report.meanLinkFraction >= 0) std::printf(" = %.0f%% of the link", 100.0 * report.meanLinkFraction);
+    }
+    std::printf("\n");
+  }
   for (const auto& j : report.joins) {
+    if (report.joins.size() > 6) break;
     if (j.recovered) {
       std::printf("  %s of node %d: recovered %s from %s in %.2f s (%s/s", j.action.c_str(), j.node,
                   human(j.bytes).c_str(), j.from.c_str(), j.seconds, human(j.bytesPerSecond).c_str());
       if (j.linkFraction >= 0) std::printf(", %.0f%% of the link", 100.0 * j.linkFraction);
-      std::printf("), %.1f s after its start", j.rejoinS);
-      if (j.memberS >= 0) std::printf("; a member %.1f s after its start", j.memberS);
+      std::printf("), %.1f s after the %s", j.rejoinS, j.action.c_str());
+      if (j.memberS >= 0) std::printf("; a member %.1f s after it", j.memberS);
       std::printf("\n");
     } else {
       std::printf("  %s of node %d: no live recovery seen\n", j.action.c_str(), j.node);

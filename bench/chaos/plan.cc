@@ -210,7 +210,10 @@ ChaosPlan parseChaosPlan(const std::string& text, const std::string& baseDir, co
   }
   TESSERA_CHECK_CONFIG(plan.network == "loopback" || plan.network == "netns" || plan.network == "auto",
                        "network.mode", "must be loopback, netns or auto, got '" << plan.network << "'");
-  if (plan.network == "auto") plan.network = isRoot ? "netns" : "loopback";
+  if (plan.network == "auto") {
+    plan.network = isRoot ? "netns" : "loopback";
+    if (!isRoot) plan.rate.clear();  // "auto" falls back to loopback, which has no link to limit
+  }
   TESSERA_CHECK_CONFIG(plan.network != "netns" || isRoot, "network.mode",
                        "netns needs root (network namespaces); run as root or use mode = \"loopback\"");
   if (!plan.rate.empty()) {

@@ -23,7 +23,8 @@
 //
 //   [network]
 //   mode = "loopback"            # "loopback", "netns" (root only) or "auto" (netns when root)
-//   rate = "100mbit"             # netns: tbf on every host link (tc units)
+//   rate = "100mbit"             # netns: tbf on every host link (tc units); ignored when
+//                                # "auto" falls back to loopback
 //
 //   [[event]]                    # at_s (seconds since the start) or at_step (the first node's
 //   at_s = 20                    # metrics reach that step)
@@ -32,7 +33,8 @@
 //   rate = "10mbit"              # throttle only ("off" removes the limit)
 //
 //   [soak]                       # random failures on top of the events
-//   kills = 50                   # SIGKILLs of random live nodes (never below min_nodes live)
+//   kills = 50                   # SIGKILLs of random running nodes, never leaving fewer than
+//                                # min_nodes members of the latest decision (state holders)
 //   mtbf_s = 10                  # mean seconds between kills (exponential)
 //   restart_after_s = 5          # each killed node restarts this long after its kill
 //   start_after_s = 10           # no kill before this

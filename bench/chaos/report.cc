@@ -244,7 +244,7 @@ ChaosReport computeReport(const ChaosRecord& record) {
   // Failures.
   std::vector<double> recoveries, stalls;
   for (const auto& action : record.actions) {
-    if (action.action != "kill" && action.action != "leave") continue;
+    if (action.action != "kill" && action.action != "leave" && action.action != "partition") continue;
     FailureResult f;
     f.atS = action.unix - record.startUnix;
     f.node = action.node;
@@ -305,34 +305,34 @@ ChaosReport computeReport(const ChaosRecord& record) {
   report.meanStallS = mean(stalls);
   if (!stalls.empty()) report.maxStallS = *std::max_element(stalls.begin(), stalls.end());
 
-  // Joins and restarts: the incarnation started by the action.
+  // Restarts, joins and heals: the node's first live recovery after the
+  // action (in the incarnation the runner started, or -- after a heal -- the
+  // workers its launcher restarted when they found themselves evicted).
   std::vector<double> throughputs, fractions;
   for (const auto& action : record.actions) {
-    if (action.action != "restart" && action.action != "join") continue;
+    if (action.action != "restart" && action.action != "join" && action.action != "heal") continue;
     JoinResult r;
     r.atS = action.unix - record.startUnix;
     r.node = action.node;
     r.action = action.action;
-    const IncarnationRecord* started = nullptr;
+    const MetricsLine* first = nullptr;
     for (const auto& run : record.runs) {
-      if (run.node == action.node && run.startUnix >= action.unix - 1.0 &&
-          (started == nullptr || run.startUnix < started->startUnix)) {
-        started = &run;
+      if (run.node != action.node) continue;
+      for (const auto& line : run.lines) {
+        if (isEvent(line.value, "recovered") && line.unix > action.unix && (first == nullptr || line.unix < first->unix)) {
+          first = &line;
+        }
       }
     }
-    if (started != nullptr) {
-      for (const auto& line : started->lines) {
-        if (!isEvent(line.value, "recovered")) continue;
-        r.recovered = true;
-        r.rejoinS = line.unix - action.unix;
-        r.from = text(line.value, "from");
-        r.bytes = number(line.value, "bytes");
-        r.seconds = number(line.value, "seconds");
-        if (r.seconds > 0) r.bytesPerSecond = r.bytes / r.seconds;
-        if (r.bytesPerSecond > 0 && record.rateBitsPerSecond > 0) {
-          r.linkFraction = r.bytesPerSecond * 8.0 / record.rateBitsPerSecond;
-        }
-        break;
+    if (first != nullptr) {
+      r.recovered = true;
+      r.rejoinS = first->unix - action.unix;
+      r.from = text(first->value, "from");
+      r.bytes = number(first->value, "bytes");
+      r.seconds = number(first->value, "seconds");
+      if (r.seconds > 0) r.bytesPerSecond = r.bytes / r.seconds;
+      if (r.bytesPerSecond > 0 && record.rateBitsPerSecond > 0) {
+        r.linkFraction = r.bytesPerSecond * 8.0 / record.rateBitsPerSecond;
       }
     }
     std::set<std::string> before;
@@ -554,19 +554,28 @@ std::string plotReport(const std::string& dir, const ChaosRecord& record, const 
     gp << "set terminal png size 1100,650\nset output '" << png << "'\n"
        << "set title 'training loss vs wall time: " << report.failures.size() << " failures (red), "
        << report.joins.size() << " restarts/joins (green: recovered)'\n"
-       << "set xlabel 'wall time (s)'\nset ylabel 'training loss'\nset key top right\nset grid\n";
+       << "set xlabel 'wall time (s)'\nset ylabel 'training loss'\nset key below horizontal\nset grid\n"
+       << "set xrange [0:" << std::max(1.0, report.wallSeconds) << "]\n";
+    // Name each marker while there are few; a soak's dozens would only overlap.
+    const bool labels = report.failures.size() + report.joins.size() <= 8;
     for (const auto& f : report.failures) {
-      gp << "set arrow from " << f.atS << ", graph 0 to " << f.atS << ", graph 1 nohead lc rgb 'red' lw 2\n"
-         << "set label '" << f.action << " " << f.node << "' at " << f.atS << ", graph 0.97 left offset 0.3,0 tc rgb 'red'\n";
+      gp << "set arrow from " << f.atS << ", graph 0 to " << f.atS << ", graph 1 nohead lc rgb 'red' lw 2\n";
+      if (labels) {
+        gp << "set label '" << f.action << " " << f.node << "' at " << f.atS
+           << ", graph 0.97 left offset 0.3,0 tc rgb 'red'\n";
+      }
     }
     for (const auto& j : report.joins) {
       const double at = j.recovered ? j.atS + j.rejoinS : j.atS;
       gp << "set arrow from " << at << ", graph 0 to " << at << ", graph 1 nohead lc rgb 'dark-green' lw 2 dt "
-         << (j.recovered ? 1 : 2) << "\n"
-         << "set label '" << (j.recovered ? "rejoined " : "restart ") << j.node << "' at " << at
-         << ", graph 0.92 left offset 0.3,0 tc rgb 'dark-green'\n";
+         << (j.recovered ? 1 : 2) << "\n";
+      if (labels) {
+        gp << "set label '" << (j.recovered ? "rejoined " : "restart ") << j.node << "' at " << at
+           << ", graph 0.92 left offset 0.3,0 tc rgb 'dark-green'\n";
+      }
     }
-    gp << "plot ";
+    gp << "plot NaN with lines lc rgb 'red' lw 2 title 'failure', NaN with lines lc rgb 'dark-green' lw 2 title "
+          "'rejoined (live recovery)', ";
     for (size_t i = 0; i < nodes.size(); ++i) {
       gp << (i ? ", " : "") << "'" << data << "' index " << i << " using 1:2 with lines lw 2 title 'node "
          << nodes[i] << "'";

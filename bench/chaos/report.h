@@ -9,8 +9,9 @@
 //   {"type":"seen","node":I,"incarnation":K,"line":L,"unix":T}   (when the runner read step line L)
 //   {"type":"exit","node":I,"incarnation":K,"unix":T,"code":C}
 //   {"type":"end","unix":T,"reason":"finished"|"timeout"|...}
-// and each node incarnation's tessera-train writes its own metrics file (step
-// lines and the event lines of tessera/parallel/elastic.h). A step line's
+// and each node incarnation's metrics file holds the step lines and the event
+// lines of tessera/parallel/elastic.h its tessera-train wrote (copied there
+// by the runner as it read them). A step line's
 // time_s counts from that trainer's start, so the wall time of a step line is
 // when the runner saw it (polled every 100 ms), unless time_s is itself a Unix
 // time. Event lines carry Unix times and are used as they are.

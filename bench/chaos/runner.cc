@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <set>
@@ -237,11 +238,17 @@ struct Incarnation {
   pid_t pid = -1;
   bool running = false;
   bool killedByUs = false;
-  std::string metricsPath;
+  // tessera-train writes rawPath (and truncates it when the launcher
+  // restarts the workers); the runner copies every complete line it reads to
+  // DIR/<metricsName>, the file the report reads, so no line is lost.
+  std::string rawPath;
   std::string metricsName;
+  std::shared_ptr<std::ofstream> archive;
+  std::string head;       // the file's first bytes: a rewrite from scratch changes them
   off_t offset = 0;
   std::string partial;
   int64_t lines = 0;
+  double launchUnix = 0;
 };
 
 class Runner {
@@ -289,6 +296,8 @@ class Runner {
                                                   name.find(".log") != std::string::npos));
       if (ours && entry.is_regular_file()) fs::remove(entry.path());
     }
+    fs::remove_all(dir_ + "/raw");
+    fs::create_directories(dir_ + "/raw");
     journal_.open(dir_ + "/chaos.jsonl", std::ios::app);
     if (!journal_) throw Error("cannot write " + dir_ + "/chaos.jsonl");
     const JobShape shape = readJobShape(plan_);
@@ -328,8 +337,10 @@ class Runner {
     TESSERA_CHECK_ARG(!o_.paths.netnsScript.empty() && fs::exists(o_.paths.netnsScript),
                       "netns mode needs scripts/netns-cluster.sh (give --netns-script PATH)");
     static const char* alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
+    // Not from the plan's seed: two runs of one plan at once need two clusters.
+    std::random_device entropy;
     tag_ = "c";
-    for (int i = 0; i < 5; ++i) tag_ += alphabet[std::uniform_int_distribution<int>(0, 35)(rng_)];
+    for (int i = 0; i < 5; ++i) tag_ += alphabet[entropy() % 36];
     std::vector<std::string> up = {o_.paths.netnsScript, "up", tag_, std::to_string(plan_.slotsUsed())};
     if (!plan_.rate.empty()) up.push_back(plan_.rate);
     netnsUp_ = true;
@@ -386,7 +397,8 @@ class Runner {
     inc.slot = slot;
     inc.index = launches_[slot]++;
     inc.metricsName = "node" + std::to_string(slot) + "-" + std::to_string(inc.index) + ".jsonl";
-    inc.metricsPath = dir_ + "/" + inc.metricsName;
+    inc.rawPath = dir_ + "/raw/" + inc.metricsName;
+    inc.archive = std::make_shared<std::ofstream>(dir_ + "/" + inc.metricsName, std::ios::app);
     const int maxNodes = plan_.maxNodes > 0 ? plan_.maxNodes : plan_.slotsUsed();
     std::vector<std::string> argv = {o_.paths.tesseraRun,
                                      "--nnodes",
@@ -396,7 +408,9 @@ class Runner {
                                      "--rdzv-endpoint",
                                      storeEndpoint_,
                                      "--node-rank",
-                                     std::to_string(slot)};
+                                     std::to_string(slot),
+                                     "--advertise-host",
+                                     plan_.network == "netns" ? address(std::to_string(slot)) : "127.0.0.1"};
     if (!tokenPath_.empty()) {
       argv.push_back("--join-token-file");
       argv.push_back(tokenPath_);
@@ -417,7 +431,7 @@ class Runner {
       argv.push_back("elastic." + key + "=" + value);
     }
     argv.push_back("--metrics");
-    argv.push_back(inc.metricsPath);
+    argv.push_back(inc.rawPath);
     auto fault = plan_.nodeFaults.find(slot);
     if (fault != plan_.nodeFaults.end() && !fault->second.empty()) {
       argv.push_back("--fault");
@@ -432,13 +446,14 @@ class Runner {
     inc.pid = spawn(inHost(std::to_string(slot), argv), dir_ + "/node" + std::to_string(slot) + ".log", env,
                     header.str());
     inc.running = true;
+    inc.launchUnix = unixNow();
     record({{"type", "launch"},
             {"node", slot},
             {"incarnation", inc.index},
             {"unix", unixNow()},
             {"pid", inc.pid},
             {"metrics", inc.metricsName}});
-    incarnations_.push_back(inc);
+    incarnations_.push_back(std::move(inc));
   }
 
   Incarnation* current(int slot) {
@@ -534,11 +549,19 @@ class Runner {
       }
     }
     if (nextSoakKill_ > 0 && now >= nextSoakKill_ && !jobFinished_) {
+      // Never kill below min_nodes nodes that hold the training state
+      // (members of the latest decision): a joiner has nothing to give, and
+      // killing every holder ends the job rather than testing recovery.
       std::vector<int> candidates;
+      int holders = 0;
       for (const auto& inc : incarnations_) {
-        if (inc.running && soakRestarts_.count(inc.slot) == 0) candidates.push_back(inc.slot);
+        if (inc.running && holdsState(inc)) ++holders;
       }
-      if (runningCount() > plan_.minNodes && !candidates.empty()) {
+      for (const auto& inc : incarnations_) {
+        if (!inc.running || soakRestarts_.count(inc.slot) != 0) continue;
+        if (!holdsState(inc) || holders - 1 >= plan_.minNodes) candidates.push_back(inc.slot);
+      }
+      if (!candidates.empty()) {
         const int slot = candidates[std::uniform_int_distribution<size_t>(0, candidates.size() - 1)(rng_)];
         ++soakKills_;
         say("soak kill " + std::to_string(soakKills_) + "/" + std::to_string(plan_.soak.kills));
@@ -551,12 +574,23 @@ class Runner {
     }
   }
 
+  // With no node running: is a start still to come? Only a timed one can
+  // fire (step triggers need a running node's metrics).
+  // A member of the latest decision seen, launched before it.
+  bool holdsState(const Incarnation& inc) const {
+    if (inc.launchUnix > latestMembershipUnix_) return false;
+    for (const auto& member : latestMembers_) {
+      if (member.substr(0, member.find('.')) == std::to_string(inc.slot)) return true;
+    }
+    return false;
+  }
+
   bool startsPending() const {
     if (jobFinished_) return false;
-    if (!soakRestarts_.empty() || nextSoakKill_ > 0) return true;
+    if (!soakRestarts_.empty()) return true;
     for (size_t i = 0; i < plan_.events.size(); ++i) {
-      const std::string& a = plan_.events[i].action;
-      if (fired_.count(i) == 0 && (a == "restart" || a == "join")) return true;
+      const ChaosEvent& e = plan_.events[i];
+      if (fired_.count(i) == 0 && (e.action == "restart" || e.action == "join") && e.atSeconds >= 0) return true;
     }
     return false;
   }
@@ -597,25 +631,36 @@ class Runner {
   }
 
   void tail(Incarnation& inc) {
-    const int fd = ::open(inc.metricsPath.c_str(), O_RDONLY | O_CLOEXEC);
+    const int fd = ::open(inc.rawPath.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return;
     struct stat st {};
-    if (fstat(fd, &st) == 0 && st.st_size < inc.offset) {  // truncated: start over
+    char buf[65536];
+    bool rewritten = fstat(fd, &st) == 0 && st.st_size < inc.offset;
+    if (!rewritten && !inc.head.empty()) {
+      const ssize_t n = ::pread(fd, buf, inc.head.size(), 0);
+      rewritten = n != static_cast<ssize_t>(inc.head.size()) || inc.head.compare(0, inc.head.size(), buf, n) != 0;
+    }
+    if (rewritten) {  // restarted workers truncated it: read the new content from the start
+      say("node " + std::to_string(inc.slot) + ": its launcher restarted the workers (evicted or failed); they rejoin");
       inc.offset = 0;
       inc.partial.clear();
-      inc.lines = 0;
+      inc.head.clear();
     }
-    char buf[65536];
     ssize_t n;
     while ((n = ::pread(fd, buf, sizeof(buf), inc.offset)) > 0) {
       inc.offset += n;
       inc.partial.append(buf, static_cast<size_t>(n));
+    }
+    if (inc.head.empty() && inc.offset >= 64) {
+      if (::pread(fd, buf, 64, 0) == 64) inc.head.assign(buf, 64);
     }
     ::close(fd);
     size_t newline;
     while ((newline = inc.partial.find('\n')) != std::string::npos) {
       const std::string line = inc.partial.substr(0, newline);
       inc.partial.erase(0, newline + 1);
+      *inc.archive << line << "\n";
+      inc.archive->flush();
       const int64_t index = inc.lines++;
       json j = json::parse(line, nullptr, false);
       if (j.is_discarded() || !j.is_object()) continue;
@@ -638,6 +683,14 @@ class Runner {
     if (event == "membership") {
       const int64_t epoch = j.value("epoch", int64_t{0});
       if (!epochsSeen_.insert(epoch).second) return;
+      if (epoch >= latestEpoch_) {
+        latestEpoch_ = epoch;
+        latestMembershipUnix_ = now;
+        latestMembers_.clear();
+        for (const auto& m : j.value("members", json::array())) {
+          if (m.is_string()) latestMembers_.push_back(m.get<std::string>());
+        }
+      }
       std::string line = "membership epoch " + std::to_string(epoch) + " at outer step " +
                          std::to_string(j.value("outer_step", int64_t{0})) + ": members [" +
                          joinList(j.value("members", json::array())) + "]";
@@ -811,6 +864,9 @@ class Runner {
   std::map<int, double> restartTimes_;
   bool awaitingResume_ = false;
   std::set<int64_t> epochsSeen_;
+  int64_t latestEpoch_ = -1;
+  double latestMembershipUnix_ = 0;
+  std::vector<std::string> latestMembers_;
   std::set<int64_t> commitsSeen_;
   std::set<std::pair<int64_t, int>> retriesSeen_;
   double nextSoakKill_ = -1;

@@ -1,9 +1,12 @@
 // Runs a chaos plan: a standalone tessera-store, one tessera-run launcher per
-// node (each in its own process group, output in DIR/node<i>.log, metrics of
-// incarnation k in DIR/node<i>-<k>.jsonl since tessera-train truncates its
-// metrics file), the plan's events and soak kills at their times, and a live
-// narration of what happens ("[chaos  12.3s] kill node 2") read from the
-// nodes' metrics files. Writes the journal DIR/chaos.jsonl (report.h).
+// node (each in its own process group, output in DIR/node<i>.log), the
+// plan's events and soak kills at their times, and a live narration of what
+// happens ("[chaos  12.3s] kill node 2") read from the nodes' metrics files.
+// Each launcher incarnation k of node i writes DIR/raw/node<i>-<k>.jsonl;
+// tessera-train truncates that file when its launcher restarts the workers
+// (after an eviction), so the runner copies every complete line it reads to
+// DIR/node<i>-<k>.jsonl, which keeps them all. Writes the journal
+// DIR/chaos.jsonl (report.h).
 //
 // Always cleans up: every process it started is killed and, in netns mode,
 // the namespaces are removed, whether the run finished, timed out, failed or

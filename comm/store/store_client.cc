@@ -20,19 +20,6 @@ using store_protocol::Request;
 using store_protocol::Response;
 using store_protocol::Status;
 
-const char* opName(Op op) {
-  switch (op) {
-    case Op::kSet: return "set";
-    case Op::kGet: return "get";
-    case Op::kWait: return "wait";
-    case Op::kAdd: return "add";
-    case Op::kCompareSet: return "compareSet";
-    case Op::kDelete: return "deleteKey";
-    case Op::kCheck: return "check";
-    case Op::kPing: return "ping";
-  }
-  return "request";
-}
 
 // True when the server has closed (or written unexpectedly to) an idle
 // connection: it must not be reused.
@@ -101,7 +88,7 @@ class StoreClient final : public Store {
     request.integer = timeoutMs;
     Response response = call(request, std::chrono::milliseconds(timeoutMs));
     if (response.status == Status::kTimeout) {
-      throw TimeoutError("store " + std::string(opName(request.op)) + " timed out after " +
+      throw TimeoutError("store " + std::string(store_protocol::toString(request.op)) + " timed out after " +
                          std::to_string(timeoutMs) + " ms on " + describe() +
                          "; missing keys: " + joinKeys(response.values));
     }
@@ -112,7 +99,7 @@ class StoreClient final : public Store {
   // take before answering (get/wait); the link gets requestTimeout on top.
   Response call(const Request& request, std::chrono::milliseconds serverWait) {
     const Bytes frame = store_protocol::encode(request);
-    const char* op = opName(request.op);
+    const char* op = store_protocol::toString(request.op);
     std::lock_guard<std::mutex> lock(mutex_);
     for (int attempt = 0;; ++attempt) {
       bool fresh = false;

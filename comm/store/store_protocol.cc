@@ -26,19 +26,6 @@ void putBlob(Bytes& out, const Container& blob) {
   out.insert(out.end(), blob.begin(), blob.end());
 }
 
-const char* opName(Op op) {
-  switch (op) {
-    case Op::kSet: return "set";
-    case Op::kGet: return "get";
-    case Op::kWait: return "wait";
-    case Op::kAdd: return "add";
-    case Op::kCompareSet: return "compareSet";
-    case Op::kDelete: return "deleteKey";
-    case Op::kCheck: return "check";
-    case Op::kPing: return "ping";
-  }
-  return "unknown";
-}
 
 struct Arity {
   size_t minKeys, maxKeys, values;
@@ -59,6 +46,20 @@ Arity arityOf(Op op) {
 }
 
 }  // namespace
+
+const char* toString(Op op) {
+  switch (op) {
+    case Op::kSet: return "set";
+    case Op::kGet: return "get";
+    case Op::kWait: return "wait";
+    case Op::kAdd: return "add";
+    case Op::kCompareSet: return "compareSet";
+    case Op::kDelete: return "deleteKey";
+    case Op::kCheck: return "check";
+    case Op::kPing: return "ping";
+  }
+  return "unknown";
+}
 
 // --- WireReader -------------------------------------------------------------
 
@@ -161,7 +162,7 @@ Request parse(const uint8_t* data, size_t size) {
   // Each key takes at least its 4-byte length: a count the frame cannot hold
   // is rejected before reserving anything.
   if (keyCount < arity.minKeys || keyCount > arity.maxKeys || keyCount > reader.left() / 4) {
-    throw ProtocolError(std::string("store ") + opName(request.op) + " request with " + std::to_string(keyCount) +
+    throw ProtocolError(std::string("store ") + toString(request.op) + " request with " + std::to_string(keyCount) +
                         " keys (expected " + std::to_string(arity.minKeys) + ".." + std::to_string(arity.maxKeys) +
                         ", frame holds at most " + std::to_string(reader.left() / 4) + ")");
   }
@@ -170,7 +171,7 @@ Request parse(const uint8_t* data, size_t size) {
 
   const uint32_t valueCount = reader.u32("value count");
   if (valueCount != arity.values) {
-    throw ProtocolError(std::string("store ") + opName(request.op) + " request with " +
+    throw ProtocolError(std::string("store ") + toString(request.op) + " request with " +
                         std::to_string(valueCount) + " values (expected " + std::to_string(arity.values) + ")");
   }
   request.values.reserve(valueCount);
@@ -178,7 +179,7 @@ Request parse(const uint8_t* data, size_t size) {
   request.integer = reader.i64("integer");
   reader.expectEnd();
   if ((request.op == Op::kGet || request.op == Op::kWait) && request.integer < 0) {
-    throw ProtocolError(std::string("store ") + opName(request.op) + " request with a negative timeout (" +
+    throw ProtocolError(std::string("store ") + toString(request.op) + " request with a negative timeout (" +
                         std::to_string(request.integer) + " ms)");
   }
   return request;

@@ -129,9 +129,9 @@ void StoreServer::Impl::acceptLoop() {
     ++connections;
     reapFinished();
     if (live.size() >= options.maxConnections) {
-      ++overloaded;
       reject("refused " + socket.peer() + ": already serving " + std::to_string(live.size()) +
              " connections (maxConnections)");
+      ++overloaded;
       continue;  // the socket closes here
     }
     auto connection = std::make_unique<Connection>();
@@ -157,8 +157,9 @@ void StoreServer::Impl::serve(Connection& connection) {
       net::authenticateServer(socket, options.secret, net::Deadline::after(kHandshakeTimeout));
     } catch (const std::exception& e) {
       if (!stopping.load()) {
-        ++authFailures;
+        // Recorded before counted: whoever sees the count also sees the reason.
         reject(std::string("refused a connection: ") + e.what());
+        ++authFailures;
       }
       socket.shutdown();
       return;
@@ -183,8 +184,8 @@ void StoreServer::Impl::serveRequests(net::Socket& socket) {
       TESSERA_LOG(kDebug) << "tessera store: closing idle connection from " << socket.peer();
       return;
     } catch (const ProtocolError& e) {
-      ++protocolErrors;
       reject(std::string("dropped a connection: ") + e.what());
+      ++protocolErrors;
       return;
     } catch (const CommError&) {
       return;  // the client went away
@@ -193,8 +194,8 @@ void StoreServer::Impl::serveRequests(net::Socket& socket) {
     try {
       request = store_protocol::parse(frame.data(), frame.size());
     } catch (const ProtocolError& e) {
-      ++protocolErrors;
       reject("dropped the connection of " + socket.peer() + ": " + e.what());
+      ++protocolErrors;
       return;
     }
     frame = Bytes();  // a large set's frame is not needed past here

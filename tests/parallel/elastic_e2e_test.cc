@@ -190,6 +190,22 @@ int expectSameParameters(const std::map<int64_t, std::string>& a, const std::map
   return compared;
 }
 
+// The outer steps after `joinedAt` that a rejoined node committed hold the
+// same parameters as on `reference`; returns how many were compared.
+int expectSameAfterRejoin(const std::map<int64_t, std::string>& rejoined,
+                          const std::map<int64_t, std::string>& reference, int64_t joinedAt) {
+  int after = 0;
+  for (const auto& [k, hash] : rejoined) {
+    if (k <= joinedAt) continue;
+    const auto it = reference.find(k);
+    EXPECT_TRUE(it != reference.end()) << "outer step " << k << " missing on the reference node";
+    if (it == reference.end()) continue;
+    EXPECT_EQ(hash, it->second) << "rejoined node differs at outer step " << k;
+    ++after;
+  }
+  return after;
+}
+
 // Survivors of a kill during the inner phase keep training; every later
 // outer step leaves them bit-identical; committed outer steps run 1..6 with
 // none skipped.
@@ -241,15 +257,8 @@ TEST(ElasticEndToEnd, RestartedNodeRecoversFromAPeerAndIsBitIdentical) {
   const auto h0 = hashesOf(job.metrics(0));
   const auto h1 = hashesOf(job.metrics(1));
   EXPECT_EQ(h0.size(), 8u) << "outer steps 1..8, none lost";
-  const int64_t joinedAt = recovered[0]["outer_step"].get<int64_t>();
-  int after = 0;
-  for (const auto& [k, hash] : h1) {
-    if (k <= joinedAt) continue;
-    ASSERT_TRUE(h0.count(k));
-    EXPECT_EQ(hash, h0.at(k)) << "rejoined node differs at outer step " << k;
-    ++after;
-  }
-  EXPECT_GE(after, 1) << "the rejoined node must take part in later outer steps";
+  EXPECT_GE(expectSameAfterRejoin(h1, h0, recovered[0]["outer_step"].get<int64_t>()), 1)
+      << "the rejoined node must take part in later outer steps";
 }
 
 // The fault plan kills node 2 inside its third outer all-reduce (its
@@ -320,13 +329,7 @@ TEST(ElasticEndToEnd, TwoProcessNodesRecoverEveryLocalRank) {
   const auto h0 = hashesOf(job.metrics(0));
   const auto h1 = hashesOf(job.metrics(1));
   EXPECT_EQ(h0.size(), 8u);
-  int after = 0;
-  for (const auto& [k, hash] : h1) {
-    if (k <= recovered[0]["outer_step"].get<int64_t>()) continue;
-    EXPECT_EQ(hash, h0.at(k)) << "outer step " << k;
-    ++after;
-  }
-  EXPECT_GE(after, 1);
+  EXPECT_GE(expectSameAfterRejoin(h1, h0, recovered[0]["outer_step"].get<int64_t>()), 1);
 }
 
 // Network namespaces as hosts (scripts/netns-cluster.sh; root only): the
@@ -396,13 +399,8 @@ TEST(ElasticEndToEnd, PartitionedMinorityWaitsThenRejoins) {
   const auto h0 = hashesOf(job.metrics(0));
   EXPECT_EQ(h0.size(), 80u) << "outer steps 1..80, none lost";
   for (int slot = 1; slot < 3; ++slot) EXPECT_EQ(expectSameParameters(h0, hashesOf(job.metrics(slot))), 80);
-  int after = 0;
-  for (const auto& [k, hash] : hashesOf(job.metrics(3))) {
-    if (k <= recovered[0]["outer_step"].get<int64_t>()) continue;
-    EXPECT_EQ(hash, h0.at(k)) << "outer step " << k;
-    ++after;
-  }
-  EXPECT_GE(after, 1) << "the rejoined node must take part in later outer steps";
+  EXPECT_GE(expectSameAfterRejoin(hashesOf(job.metrics(3)), h0, recovered[0]["outer_step"].get<int64_t>()), 1)
+      << "the rejoined node must take part in later outer steps";
 }
 
 // SIGTERM is a graceful leave: the node announces it and exits 0, and the

@@ -110,6 +110,9 @@ struct Request {
   int64_t integer = 0;  // add: delta; get/wait: timeout in ms
 };
 
+// "set", "get", ... for messages.
+const char* toString(Op op);
+
 Bytes encode(const Request& request);
 // Throws ProtocolError describing the first problem (unknown op, a count or
 // length over its limit, trailing or missing bytes). Never reads outside

@@ -41,6 +41,9 @@ struct StateTensor {
   int64_t globalNumel() const;
 };
 
+// "[2, 3]": a shape as error messages print it.
+std::string shapeText(const std::vector<int64_t>& shape);
+
 struct StateDict {
   std::map<std::string, StateTensor> tensors;
   std::map<std::string, std::string> meta;
