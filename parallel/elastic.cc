@@ -472,8 +472,7 @@ std::optional<RecoveryTicket> ElasticMesh::join() {
 
 void ElasticMesh::recovered(const RecoveryTicket& ticket) {
   committed_ = ticket.decision;
-  group_.reset();
-  groupEpoch_ = -1;
+  dropGroup();
 }
 
 std::vector<std::string> ElasticMesh::joinersToServe() const {
@@ -615,15 +614,30 @@ Membership ElasticMesh::decide(int64_t outerStep, int attempt) {
 
 // --- Group formation, the all-reduce, and the commit vote ------------------------
 
-void ElasticMesh::formGroup(const Membership& decision) {
+uint64_t ElasticMesh::bytesSent() const {
+  return retiredBytes_ + (group_ ? group_->stats().totalBytesSent() : 0);
+}
+
+void ElasticMesh::dropGroup() {
+  if (group_) retiredBytes_ += group_->stats().totalBytesSent();
   group_.reset();
+  groupEpoch_ = -1;
+}
+
+void ElasticMesh::formGroup(const Membership& decision) {
+  dropGroup();
   const std::string name = "elastic/e" + std::to_string(decision.epoch) + "/l" + std::to_string(identity_.localRank);
   comm::GlooOptions options;
   options.name = name;
   options.hostname = identity_.advertiseHost;
-  options.timeout = ms(config_.collective_timeout_s);
+  // Members read the decision within milliseconds of each other, so forming
+  // the group takes well under a second; a member that does not show up is
+  // dead (or cut off) and will be declared so by its heartbeat: waiting
+  // longer than that only delays the retry.
+  options.timeout = ms(std::min(config_.collective_timeout_s, config_.heartbeat_timeout_s + 2.0));
   comm::CommPtr group = comm::makeGlooCommunicator(store_, name, decision.indexOf(me_),
                                                    static_cast<int>(decision.members.size()), options);
+  group->setTimeout(ms(config_.collective_timeout_s));
   group_ = wrapGroup ? wrapGroup(group) : group;
   groupEpoch_ = decision.epoch;
 }
@@ -689,8 +703,7 @@ Membership ElasticMesh::averageAcrossNodes(at::Tensor flat, int64_t outerStep) {
       lastError = e.what();
       // Dropping the group closes its sockets, so peers blocked on this
       // process fail now instead of at their timeout.
-      group_.reset();
-      groupEpoch_ = -1;
+      dropGroup();
       TESSERA_LOG(kWarn) << "outer step " << outerStep << " attempt " << attempt + 1 << " failed: " << lastError;
     }
     const bool commit = vote(d, ok);
@@ -720,8 +733,7 @@ Membership ElasticMesh::averageAcrossNodes(at::Tensor flat, int64_t outerStep) {
       lastAttempts_ = attempt + 1;
       return d;
     }
-    group_.reset();
-    groupEpoch_ = -1;
+    dropGroup();
     emit(Json{{"event", "retry"}, {"outer_step", outerStep}, {"attempt", attempt + 1},
               {"error", ok ? "another node failed" : lastError}, {"time_s", unixSeconds()}}
              .dump());

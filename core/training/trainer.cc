@@ -115,6 +115,9 @@ StepReport Trainer::makeReport(double localLoss, double lr, double gradNorm, boo
   } else {
     for (const auto& c : parts_.trafficComms) r.commBytes += c->stats().totalBytesSent();
   }
+  if (parts_.extraTrafficBytes) {
+    r.commBytes += parts_.extraTrafficBytes();
+  }
   r.outerStep = outerStep;
   return r;
 }

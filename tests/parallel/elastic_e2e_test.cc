@@ -237,6 +237,12 @@ TEST(ElasticEndToEnd, KillDuringInnerPhaseSurvivorsContinueIdentical) {
     for (const auto& d : m["dropped"]) dropped |= d == "2.0";
   }
   EXPECT_TRUE(dropped) << "node 2 must be reported dropped";
+  // comm_bytes counts the elastic groups' traffic too (every epoch's).
+  int64_t commBytes = 0;
+  for (const auto& line : readLines(job.metrics(0))) {
+    if (line.contains("comm_bytes")) commBytes = line["comm_bytes"].get<int64_t>();
+  }
+  EXPECT_GT(commBytes, 6 * 20000) << "six int8 outer all-reduces of ~21k parameters";
 }
 
 // A killed node restarted as a new incarnation joins through live recovery:

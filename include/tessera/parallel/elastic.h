@@ -219,6 +219,8 @@ class ElasticMesh {
   std::function<void(const std::string& jsonLine)> onEvent;
   // Applied to every elastic group formed (fault injection wraps it here).
   std::function<comm::CommPtr(comm::CommPtr)> wrapGroup;
+  // Bytes this process sent on its elastic groups (every epoch's), cumulative.
+  uint64_t bytesSent() const;
   // Attempts the last committed outer step took (1 = no retry).
   int lastAttempts() const { return lastAttempts_; }
 
@@ -228,6 +230,7 @@ class ElasticMesh {
   Membership decideStart();
   std::optional<Membership> tryDecide(const std::string& base, int64_t outerStep, int attempt);
   void formGroup(const Membership& decision);
+  void dropGroup();  // counts its bytes first
   bool vote(const Membership& decision, bool ok);
   void emit(const std::string& jsonLine);
 
@@ -247,6 +250,7 @@ class ElasticMesh {
   std::chrono::steady_clock::time_point roundStart_;
   std::optional<std::chrono::steady_clock::time_point> belowMinSince_;
   int lastAttempts_ = 1;
+  uint64_t retiredBytes_ = 0;  // sent on groups already dropped
 };
 
 }  // namespace tessera::parallel

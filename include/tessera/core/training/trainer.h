@@ -89,6 +89,9 @@ struct TrainerParts {
   // The communicators whose bytes sent make comm_bytes (FSDP + hybrid
   // talk on two). Empty: dpComm alone.
   std::vector<comm::CommPtr> trafficComms;
+  // Bytes sent on communicators that come and go (the elastic groups, one
+  // per epoch), cumulative; added to comm_bytes. Null: none.
+  std::function<uint64_t()> extraTrafficBytes;
   MetricsWriter* metrics = nullptr;    // rank 0's writer; null on the others
   bool isRank0 = true;                 // prints the progress line
 };
