@@ -7,11 +7,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <memory>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include "launcher/train_job.h"
@@ -105,27 +107,51 @@ class RecoveryServer {
       : mesh_(mesh), parts_(parts), metrics_(metrics) {}
 
   // After a committed outer step: a snapshot per joiner this process serves.
+  // A failure here (port, store) strands that joiner -- it times out and
+  // rejoins -- but must not stop this node's training.
   void serveJoiners() {
     reap(false);
     for (const std::string& joiner : mesh_.joinersToServe()) {
-      checkpoint::RecoveryOptions options;
-      options.bindHost = mesh_.identity().advertiseHost;
-      options.secret = mesh_.secret();
-      options.timeout = std::chrono::milliseconds(static_cast<int64_t>(mesh_.config().join_timeout_s * 1000));
-      // clone(): the snapshot must not alias the parameters the next inner steps change.
-      auto sender = std::make_unique<checkpoint::StateSender>(checkpoint::collectTrainingState(parts_).clone(), options);
-      mesh_.publishRecoverySource(joiner, sender->address());
-      TESSERA_LOG(kInfo) << "serving the training state of outer step " << mesh_.committed().outerStep << " to "
-                         << joiner << " at " << sender->address();
-      senders_.push_back({joiner, mesh_.committed().outerStep, std::move(sender)});
+      try {
+        serve(joiner);
+      } catch (const std::exception& e) {
+        TESSERA_LOG(kWarn) << "could not serve the training state to " << joiner << ": " << e.what();
+      }
     }
   }
 
-  // Reports finished transfers; with `all`, waits for every one.
+  void serve(const std::string& joiner) {
+    checkpoint::RecoveryOptions options;
+    options.bindHost = mesh_.identity().advertiseHost;
+    options.secret = mesh_.secret();
+    options.timeout = std::chrono::milliseconds(static_cast<int64_t>(mesh_.config().join_timeout_s * 1000));
+    // clone(): the snapshot must not alias the parameters the next inner steps change.
+    auto sender = std::make_unique<checkpoint::StateSender>(checkpoint::collectTrainingState(parts_).clone(), options);
+    mesh_.publishRecoverySource(joiner, sender->address());
+    TESSERA_LOG(kInfo) << "serving the training state of outer step " << mesh_.committed().outerStep << " to "
+                       << joiner << " at " << sender->address();
+    senders_.push_back({joiner, mesh_.committed().outerStep, std::move(sender)});
+  }
+
+  // Reports finished transfers. With `all` (training is over), waits up to
+  // a minute for transfers still running, then drops the rest (a joiner that
+  // never connected was probably killed).
   void reap(bool all) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    if (all) {
+      while (std::chrono::steady_clock::now() < deadline &&
+             std::any_of(senders_.begin(), senders_.end(), [](const Serving& s) { return !s.sender->done(); })) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    }
     for (auto it = senders_.begin(); it != senders_.end();) {
-      if (!all && !it->sender->done()) {
-        ++it;
+      if (!it->sender->done()) {
+        if (!all) {
+          ++it;
+          continue;
+        }
+        TESSERA_LOG(kWarn) << "stopped serving " << it->joiner << ": it never took its state";
+        it = senders_.erase(it);
         continue;
       }
       try {

@@ -204,7 +204,9 @@ struct ElasticMesh::Monitor {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = watched_.find(member);
     if (it == watched_.end()) return true;  // not watched yet: no evidence either way
-    return !it->second.left && Clock::now() - it->second.changed < timeout_;
+    if (it->second.left) return false;
+    if (blind_) return true;                // the store is unreachable: no evidence either way
+    return Clock::now() - it->second.changed < timeout_;
   }
   // Why a member is considered dead (for events and errors).
   std::string reason(const std::string& member) {
@@ -254,9 +256,17 @@ struct ElasticMesh::Monitor {
         counter = store_->add("elastic/hb/" + m, 0);
         left = store_->check({"elastic/left/" + m});
       } catch (const Error&) {
-        return;  // no news is not evidence of death: keep the old view
+        std::lock_guard<std::mutex> lock(mutex_);
+        blind_ = true;  // no news is not evidence of death (see alive())
+        return;
       }
       std::lock_guard<std::mutex> lock(mutex_);
+      if (blind_) {
+        // The first view after an outage: every counter's age restarts now,
+        // or the outage itself would make every other node look dead.
+        for (auto& [id, s] : watched_) s.changed = Clock::now();
+        blind_ = false;
+      }
       Seen& seen = watched_[m];
       if (counter != seen.counter) {
         seen.counter = counter;
@@ -295,6 +305,7 @@ struct ElasticMesh::Monitor {
   std::condition_variable wake_;
   bool stopping_ = false;
   std::atomic<bool> reachable_{true};
+  bool blind_ = false;  // the last observation failed (guarded by mutex_)
   std::map<std::string, Seen> watched_;
   std::thread thread_;
 };
@@ -318,9 +329,9 @@ comm::StorePtr connectStore(const ElasticIdentity& identity, const std::string& 
 
 ElasticMesh::ElasticMesh(ElasticIdentity identity, ElasticConfig config, comm::Compression compression)
     : identity_(std::move(identity)), config_(config), compression_(compression) {
-  config_.validate();
   if (identity_.minNodes > config_.min_nodes) config_.min_nodes = identity_.minNodes;
   if (config_.max_nodes == 0) config_.max_nodes = identity_.maxNodes;
+  config_.validate();  // with tessera-run's MIN:MAX applied
   me_ = identity_.memberId();
   secret_ = comm::net::loadJoinSecret();
   store_ = connectStore(identity_, secret_, config_);
@@ -508,8 +519,6 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
   for (const auto& c : candidates) {
     if (monitor_->alive(c)) alive.push_back(c);
   }
-  if (alive.empty() || alive.front() != me_) return std::nullopt;  // not the leader in this view
-
   std::vector<std::string> arrived;
   bool waiting = false;
   for (const auto& c : alive) {
@@ -519,7 +528,27 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
       waiting = true;
     }
   }
-  if (waiting && secondsSince(roundStart_) < config_.wait_timeout_s) return std::nullopt;
+  // The leader: the first live member of the last decision (a joiner never
+  // leads: it may still be receiving its state). One that is alive but does
+  // not arrive within wait_timeout (hung, or far behind) loses the role to
+  // the first member that did arrive.
+  std::vector<std::string> leaders;
+  for (const auto& c : alive) {
+    if (contains(prev.members, c)) leaders.push_back(c);
+  }
+  if (leaders.empty()) leaders = alive;
+  const bool late = secondsSince(roundStart_) >= config_.wait_timeout_s;
+  std::string leader = leaders.empty() ? me_ : leaders.front();
+  if (late && !contains(arrived, leader)) {
+    for (const auto& c : leaders) {
+      if (contains(arrived, c)) {
+        leader = c;
+        break;
+      }
+    }
+  }
+  if (leader != me_) return std::nullopt;  // not the leader in this view
+  if (waiting && !late) return std::nullopt;
 
   Membership d;
   d.outerStep = outerStep;
@@ -534,8 +563,26 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
   std::vector<std::string> joinerIds;
   for (int64_t n = prev.joinCursor; n < count; ++n) {
     const std::string key = "elastic/join/" + std::to_string(n);
-    if (!store_->check({key})) break;
+    if (!store_->check({key})) {
+      // A registration being written -- or one whose writer died between
+      // taking the number and writing it: skipped once a later one exists.
+      if (n + 1 < count && store_->check({"elastic/join/" + std::to_string(n + 1)})) {
+        d.joinCursor = n + 1;
+        continue;
+      }
+      break;
+    }
     const std::string id = store_->getString(key);
+    // A slot that registered again (restarted) supersedes its older incarnations.
+    bool superseded = false;
+    for (int64_t later = n + 1; later < count && !superseded; ++later) {
+      const std::string laterKey = "elastic/join/" + std::to_string(later);
+      superseded = store_->check({laterKey}) && slotOf(store_->getString(laterKey)) == slotOf(id);
+    }
+    if (superseded) {
+      d.joinCursor = n + 1;
+      continue;
+    }
     monitor_->watch({id});
     const bool known = contains(candidates, id);
     const bool room = config_.max_nodes == 0 ||
@@ -581,7 +628,7 @@ Membership ElasticMesh::decide(int64_t outerStep, int attempt) {
   const double bound = 2 * config_.wait_timeout_s + config_.heartbeat_timeout_s + 10;
   bool announced = false;
   while (true) {
-    leaveIfRequested();
+    if (!announced) leaveIfRequested();  // once arrived, this step is seen through
     try {
       if (!announced && identity_.localRank == 0) {
         store_->setString(base + "/arrived/" + me_, "1");
@@ -698,7 +745,7 @@ Membership ElasticMesh::averageAcrossNodes(at::Tensor flat, int64_t outerStep) {
     try {
       if (!group_ || groupEpoch_ != d.epoch) formGroup(d);
       if (flat.numel() > 0) comm::allReduceCompressed(*group_, flat, comm::ReduceOp::kAvg, compression_);
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // tessera's errors and libtorch's alike: every failure must vote
       ok = false;
       lastError = e.what();
       // Dropping the group closes its sockets, so peers blocked on this
