@@ -569,7 +569,7 @@ class CheckpointCorruption : public ::testing::Test {
                            "model/bf16, model/big, model/f16"),
               std::string::npos)
         << message;
-    EXPECT_NE(message.find("shape mismatch model/f32: checkpoint [3,5] vs model [5,3]"), std::string::npos) << message;
+    EXPECT_NE(message.find("shape mismatch model/f32: checkpoint [3, 5] vs model [5, 3]"), std::string::npos) << message;
     EXPECT_NE(message.find("dtype mismatch model/f64: checkpoint float64 vs model float32"), std::string::npos) << message;
     EXPECT_EQ(message.find("optim/"), std::string::npos) << "optim/ is not strict: " << message;
   }
