@@ -79,21 +79,6 @@ std::string parameterHash(const std::vector<at::Tensor>& tensors) {
   return text;
 }
 
-// The plan from the config and --fault, joined (either may be empty), plus TESSERA_FAULT_PLAN.
-comm::FaultPlan faultPlanOf(const TrainJobConfig& job, const std::string& flag) {
-  std::string text = job.fault_plan;
-  if (!flag.empty()) text += (text.empty() ? "" : ";") + flag;
-  if (const char* env = std::getenv("TESSERA_FAULT_PLAN")) {
-    if (*env != '\0') text += (text.empty() ? "" : ";") + std::string(env);
-  }
-  if (text.empty()) return {};
-  try {
-    return comm::FaultPlan::parse(text);
-  } catch (const Error& e) {
-    throw ConfigError("faults.plan", e.what());
-  }
-}
-
 // Rank 0's metrics file also gets the elastic events; without one they go to the log.
 void writeEvent(MetricsWriter* metrics, const std::string& line) {
   if (metrics) metrics->writeLine(line);
@@ -190,7 +175,16 @@ void recoverFromPeer(parallel::ElasticMesh& mesh, const parallel::RecoveryTicket
   options.secret = mesh.secret();
   options.timeout = std::chrono::milliseconds(static_cast<int64_t>(mesh.config().join_timeout_s * 1000));
   checkpoint::RecoveryStats stats;
-  const StateDict received = checkpoint::receiveState(ticket.address, options, &stats);
+  StateDict received;
+  try {
+    received = checkpoint::receiveState(ticket.address, options, &stats);
+  } catch (const AuthError&) {
+    throw;  // the wrong secret stays wrong: a restart would not help
+  } catch (const Error& e) {
+    // The source died or the link dropped mid-transfer: register again for a new source.
+    throw parallel::Evicted("receiving the state from " + ticket.source + " at " + ticket.address +
+                            " failed: " + e.what() + "; rejoining");
+  }
   const auto requests = checkpoint::trainingStateRequests(parts, checkpoint::StateSummary::of(received));
   checkpoint::restoreTrainingState(parts, checkpoint::extractRanges(received, requests));
   mesh.recovered(ticket);
@@ -295,7 +289,7 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
 
 int runElasticNode(const TrainJobConfig& job, const std::string& metricsPath, const std::string& faultPlan) {
   try {
-    return runNode(job, metricsPath, faultPlanOf(job, faultPlan));
+    return runNode(job, metricsPath, runFaultPlan(job, faultPlan));
   } catch (const parallel::LeftJob& e) {
     TESSERA_LOG(kInfo) << e.what();
     return 0;

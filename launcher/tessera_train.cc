@@ -77,9 +77,7 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
   // A fault plan ([faults] plan, --fault, TESSERA_FAULT_PLAN) wraps the world
   // (every mesh group is split off it, so its faults reach them all) and
   // drives the step-level kills and slow-downs.
-  std::string planText = job.fault_plan;
-  if (!faultFlag.empty()) planText += (planText.empty() ? "" : ";") + faultFlag;
-  comm::FaultPlan plan = planText.empty() ? comm::FaultPlan::fromEnv() : comm::FaultPlan::parse(planText);
+  const comm::FaultPlan plan = runFaultPlan(job, faultFlag);
   if (!plan.empty()) ctx.world = comm::injectFaults(ctx.world, plan, ctx.rank());
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath);  // collective
   if (ctx.rank() == 0) {

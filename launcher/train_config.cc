@@ -2,6 +2,7 @@
 
 #include <toml++/toml.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -338,6 +339,20 @@ TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vecto
                      : (config.optimizer == "sgd" ? "sgd" : "adamw");
   config.validate();
   return config;
+}
+
+comm::FaultPlan runFaultPlan(const TrainJobConfig& job, const std::string& flag) {
+  std::string text = job.fault_plan;
+  if (!flag.empty()) text += (text.empty() ? "" : ";") + flag;
+  if (const char* env = std::getenv("TESSERA_FAULT_PLAN")) {
+    if (*env != '\0') text += (text.empty() ? "" : ";") + std::string(env);
+  }
+  if (text.empty()) return {};
+  try {
+    return comm::FaultPlan::parse(text);
+  } catch (const InvalidArgument& e) {
+    throw ConfigError("faults.plan", e.what());
+  }
 }
 
 TrainJobConfig loadTrainJobConfig(const std::string& path, const std::vector<std::string>& overrides) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/comm/fault.h"
 #include "tessera/core/data/config.h"
 #include "tessera/core/models/gpt.h"
 #include "tessera/core/models/mlp_classifier.h"
@@ -87,6 +88,11 @@ struct TrainJobConfig {
 // syntax error or a malformed override.
 TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vector<std::string>& overrides = {},
                                    const std::string& sourceName = "config");
+
+// The run's fault plan: [faults] plan, the --fault flag and
+// TESSERA_FAULT_PLAN joined (each may be empty). Throws ConfigError
+// ("faults.plan") for a plan that does not parse.
+comm::FaultPlan runFaultPlan(const TrainJobConfig& job, const std::string& flag);
 
 // Reads `path` and parses it as above. Throws InvalidArgument naming the path
 // when it cannot be read.

@@ -246,8 +246,15 @@ struct ElasticMesh::Monitor {
   void observe() {
     std::vector<std::string> members;
     {
+      // A member that left, or has been silent for three timeouts, stays
+      // dead (a restarted node comes back under a new incarnation id): no
+      // need to keep polling it. An outage resets every age (below), so
+      // nobody is written off because of it.
       std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& [m, seen] : watched_) members.push_back(m);
+      const auto now = Clock::now();
+      for (const auto& [m, seen] : watched_) {
+        if (!seen.left && now - seen.changed < 3 * timeout_) members.push_back(m);
+      }
     }
     for (const auto& m : members) {
       int64_t counter = 0;
@@ -519,6 +526,20 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
   for (const auto& c : candidates) {
     if (monitor_->alive(c)) alive.push_back(c);
   }
+  // The leader: the first live member of the last decision (a joiner never
+  // leads: it may still be receiving its state). One that is alive but does
+  // not arrive within wait_timeout (hung, or far behind) loses the role to
+  // the first member that did arrive. Nodes that cannot lead stop here,
+  // before any store traffic.
+  std::vector<std::string> leaders;
+  for (const auto& c : alive) {
+    if (contains(prev.members, c)) leaders.push_back(c);
+  }
+  if (leaders.empty()) leaders = alive;
+  const bool late = secondsSince(roundStart_) >= config_.wait_timeout_s;
+  const bool firstChoice = leaders.empty() || leaders.front() == me_;
+  if (!firstChoice && !late) return std::nullopt;
+
   std::vector<std::string> arrived;
   bool waiting = false;
   for (const auto& c : alive) {
@@ -528,26 +549,19 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
       waiting = true;
     }
   }
-  // The leader: the first live member of the last decision (a joiner never
-  // leads: it may still be receiving its state). One that is alive but does
-  // not arrive within wait_timeout (hung, or far behind) loses the role to
-  // the first member that did arrive.
-  std::vector<std::string> leaders;
-  for (const auto& c : alive) {
-    if (contains(prev.members, c)) leaders.push_back(c);
-  }
-  if (leaders.empty()) leaders = alive;
-  const bool late = secondsSince(roundStart_) >= config_.wait_timeout_s;
-  std::string leader = leaders.empty() ? me_ : leaders.front();
-  if (late && !contains(arrived, leader)) {
-    for (const auto& c : leaders) {
-      if (contains(arrived, c)) {
-        leader = c;
-        break;
+  if (!firstChoice) {
+    // Late: the role passes to the first member that arrived, unless the first choice did.
+    std::string leader = leaders.front();
+    if (!contains(arrived, leader)) {
+      for (const auto& c : leaders) {
+        if (contains(arrived, c)) {
+          leader = c;
+          break;
+        }
       }
     }
+    if (leader != me_) return std::nullopt;
   }
-  if (leader != me_) return std::nullopt;  // not the leader in this view
   if (waiting && !late) return std::nullopt;
 
   Membership d;

@@ -215,6 +215,12 @@ TEST(TrainConfig, ElasticAndFaultSectionsAreReadAndChecked) {
   EXPECT_EQ(parseError(kMinimalGpt, {"elastic.max_retries=0"}).field(), "elastic.max_retries");
   EXPECT_EQ(parseError(kMinimalGpt, {"faults.plan=\"explode:rank=1\""}).field(), "faults.plan");
   EXPECT_EQ(parseError(kMinimalGpt, {"elastic.bogus=1"}).field(), "elastic.bogus");
+  // The run's plan joins the config's with --fault; a bad flag is a config error too.
+  const comm::FaultPlan plan = runFaultPlan(c, "delay:fraction=0.5,ms=3");
+  EXPECT_EQ(plan.kills.size(), 1u);
+  EXPECT_EQ(plan.slow.size(), 1u);
+  EXPECT_EQ(plan.delays.size(), 1u);
+  EXPECT_EQ(configErrorOf([&] { runFaultPlan(c, "kill:step=3"); }).field(), "faults.plan");
 }
 
 }  // namespace
