@@ -26,12 +26,7 @@ install(TARGETS tessera-chaos RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(PROGRAMS ${PROJECT_SOURCE_DIR}/scripts/netns-cluster.sh DESTINATION ${CMAKE_INSTALL_BINDIR} OPTIONAL)
 
 if(TESSERA_BUILD_TESTS)
-  # The report's figures from synthetic metrics and journal files (no training).
-  # GoogleTest's discovery script is a variable of the including directory:
-  # include it here too, or the tests are registered as *_NOT_BUILT.
-  include(GoogleTest)
-  tessera_add_test(chaos_report_test chaos/chaos_report_test.cc)
-  target_link_libraries(chaos_report_test PRIVATE tessera_chaos)
+  # (The report's unit tests live under tests/bench/chaos/.)
   # The command line: a plan that cannot run in loopback mode is refused with exit 2.
   add_test(NAME chaos_cli_refuses_partition_in_loopback
     COMMAND tessera-chaos --plan ${CMAKE_CURRENT_SOURCE_DIR}/chaos/testdata/partition-loopback.toml

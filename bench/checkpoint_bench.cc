@@ -74,7 +74,8 @@ StateDict syntheticState(int64_t totalBytes, int tensors, int rank, int ranks) {
   at::manual_seed(1234 + rank);
   for (int i = 0; i < tensors; ++i) {
     const int64_t share = numel / ranks;
-    StateTensor t{{numel}, {StatePiece{at::randn({share}) * 0.02, share * rank}}, ranks == 1};
+    StateTensor t{{numel}, {StatePiece{at::randn({share}) * 0.02, TensorSlice::flatRange({numel}, share * rank, share)}},
+                  ranks == 1};
     state.tensors["model/layer" + std::to_string(i) + ".weight"] = std::move(t);
   }
   return state;
@@ -223,8 +224,7 @@ void runCheckpointBench(DistributedContext& ctx, const CheckpointBenchConfig& co
   // load(): this rank's share back, from the zstd checkpoint.
   std::vector<checkpoint::LoadRequest> requests;
   for (const auto& [name, t] : state.tensors) {
-    requests.push_back(checkpoint::LoadRequest{name, t.globalShape, at::kFloat, t.pieces[0].offset,
-                                               t.pieces[0].local.numel()});
+    requests.push_back(checkpoint::LoadRequest{name, t.globalShape, at::kFloat, t.pieces[0].slice});
   }
   world->barrier();
   Stopwatch loadWatch;

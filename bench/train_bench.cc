@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
@@ -74,8 +75,10 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
   int64_t tokensAtWarmup = 0;
   double secondsAtWarmup = 0, computeAtWarmup = 0, commAtWarmup = 0;
   parallel::DataParallelStats dpAtWarmup;
+  std::map<std::string, CommTraffic> perCommAtWarmup;
   trainer.callbacks().afterStep.push_back([&](const StepReport& r) {
     if (r.step != 1) return;
+    perCommAtWarmup = r.comm;
     tokensAtWarmup = r.tokens;
     secondsAtWarmup = r.timeSeconds;
     computeAtWarmup = r.computeSeconds;
@@ -92,6 +95,14 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
   const double commTotal = dp.commSeconds - dpAtWarmup.commSeconds;
   const double commExposed = dp.exposedSeconds - dpAtWarmup.exposedSeconds;
   if (world.rank() != 0) return;
+  // Bytes sent and exposed seconds per communicator over the timed steps (they sum to comm_bytes / comm_exposed_s).
+  MetricsRecord perComm;
+  for (const auto& [name, traffic] : last.comm) {
+    const CommTraffic before = perCommAtWarmup.count(name) ? perCommAtWarmup.at(name) : CommTraffic{};
+    perComm.add(name, MetricsRecord()
+                          .add("bytes", static_cast<int64_t>(traffic.bytesSent - before.bytesSent))
+                          .add("exposed_s", traffic.exposedSeconds - before.exposedSeconds));
+  }
   MetricsRecord record;
   record.add("bench", "train")
       .add("config", config.configPath)
@@ -108,6 +119,7 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
       // Below a millisecond of communication (a world of 1) the fraction is noise.
       .add("overlap_fraction", commTotal > 1e-3 ? std::max(0.0, 1.0 - commExposed / commTotal) : 0.0)
       .add("comm_bytes", static_cast<int64_t>(last.commBytes))
+      .add("comm", perComm)
       .add("model_flops_per_s", modelFlops)
       .add("sgemm_peak_flops_per_s", peak)
       .add("mfu", modelFlops / peak);

@@ -24,6 +24,7 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <tuple>
 #include <unistd.h>
 
 #include "checkpoint/file_ops.h"
@@ -84,10 +85,8 @@ std::string broadcastString(comm::Communicator& comm, const std::string& mine, i
   return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), bytes.numel() - 1);
 }
 
-// "name\toffset\tnumel": identical on every rank holding the same range.
-std::string pieceKey(const std::string& name, int64_t offset, int64_t numel) {
-  return name + '\t' + std::to_string(offset) + '\t' + std::to_string(numel);
-}
+// "name\t[0:4, 2:6] flat 3+5": identical on every rank holding the same slice.
+std::string pieceKey(const std::string& name, const TensorSlice& slice) { return name + '\t' + slice.text(); }
 
 // Copies many (dst, src, bytes) ranges on `threads` threads, split into
 // segments so one big tensor still uses every thread.
@@ -234,9 +233,9 @@ SaveOutcome Checkpointer::Impl::execute(SaveJob& current) {
         outcome.stats.bytes = written.bytes;
         outcome.stats.fileBytes = written.fileBytes;
         for (size_t i = 0; i < written.pieces.size(); ++i) {
-          const StoredPiece& p = written.pieces[i];
-          report["pieces"].push_back({{"tensor", current.pieces[i].tensor}, {"file", p.file}, {"dataset", p.dataset},
-                                      {"offset", p.offset}, {"numel", p.numel}, {"xxh64", p.checksum}});
+          json piece = pieceToJson(written.pieces[i]);
+          piece["tensor"] = current.pieces[i].tensor;
+          report["pieces"].push_back(std::move(piece));
         }
       } catch (const std::exception& e) {
         localError = e.what();
@@ -296,23 +295,29 @@ std::string Checkpointer::Impl::commit(const SaveJob& current, const std::vector
         }
       }
       for (const json& p : report.at("pieces")) {
-        index.tensors[p.at("tensor").get<std::string>()].pieces.push_back(
-            StoredPiece{p.at("file"), p.at("dataset"), p.at("offset"), p.at("numel"), p.at("xxh64")});
+        StoredTensor& t = index.tensors[p.at("tensor").get<std::string>()];
+        t.pieces.push_back(pieceFromJson(p, kCheckpointFormatVersion, t.globalShape));
       }
     }
     if (errors.empty()) {
-      // Every element of every tensor must be in some written piece.
+      // Every element of every tensor must be in some written piece: the
+      // union of the pieces' slices covers it (each slice was written once,
+      // by its lowest holder, so the pieces do not overlap; the union counts
+      // an overlap once anyway).
       for (auto& [name, t] : index.tensors) {
-        std::sort(t.pieces.begin(), t.pieces.end(), [](const auto& a, const auto& b) { return a.offset < b.offset; });
-        int64_t numel = 1, covered = 0;
+        std::sort(t.pieces.begin(), t.pieces.end(), [](const StoredPiece& a, const StoredPiece& b) {
+          return std::tie(a.slice.offsets, a.slice.flatOffset) < std::tie(b.slice.offsets, b.slice.flatOffset);
+        });
+        std::vector<TensorSlice> slices;
+        for (const StoredPiece& p : t.pieces) slices.push_back(p.slice);
+        int64_t numel = 1;
         for (int64_t d : t.globalShape) numel *= d;
-        for (const StoredPiece& p : t.pieces) {
-          if (p.offset > covered) break;
-          covered = std::max(covered, p.offset + p.numel);
-        }
-        if (covered < numel) {
-          errors += (errors.empty() ? "" : "; ") + ("tensor " + name + ": elements [" + std::to_string(covered) +
-                                                    ", ...) of " + std::to_string(numel) + " are held by no rank");
+        const Coverage coverage = coverageOf(t.globalShape, slices);
+        if (coverage.covered < numel) {
+          errors += (errors.empty() ? "" : "; ") +
+                    ("tensor " + name + " " + shapeText(t.globalShape) + ": " + std::to_string(numel - coverage.covered) +
+                     " of " + std::to_string(numel) + " elements, the first at " +
+                     positionText(t.globalShape, coverage.firstMissing) + ", are held by no rank");
         }
         if (t.dtype == "?") errors += (errors.empty() ? "" : "; ") + ("tensor " + name + ": no rank knows its dtype");
       }
@@ -438,15 +443,10 @@ bool Checkpointer::save(int64_t step, const StateDict& state) {
   std::string layout;
   try {
     for (const auto& [name, t] : state.tensors) {
-      const int64_t numel = t.globalNumel();
+      t.checkPieces(name);
       for (const StatePiece& p : t.pieces) {
         dtypeName(p.local.scalar_type(), name);
-        if (p.offset < 0 || p.offset + p.local.numel() > numel) {
-          throw CheckpointError("tensor " + name + ": piece [" + std::to_string(p.offset) + ", " +
-                                std::to_string(p.offset + p.local.numel()) + ") outside its " + std::to_string(numel) +
-                                " elements");
-        }
-        if (p.local.numel() > 0) layout += pieceKey(name, p.offset, p.local.numel()) + "\n";
+        if (p.slice.numel > 0) layout += pieceKey(name, p.slice) + "\n";
       }
     }
   } catch (const std::exception& e) {
@@ -506,8 +506,8 @@ bool Checkpointer::save(int64_t step, const StateDict& state) {
     std::string dtype = "?";
     for (const StatePiece& p : t.pieces) {
       dtype = dtypeName(p.local.scalar_type(), name);
-      if (p.local.numel() == 0 || !s.piecesIWrite.count(pieceKey(name, p.offset, p.local.numel()))) continue;
-      job.pieces.push_back(SnapshotPiece{name, t.globalShape, p.local.scalar_type(), p.offset, p.local.numel(), nullptr});
+      if (p.slice.numel == 0 || !s.piecesIWrite.count(pieceKey(name, p.slice))) continue;
+      job.pieces.push_back(SnapshotPiece{name, t.globalShape, p.local.scalar_type(), p.slice, nullptr});
       sources.emplace_back(&p.local, total);
       total += (p.local.numel() * p.local.element_size() + 63) / 64 * 64;
     }

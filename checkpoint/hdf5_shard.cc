@@ -124,7 +124,91 @@ void writeIntAttribute(hid_t object, const char* name, const std::vector<int64_t
   if (status < 0) throw CheckpointError(std::string("attribute ") + name + ": " + hdf5ErrorText());
 }
 
+std::vector<hsize_t> toHsize(const std::vector<int64_t>& values) {
+  return std::vector<hsize_t>(values.begin(), values.end());
+}
+
+int64_t productOf(const std::vector<int64_t>& dims, size_t begin, size_t end) {
+  int64_t n = 1;
+  for (size_t d = begin; d < end; ++d) n *= dims[d];
+  return n;
+}
+
 }  // namespace
+
+std::vector<int64_t> pieceDatasetDims(const TensorSlice& slice, int formatVersion) {
+  if (formatVersion >= 2 && slice.isWholeBox()) {
+    return slice.sizes.empty() ? std::vector<int64_t>{1} : slice.sizes;
+  }
+  return {slice.numel};
+}
+
+ChunkGrid ChunkGrid::plan(const std::vector<int64_t>& dims, size_t elementSize, int64_t maxChunkBytes) {
+  ChunkGrid g;
+  g.dims = dims;
+  const int64_t maxPerChunk = std::max<int64_t>(1, maxChunkBytes / static_cast<int64_t>(elementSize));
+  const int n = static_cast<int>(dims.size());
+  g.split = n - 1;
+  for (int d = 0; d < n; ++d) {
+    if (productOf(dims, d + 1, n) <= maxPerChunk) {
+      g.split = d;
+      break;
+    }
+  }
+  const int64_t trailing = productOf(dims, g.split + 1, n);
+  const int64_t maxIndices = std::max<int64_t>(1, maxPerChunk / trailing);
+  // Equal chunks: the padding of the last one stays below one index per chunk.
+  const int64_t chunks = (dims[g.split] + maxIndices - 1) / maxIndices;
+  g.perChunk = (dims[g.split] + chunks - 1) / chunks;
+  return g;
+}
+
+bool ChunkGrid::fromChunkDims(const std::vector<int64_t>& dims, const std::vector<int64_t>& chunkDims, ChunkGrid* out) {
+  const int n = static_cast<int>(dims.size());
+  if (n == 0 || static_cast<int>(chunkDims.size()) != n) return false;
+  for (int split = 0; split < n; ++split) {
+    bool fits = chunkDims[split] >= 1 && chunkDims[split] <= dims[split];
+    for (int d = 0; d < n && fits; ++d) {
+      if (d < split) fits = chunkDims[d] == 1;
+      if (d > split) fits = chunkDims[d] == dims[d];
+    }
+    if (fits) {
+      *out = ChunkGrid{dims, split, chunkDims[split]};
+      return true;
+    }
+  }
+  return false;
+}
+
+std::vector<int64_t> ChunkGrid::chunkDims() const {
+  std::vector<int64_t> out(dims.size(), 1);
+  out[split] = perChunk;
+  for (size_t d = split + 1; d < dims.size(); ++d) out[d] = dims[d];
+  return out;
+}
+
+int64_t ChunkGrid::chunkNumel() const { return perChunk * productOf(dims, split + 1, dims.size()); }
+
+int64_t ChunkGrid::count() const {
+  return productOf(dims, 0, split) * ((dims[split] + perChunk - 1) / perChunk);
+}
+
+ChunkGrid::Chunk ChunkGrid::chunk(int64_t index) const {
+  const int64_t along = (dims[split] + perChunk - 1) / perChunk;  // chunks along dim `split`
+  const int64_t trailing = productOf(dims, split + 1, dims.size());
+  int64_t outer = index / along;
+  const int64_t c = index % along;
+  Chunk out;
+  out.coords.assign(dims.size(), 0);
+  out.first = outer * dims[split] * trailing + c * perChunk * trailing;
+  for (int d = split - 1; d >= 0; --d) {
+    out.coords[d] = outer % dims[d];
+    outer /= dims[d];
+  }
+  out.coords[split] = c * perChunk;
+  out.numel = std::min(perChunk, dims[split] - c * perChunk) * trailing;
+  return out;
+}
 
 std::string dtypeName(at::ScalarType dtype, const std::string& tensor) {
   switch (dtype) {
@@ -213,12 +297,13 @@ void ShardWriter::fail(const std::string& what) {
 void ShardWriter::createDataset(const PieceDataset& d) {
   auto lock = lockHdf5();
   current_ = d;
-  const hsize_t dims = static_cast<hsize_t>(d.numel);
-  const hsize_t chunk = static_cast<hsize_t>(d.chunkNumel);
+  const std::vector<hsize_t> dims = toHsize(d.grid.dims);
+  const std::vector<hsize_t> chunk = toHsize(d.grid.chunkDims());
+  const int rank = static_cast<int>(dims.size());
   const hid_t type = fileTypeOf(d.dtype);
-  const hid_t space = H5Screate_simple(1, &dims, nullptr);
+  const hid_t space = H5Screate_simple(rank, dims.data(), nullptr);
   const hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
-  H5Pset_chunk(dcpl, 1, &chunk);
+  H5Pset_chunk(dcpl, rank, chunk.data());
   H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
   H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_INCR);
   if (d.shuffle) H5Pset_shuffle(dcpl);
@@ -236,14 +321,17 @@ void ShardWriter::createDataset(const PieceDataset& d) {
   if (dataset_ < 0) fail("cannot create the dataset");
   writeStringAttribute(dataset_, "tensor", d.tensor);
   writeStringAttribute(dataset_, "dtype", dtypeName(d.dtype, d.tensor));
-  writeIntAttribute(dataset_, "offset", {d.offset}, true);
   writeIntAttribute(dataset_, "global_shape", d.globalShape, false);
+  writeIntAttribute(dataset_, "box_offsets", d.slice.offsets, false);
+  writeIntAttribute(dataset_, "box_sizes", d.slice.sizes, false);
+  writeIntAttribute(dataset_, "flat_offset", {d.slice.flatOffset}, true);
+  writeIntAttribute(dataset_, "numel", {d.slice.numel}, true);
 }
 
 void ShardWriter::writeChunk(int64_t index, const void* data, size_t bytes) {
+  const std::vector<hsize_t> coords = toHsize(current_.grid.chunk(index).coords);
   auto lock = lockHdf5();
-  const hsize_t offset = static_cast<hsize_t>(index * current_.chunkNumel);
-  if (H5Dwrite_chunk(dataset_, H5P_DEFAULT, 0, &offset, bytes, data) < 0) fail("chunk write failed");
+  if (H5Dwrite_chunk(dataset_, H5P_DEFAULT, 0, coords.data(), bytes, data) < 0) fail("chunk write failed");
 }
 
 void ShardWriter::finishDataset(const std::string& checksumHex) {
@@ -288,15 +376,16 @@ ShardReader::~ShardReader() {
 
 namespace {
 
-// The zstd-compressed chunks of a 1-D dataset, read raw (H5Dread_chunk), so
-// they can be decoded on several threads; false (nothing read) when the
-// dataset is not chunked with zstd as its only filter or a chunk skipped it.
-bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_t>>& frames, int64_t& chunkNumel,
-                    bool& shuffled) {
+// The zstd-compressed chunks of a dataset chunked as ChunkGrid describes,
+// read raw (H5Dread_chunk), so they can be decoded on several threads; false
+// (nothing read) when the dataset is not chunked that way with zstd as its
+// only filter (after an optional shuffle) or a chunk skipped it.
+bool readZstdFrames(hid_t dataset, const std::vector<int64_t>& dims, size_t elementSize,
+                    std::vector<std::vector<uint8_t>>& frames, ChunkGrid& grid, bool& shuffled) {
   const hid_t dcpl = H5Dget_create_plist(dataset);
   const int filters = dcpl >= 0 ? H5Pget_nfilters(dcpl) : -1;
   bool ok = dcpl >= 0 && H5Pget_layout(dcpl) == H5D_CHUNKED && (filters == 1 || filters == 2);
-  hsize_t chunk = 0;
+  std::vector<hsize_t> chunk(dims.size(), 0);
   auto filterAt = [&](unsigned index) {
     unsigned flags = 0, config = 0;
     size_t count = 0;
@@ -305,39 +394,40 @@ bool readZstdFrames(hid_t dataset, int64_t numel, std::vector<std::vector<uint8_
   if (ok) {
     shuffled = filters == 2;
     ok = (!shuffled || filterAt(0) == H5Z_FILTER_SHUFFLE) && filterAt(filters - 1) == kZstdFilterId &&
-         H5Pget_chunk(dcpl, 1, &chunk) == 1 && chunk > 0;
+         H5Pget_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data()) == static_cast<int>(chunk.size());
   }
   if (dcpl >= 0) H5Pclose(dcpl);
-  if (!ok) return false;
-  chunkNumel = static_cast<int64_t>(chunk);
-  frames.assign(static_cast<size_t>((numel + chunkNumel - 1) / chunkNumel), {});
+  if (!ok || !ChunkGrid::fromChunkDims(dims, std::vector<int64_t>(chunk.begin(), chunk.end()), &grid)) return false;
+  // A corrupt size must fail as damage, not as a huge allocation.
+  const size_t maxFrame = ZSTD_compressBound(static_cast<size_t>(grid.chunkNumel()) * elementSize) + 4096;
+  frames.assign(static_cast<size_t>(grid.count()), {});
   for (size_t c = 0; c < frames.size(); ++c) {
-    const hsize_t offset = c * chunk;
+    const std::vector<hsize_t> coords = toHsize(grid.chunk(static_cast<int64_t>(c)).coords);
     hsize_t bytes = 0;
     uint32_t mask = 0;
-    if (H5Dget_chunk_storage_size(dataset, &offset, &bytes) < 0) return false;
-    // A corrupt size must fail as damage, not as a huge allocation.
-    if (bytes > ZSTD_compressBound(static_cast<size_t>(chunkNumel) * 16) + 4096) return false;
+    if (H5Dget_chunk_storage_size(dataset, coords.data(), &bytes) < 0) return false;
+    if (bytes > maxFrame) return false;
     frames[c].resize(bytes);
-    if (H5Dread_chunk(dataset, H5P_DEFAULT, &offset, &mask, frames[c].data()) < 0 || mask != 0) return false;
+    if (H5Dread_chunk(dataset, H5P_DEFAULT, coords.data(), &mask, frames[c].data()) < 0 || mask != 0) return false;
   }
   return true;
 }
 
 // Decodes frames[c] into chunk c of dst on up to hardware-threads threads.
 // Returns "" or what went wrong with the first bad chunk.
-std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_t chunkNumel, int64_t numel,
-                         size_t elementSize, bool shuffled, uint8_t* dst) {
+std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, const ChunkGrid& grid, size_t elementSize,
+                         bool shuffled, uint8_t* dst) {
   std::atomic<size_t> next{0};
   std::mutex mutex;
   std::string problem;
+  const int64_t chunkNumel = grid.chunkNumel();
   auto work = [&] {
     std::vector<uint8_t> padded;
     for (size_t c = next++; c < frames.size(); c = next++) {
+      const ChunkGrid::Chunk where = grid.chunk(static_cast<int64_t>(c));
       const size_t chunkBytes = static_cast<size_t>(chunkNumel) * elementSize;
-      const int64_t first = static_cast<int64_t>(c) * chunkNumel;
-      const size_t usedBytes = static_cast<size_t>(std::min(chunkNumel, numel - first)) * elementSize;
-      uint8_t* target = dst + first * static_cast<int64_t>(elementSize);
+      const size_t usedBytes = static_cast<size_t>(where.numel) * elementSize;
+      uint8_t* target = dst + where.first * static_cast<int64_t>(elementSize);
       uint8_t* out = target;
       if (usedBytes < chunkBytes || shuffled) {
         padded.resize(chunkBytes);
@@ -378,9 +468,10 @@ std::string decodeFrames(const std::vector<std::vector<uint8_t>>& frames, int64_
 
 }  // namespace
 
-void ShardReader::readDataset(const std::string& path, int64_t numel, size_t elementSize, void* dst) {
+void ShardReader::readDataset(const std::string& path, const std::vector<int64_t>& dims, size_t elementSize,
+                              void* dst) {
   std::vector<std::vector<uint8_t>> frames;
-  int64_t chunkNumel = 0;
+  ChunkGrid grid;
   bool framesRead = false, shuffled = false;
   std::string problem;
   {
@@ -389,15 +480,16 @@ void ShardReader::readDataset(const std::string& path, int64_t numel, size_t ele
     if (dataset < 0) throw CheckpointError("shard file " + path_ + " has no dataset " + path + ": " + hdf5ErrorText());
     const hid_t space = H5Dget_space(dataset);
     const hid_t type = H5Dget_type(dataset);
-    hsize_t dims = 0;
     const int rank = space < 0 ? -1 : H5Sget_simple_extent_ndims(space);
-    if (rank == 1) H5Sget_simple_extent_dims(space, &dims, nullptr);
+    std::vector<hsize_t> found(rank > 0 ? static_cast<size_t>(rank) : 0);
+    if (rank > 0) H5Sget_simple_extent_dims(space, found.data(), nullptr);
+    const std::vector<int64_t> foundDims(found.begin(), found.end());
     const size_t typeSize = type < 0 ? 0 : H5Tget_size(type);
-    if (rank != 1 || static_cast<int64_t>(dims) != numel || typeSize != elementSize) {
-      problem = "dataset " + path + " holds " + std::to_string(dims) + " elements of " + std::to_string(typeSize) +
-                " bytes, the index says " + std::to_string(numel) + " of " + std::to_string(elementSize);
+    if (foundDims != dims || typeSize != elementSize) {
+      problem = "dataset " + path + " has shape " + shapeText(foundDims) + " of " + std::to_string(typeSize) +
+                "-byte elements, the index says " + shapeText(dims) + " of " + std::to_string(elementSize);
     } else {
-      framesRead = readZstdFrames(dataset, numel, frames, chunkNumel, shuffled);
+      framesRead = readZstdFrames(dataset, dims, elementSize, frames, grid, shuffled);
       H5Eclear2(H5E_DEFAULT);
       if (!framesRead && H5Dread(dataset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, dst) < 0) {
         problem = "cannot decode dataset " + path + " (corrupt chunk?): " + hdf5ErrorText();
@@ -409,7 +501,7 @@ void ShardReader::readDataset(const std::string& path, int64_t numel, size_t ele
   }
   if (problem.empty() && framesRead) {
     // Decoded outside the HDF5 lock, in parallel.
-    const std::string error = decodeFrames(frames, chunkNumel, numel, elementSize, shuffled, static_cast<uint8_t*>(dst));
+    const std::string error = decodeFrames(frames, grid, elementSize, shuffled, static_cast<uint8_t*>(dst));
     if (!error.empty()) problem = "cannot decode dataset " + path + " (corrupt chunk?): " + error;
   }
   if (!problem.empty()) throw CheckpointError("shard file " + path_ + ": " + problem);

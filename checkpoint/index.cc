@@ -35,18 +35,43 @@ bool parseStepDirectoryName(const std::string& name, int64_t* step) {
   return true;
 }
 
+json pieceToJson(const StoredPiece& p) {
+  return {{"file", p.file},
+          {"dataset", p.dataset},
+          {"offsets", p.slice.offsets},
+          {"sizes", p.slice.sizes},
+          {"flat_offset", p.slice.flatOffset},
+          {"numel", p.slice.numel},
+          {"xxh64", p.checksum}};
+}
+
+StoredPiece pieceFromJson(const json& p, int formatVersion, const std::vector<int64_t>& shape) {
+  StoredPiece piece;
+  piece.file = p.at("file").get<std::string>();
+  piece.dataset = p.at("dataset").get<std::string>();
+  piece.checksum = p.at("xxh64").get<std::string>();
+  if (formatVersion == 1) {  // a flat range of the whole tensor
+    piece.slice = TensorSlice::whole(shape);
+    piece.slice.flatOffset = p.at("offset").get<int64_t>();
+    piece.slice.numel = p.at("numel").get<int64_t>();
+  } else {
+    piece.slice.offsets = p.at("offsets").get<std::vector<int64_t>>();
+    piece.slice.sizes = p.at("sizes").get<std::vector<int64_t>>();
+    piece.slice.flatOffset = p.at("flat_offset").get<int64_t>();
+    piece.slice.numel = p.at("numel").get<int64_t>();
+  }
+  return piece;
+}
+
 std::string indexToJson(const CheckpointIndex& index) {
   json tensors = json::object();
   for (const auto& [name, tensor] : index.tensors) {
     json pieces = json::array();
-    for (const StoredPiece& p : tensor.pieces) {
-      pieces.push_back({{"file", p.file}, {"dataset", p.dataset}, {"offset", p.offset}, {"numel", p.numel},
-                        {"xxh64", p.checksum}});
-    }
+    for (const StoredPiece& p : tensor.pieces) pieces.push_back(pieceToJson(p));
     tensors[name] = {{"shape", tensor.globalShape}, {"dtype", tensor.dtype}, {"pieces", pieces}};
   }
   json root = {{"format", "tessera-checkpoint"},
-               {"format_version", index.formatVersion},
+               {"format_version", kCheckpointFormatVersion},
                {"step", index.step},
                {"world_size", index.worldSize},
                {"meta", index.meta},
@@ -61,12 +86,6 @@ std::string trimTrailingSlashes(std::string path) {
   return path;
 }
 
-int64_t numelOf(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 CheckpointIndex parseIndex(const json& root, const std::string& file) {
   if (!root.is_object() || root.value("format", "") != "tessera-checkpoint") {
     throw CheckpointError("checkpoint index " + file + " is not a tessera checkpoint index (no \"format\": "
@@ -76,7 +95,7 @@ CheckpointIndex parseIndex(const json& root, const std::string& file) {
   index.formatVersion = root.at("format_version").get<int>();
   if (index.formatVersion > kCheckpointFormatVersion || index.formatVersion < 1) {
     throw CheckpointError("checkpoint index " + file + " has format version " +
-                          std::to_string(index.formatVersion) + "; this build of tessera reads version " +
+                          std::to_string(index.formatVersion) + "; this build of tessera reads versions 1 to " +
                           std::to_string(kCheckpointFormatVersion) +
                           (index.formatVersion > kCheckpointFormatVersion
                                ? ": load it with the newer tessera that wrote it"
@@ -94,16 +113,18 @@ CheckpointIndex parseIndex(const json& root, const std::string& file) {
       throw CheckpointError("checkpoint index " + file + ": tensor " + name + " has unknown dtype '" +
                             tensor.dtype + "'");
     }
-    const int64_t numel = numelOf(tensor.globalShape);
     for (const json& p : entry.at("pieces")) {
-      StoredPiece piece{p.at("file").get<std::string>(), p.at("dataset").get<std::string>(),
-                        p.at("offset").get<int64_t>(), p.at("numel").get<int64_t>(),
-                        p.at("xxh64").get<std::string>()};
-      if (piece.offset < 0 || piece.numel <= 0 || piece.offset + piece.numel > numel ||
-          piece.file.find('/') != std::string::npos) {
-        throw CheckpointError("checkpoint index " + file + ": tensor " + name + " has a bad piece (file " +
-                              piece.file + ", offset " + std::to_string(piece.offset) + ", numel " +
-                              std::to_string(piece.numel) + ", tensor numel " + std::to_string(numel) + ")");
+      StoredPiece piece = pieceFromJson(p, index.formatVersion, tensor.globalShape);
+      std::string problem;
+      try {
+        piece.slice.check(tensor.globalShape, "slice");
+      } catch (const InvalidArgument& e) {
+        problem = e.what();
+      }
+      if (!problem.empty() || piece.slice.numel <= 0 || piece.file.find('/') != std::string::npos) {
+        throw CheckpointError("checkpoint index " + file + ": tensor " + name + " " + shapeText(tensor.globalShape) +
+                              " has a bad piece (file " + piece.file + ", dataset " + piece.dataset + ", slice " +
+                              piece.slice.text() + (problem.empty() ? "" : ": " + problem) + ")");
       }
       tensor.pieces.push_back(std::move(piece));
     }

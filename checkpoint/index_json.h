@@ -2,6 +2,8 @@
 // root. Internal to checkpoint/; the format is docs/checkpoint-format.md.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <string>
 
@@ -22,7 +24,16 @@ std::string shardFileName(int rank);
 // The step of a "step-N" name; false for anything else.
 bool parseStepDirectoryName(const std::string& name, int64_t* step);
 
-// The JSON text of an index (pretty-printed, deterministic key order).
+// The JSON text of an index (pretty-printed, deterministic key order), in
+// format kCheckpointFormatVersion (index.formatVersion is not consulted).
 std::string indexToJson(const CheckpointIndex& index);
+
+// One piece as format 2's index (and the ranks' save reports) write it:
+// {"file", "dataset", "offsets", "sizes", "flat_offset", "numel", "xxh64"}.
+nlohmann::json pieceToJson(const StoredPiece& piece);
+// The inverse, for a piece of `formatVersion` (1: {"offset", "numel"}, a flat
+// range of the whole tensor of `shape`). Throws nlohmann::json::exception for
+// missing fields; the slice is not checked here.
+StoredPiece pieceFromJson(const nlohmann::json& piece, int formatVersion, const std::vector<int64_t>& shape);
 
 }  // namespace tessera::checkpoint

@@ -45,12 +45,6 @@ uint64_t physicalMemoryBytes() {
   return static_cast<uint64_t>(pages) * static_cast<uint64_t>(pageSize);
 }
 
-int64_t numelOf(const std::vector<int64_t>& shape) {
-  int64_t numel = 1;
-  for (int64_t dim : shape) numel *= dim;  // decodeDescription checked it does not overflow
-  return numel;
-}
-
 // --- Sending -------------------------------------------------------------------
 
 // Streams the snapshot in the documented format.
@@ -88,11 +82,9 @@ void sendSnapshot(net::Socket& socket, const StateDict& snapshot, const wire::He
 // One piece's bytes, received straight into a fresh tensor of its own.
 at::Tensor receivePiece(net::Socket& socket, const wire::TensorDescription& d, size_t index, net::Deadline deadline,
                         std::vector<uint64_t>& checksums) {
-  const wire::PieceRange& range = d.pieces[index];
-  const auto options = at::TensorOptions().dtype(d.dtype);
-  // A whole tensor gets its shape (as extractRanges() gives it), a part stays flat.
-  at::Tensor local = range.offset == 0 && range.numel == numelOf(d.shape) ? at::empty(d.shape, options)
-                                                                           : at::empty({range.numel}, options);
+  const TensorSlice& slice = d.pieces[index];
+  // A whole box gets its shape (a whole tensor: the tensor's), a flat range stays flat.
+  at::Tensor local = at::empty(slice.localShape(), at::TensorOptions().dtype(d.dtype));
   const std::string what = "live recovery tensor '" + d.name + "'";
   auto* bytes = static_cast<uint8_t*>(local.data_ptr());
   const size_t size = static_cast<size_t>(local.numel()) * local.element_size();
@@ -109,8 +101,7 @@ at::Tensor receivePiece(net::Socket& socket, const wire::TensorDescription& d, s
   const uint64_t actual = checksum.digest();
   if (actual != expected) {
     std::ostringstream out;
-    out << "tensor '" << d.name << "' piece " << index << " (elements [" << range.offset << ", "
-        << range.offset + range.numel << ")): checksum mismatch (xxh64 " << std::hex << actual << " received, "
+    out << "tensor '" << d.name << "' piece " << index << " (slice " << slice.text() << "): checksum mismatch (xxh64 " << std::hex << actual << " received, "
         << expected << " sent): the bytes were corrupted in transit; retry the recovery";
     failStream(socket.peer(), out.str());
   }
@@ -140,7 +131,7 @@ StateDict receiveSnapshot(net::Socket& socket, net::Deadline deadline, RecoveryS
     tensor.globalShape = d.shape;
     tensor.replicated = d.replicated;
     for (size_t p = 0; p < d.pieces.size(); ++p) {
-      tensor.pieces.push_back(StatePiece{receivePiece(socket, d, p, deadline, checksums), d.pieces[p].offset});
+      tensor.pieces.push_back(StatePiece{receivePiece(socket, d, p, deadline, checksums), d.pieces[p]});
     }
     bytesLeft -= d.payloadBytes();  // decodeDescription checked it fits
     state.tensors.emplace(d.name, std::move(tensor));

@@ -1,7 +1,9 @@
-// load(): checks every request against the index first, then reads only the
-// stored pieces that overlap each requested range, verifying each piece's
-// checksum. Works on any world size: the ranges asked for need not match the
-// pieces written.
+// load(): checks every request against the index first, then assembles each
+// requested slice from the stored pieces whose slices intersect it, reading
+// only those and verifying each piece's checksum. Works on any world size and
+// layout: the slices asked for need not match the pieces written (any N-D
+// boxes, any flat ranges of them; format 1's flat ranges are flat ranges of
+// the whole-tensor box).
 #include <ATen/ATen.h>
 #include <xxhash.h>
 
@@ -17,12 +19,6 @@
 
 namespace tessera::checkpoint {
 namespace {
-
-int64_t numelOf(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
 
 std::string joined(const std::vector<std::string>& items) {
   std::string out;
@@ -52,11 +48,12 @@ void checkRequests(const std::string& dir, const CheckpointIndex& index, const s
     if (stored.dtype != wanted) {
       mismatches.push_back("dtype mismatch " + r.name + ": checkpoint " + stored.dtype + " vs model " + wanted);
     }
-    const int64_t total = numelOf(r.globalShape);
-    const int64_t numel = r.numel < 0 ? total - r.offset : r.numel;
-    if (r.offset < 0 || numel < 0 || r.offset + numel > total) {
-      mismatches.push_back("range of " + r.name + " [" + std::to_string(r.offset) + ", " +
-                           std::to_string(r.offset + numel) + ") outside its " + std::to_string(total) + " elements");
+    if (r.slice) {
+      try {
+        r.slice->check(r.globalShape, "requested slice of " + r.name);
+      } catch (const InvalidArgument& e) {
+        mismatches.push_back(e.what());
+      }
     }
   }
   for (const auto& [name, stored] : index.tensors) {
@@ -86,58 +83,66 @@ std::string hex64(uint64_t value) {
 
 class PieceReader {
  public:
-  explicit PieceReader(std::string dir) : dir_(std::move(dir)) {}
+  PieceReader(std::string dir, int formatVersion) : dir_(std::move(dir)), formatVersion_(formatVersion) {}
 
-  // Decodes the whole piece into dst and checks its checksum.
-  void read(const std::string& tensor, const StoredPiece& piece, size_t elementSize, void* dst) {
+  // Decodes the whole piece into dst (slice.numel elements) and checks its checksum.
+  void read(const StoredPiece& piece, size_t elementSize, void* dst) {
     auto it = readers_.find(piece.file);
     if (it == readers_.end()) {
       it = readers_.emplace(piece.file, std::make_unique<ShardReader>(dir_ + "/" + piece.file)).first;
     }
-    it->second->readDataset(piece.dataset, piece.numel, elementSize, dst);
-    const std::string checksum = hex64(XXH64(dst, static_cast<size_t>(piece.numel) * elementSize, 0));
+    it->second->readDataset(piece.dataset, pieceDatasetDims(piece.slice, formatVersion_), elementSize, dst);
+    const std::string checksum = hex64(XXH64(dst, static_cast<size_t>(piece.slice.numel) * elementSize, 0));
     if (checksum != piece.checksum) {
-      throw CheckpointError("piece at offset " + std::to_string(piece.offset) + " (file " + dir_ + "/" + piece.file +
-                            ", dataset " + piece.dataset + ") has checksum " + checksum + ", the index says " +
-                            piece.checksum + ": the file is corrupt; load an older checkpoint");
+      throw CheckpointError("piece " + piece.slice.text() + " (file " + dir_ + "/" + piece.file + ", dataset " +
+                            piece.dataset + ") has checksum " + checksum + ", the index says " + piece.checksum +
+                            ": the file is corrupt; load an older checkpoint");
     }
   }
 
  private:
   std::string dir_;
+  int formatVersion_;
   std::map<std::string, std::unique_ptr<ShardReader>> readers_;
 };
 
-// Fills out (elements [begin, end) of the logical tensor) from the pieces.
-void readRange(PieceReader& reader, const std::string& name, const StoredTensor& stored, int64_t begin, int64_t end,
-               at::Tensor& out) {
-  std::vector<const StoredPiece*> pieces;
+// Fills `out` (want.numel elements, flat) from the stored pieces that hold
+// any of its elements: each is read whole (its checksum covers the whole
+// piece) and the shared elements copied (copyOverlap). Pieces held twice
+// (format 1 never wrote any; a hand-made index might) are copied twice,
+// harmlessly. Throws naming the first element no piece holds.
+void readSlice(PieceReader& reader, const StoredTensor& stored, const TensorSlice& want, at::Tensor& out) {
+  std::vector<TensorSlice> used;
   for (const StoredPiece& p : stored.pieces) {
-    if (p.offset < end && p.offset + p.numel > begin) pieces.push_back(&p);
-  }
-  std::sort(pieces.begin(), pieces.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
-  const size_t elementSize = out.element_size();
-  auto* base = static_cast<uint8_t*>(out.data_ptr());
-  int64_t cursor = begin;
-  for (const StoredPiece* p : pieces) {
-    if (cursor >= end) break;
-    const int64_t pieceEnd = p->offset + p->numel;
-    if (pieceEnd <= cursor) continue;  // covered already (overlapping pieces)
-    if (p->offset > cursor) break;     // a gap: reported below
-    const int64_t copyEnd = std::min(end, pieceEnd);
-    if (p->offset >= begin && pieceEnd <= end) {
-      reader.read(name, *p, elementSize, base + (p->offset - begin) * elementSize);
-    } else {
-      std::vector<uint8_t> buffer(static_cast<size_t>(p->numel) * elementSize);
-      reader.read(name, *p, elementSize, buffer.data());
-      std::memcpy(base + (cursor - begin) * elementSize, buffer.data() + (cursor - p->offset) * elementSize,
-                  static_cast<size_t>(copyEnd - cursor) * elementSize);
+    if (!p.slice.boxIntersects(want) || overlapCount(p.slice, want) == 0) continue;
+    used.push_back(p.slice);
+    if (p.slice == want) {  // the same layout as saved: straight into the result
+      reader.read(p, out.element_size(), out.data_ptr());
+      continue;
     }
-    cursor = copyEnd;
+    at::Tensor buffer = at::empty({p.slice.numel}, out.options());
+    reader.read(p, out.element_size(), buffer.data_ptr());
+    copyOverlap(p.slice, buffer, want, out);
   }
-  if (cursor < end) {
-    throw CheckpointError("elements [" + std::to_string(cursor) + ", " + std::to_string(end) +
-                          ") are in no stored piece (a shard file missing from the index?)");
+  // Which elements of `want` the pieces covered: their overlaps, in want's order.
+  std::vector<TensorSlice> held;
+  for (const TensorSlice& s : used) {
+    forEachOverlap(s, want, [&](int64_t, int64_t at, int64_t count) {
+      held.push_back(TensorSlice::box({0}, {want.numel}).narrowFlat(at, count));
+    });
+  }
+  const Coverage coverage = coverageOf({want.numel}, held);
+  if (coverage.covered < want.numel) {
+    // Element k of `want` as a position in the tensor.
+    int64_t global = -1;
+    forEachOverlap(TensorSlice::whole(stored.globalShape), want, [&](int64_t g, int64_t at, int64_t count) {
+      if (global < 0 && coverage.firstMissing >= at && coverage.firstMissing < at + count) {
+        global = g + coverage.firstMissing - at;
+      }
+    });
+    throw CheckpointError("element " + positionText(stored.globalShape, global) + " of slice " + want.text() +
+                          " is in no stored piece (" + std::to_string(want.numel - coverage.covered) + " of " +
+                          std::to_string(want.numel) + " elements missing: a shard file missing from the index?)");
   }
 }
 
@@ -151,23 +156,21 @@ StateDict load(const std::string& path, const std::vector<LoadRequest>& requests
 
   StateDict out;
   out.meta = index.meta;
-  PieceReader reader(dir);
+  PieceReader reader(dir, index.formatVersion);
   for (const LoadRequest& r : requests) {
     const StoredTensor& stored = index.tensors.at(r.name);
-    const int64_t total = numelOf(r.globalShape);
-    const int64_t numel = r.numel < 0 ? total - r.offset : r.numel;
-    at::Tensor values = at::empty({numel}, at::TensorOptions().dtype(r.dtype));
+    const TensorSlice want = r.wanted();
+    at::Tensor values = at::empty({want.numel}, at::TensorOptions().dtype(r.dtype));
     try {
-      if (numel > 0) readRange(reader, r.name, stored, r.offset, r.offset + numel, values);
+      if (want.numel > 0) readSlice(reader, stored, want, values);
     } catch (const CheckpointError& e) {
       throw CheckpointError("checkpoint " + dir + ": tensor " + r.name + ": " + e.what());
     }
-    const bool whole = r.offset == 0 && numel == total;
-    StateTensor tensor;
+    const bool whole = want.isWhole(r.globalShape);
+    StateTensor& tensor = out.tensors[r.name];  // several requests of one name: several pieces
     tensor.globalShape = r.globalShape;
     tensor.replicated = whole;
-    tensor.pieces.push_back(StatePiece{whole ? values.view(r.globalShape) : values, r.offset});
-    out.tensors[r.name] = std::move(tensor);
+    tensor.pieces.push_back(StatePiece{values.view(want.localShape()), want});
   }
   return out;
 }

@@ -123,39 +123,39 @@ int64_t checkedNumel(const std::vector<int64_t>& shape, std::string& problem) {
   return numel;
 }
 
-// The pieces' ranges lie in [0, globalNumel) and do not overlap; returns the
-// first problem or "".
-std::string checkRanges(std::vector<PieceRange> ranges, int64_t globalNumel) {
-  for (const PieceRange& r : ranges) {
-    if (r.offset < 0 || r.numel < 0 || r.offset > globalNumel || r.numel > globalNumel - r.offset) {
-      std::ostringstream out;
-      out << "piece [" << r.offset << ", +" << r.numel << ") outside the tensor's " << globalNumel << " elements";
-      return out.str();
+// The pieces fit `shape` and do not overlap; returns the first problem or "".
+// Pairwise: a tensor has a handful of pieces (the description frame's size
+// bounds them), and only pairs whose boxes meet are compared element-wise.
+std::string checkSlices(const std::vector<TensorSlice>& pieces, const std::vector<int64_t>& shape) {
+  for (const TensorSlice& piece : pieces) {
+    try {
+      piece.check(shape, "piece");
+    } catch (const InvalidArgument& e) {
+      return e.what();
     }
   }
-  // An empty piece overlaps nothing.
-  ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const PieceRange& r) { return r.numel == 0; }),
-               ranges.end());
-  std::sort(ranges.begin(), ranges.end(), [](const PieceRange& a, const PieceRange& b) { return a.offset < b.offset; });
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i].offset < ranges[i - 1].offset + ranges[i - 1].numel) {
-      std::ostringstream out;
-      out << "pieces at offsets " << ranges[i - 1].offset << " and " << ranges[i].offset << " overlap";
-      return out.str();
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    for (size_t j = i + 1; j < pieces.size(); ++j) {
+      if (pieces[i].boxIntersects(pieces[j]) && overlapCount(pieces[i], pieces[j]) > 0) {
+        return "pieces " + pieces[i].text() + " and " + pieces[j].text() + " overlap";
+      }
     }
   }
   return "";
 }
 
+// Bytes of one piece on the wire: offsets and sizes per dim, flat offset, numel.
+size_t pieceBytes(size_t rank) { return 16 * rank + 16; }
+
 size_t descriptionFrameBytes(const TensorDescription& d) {
-  return 4 + d.name.size() + 1 + 1 + 4 + 8 * d.shape.size() + 4 + 16 * d.pieces.size();
+  return 4 + d.name.size() + 1 + 1 + 4 + 8 * d.shape.size() + 4 + pieceBytes(d.shape.size()) * d.pieces.size();
 }
 
 }  // namespace
 
 uint64_t TensorDescription::payloadBytes() const {
   uint64_t numel = 0;
-  for (const PieceRange& r : pieces) numel += static_cast<uint64_t>(r.numel);
+  for (const TensorSlice& piece : pieces) numel += static_cast<uint64_t>(piece.numel);
   return numel * c10::elementSize(dtype);
 }
 
@@ -177,7 +177,7 @@ TensorDescription describe(const std::string& name, const StateTensor& tensor) {
   std::string problem;
   TESSERA_CHECK_ARG(d.shape.size() <= kMaxRank, "live recovery: tensor '" << name << "' has " << d.shape.size()
                                                                           << " dimensions, more than " << kMaxRank);
-  const int64_t globalNumel = checkedNumel(d.shape, problem);
+  checkedNumel(d.shape, problem);
   TESSERA_CHECK_ARG(problem.empty(), "live recovery: tensor '" << name << "': " << problem);
   for (size_t i = 0; i < tensor.pieces.size(); ++i) {
     const at::Tensor& local = tensor.pieces[i].local;
@@ -189,10 +189,14 @@ TensorDescription describe(const std::string& name, const StateTensor& tensor) {
     TESSERA_CHECK_ARG(local.scalar_type() == d.dtype, "live recovery: tensor '" << name << "' has pieces of dtypes "
                                                                                 << d.dtype << " and "
                                                                                 << local.scalar_type());
-    d.pieces.push_back(PieceRange{tensor.pieces[i].offset, local.numel()});
+    TESSERA_CHECK_ARG(local.numel() == tensor.pieces[i].slice.numel,
+                      "live recovery: tensor '" << name << "' piece " << i << " holds " << local.numel()
+                                                << " elements, its slice " << tensor.pieces[i].slice.text() << " "
+                                                << tensor.pieces[i].slice.numel);
+    d.pieces.push_back(tensor.pieces[i].slice);
   }
   dtypeCode(d.dtype);
-  problem = checkRanges(d.pieces, globalNumel);
+  problem = checkSlices(d.pieces, d.shape);
   TESSERA_CHECK_ARG(problem.empty(), "live recovery: tensor '" << name << "': " << problem);
   TESSERA_CHECK_ARG(descriptionFrameBytes(d) <= kMaxDescriptionFrame,
                     "live recovery: tensor '" << name << "' has too many pieces (" << d.pieces.size()
@@ -235,9 +239,11 @@ Bytes encodeDescription(const TensorDescription& d) {
   appendU32(out, static_cast<uint32_t>(d.shape.size()));
   for (int64_t dim : d.shape) appendI64(out, dim);
   appendU32(out, static_cast<uint32_t>(d.pieces.size()));
-  for (const PieceRange& r : d.pieces) {
-    appendI64(out, r.offset);
-    appendI64(out, r.numel);
+  for (const TensorSlice& piece : d.pieces) {
+    for (int64_t offset : piece.offsets) appendI64(out, offset);
+    for (int64_t size : piece.sizes) appendI64(out, size);
+    appendI64(out, piece.flatOffset);
+    appendI64(out, piece.numel);
   }
   return out;
 }
@@ -265,8 +271,12 @@ Header decodeHeader(const Bytes& frame, const std::string& peer) {
   in.magic(kHeaderMagic, "magic");
   const uint32_t version = in.u32("version");
   if (version != kVersion) {
-    in.fail("wire version " + std::to_string(version) + ", this build speaks " + std::to_string(kVersion) +
-            "; run the same tessera version on every node");
+    // Not a malformed stream: another release. Said plainly, without the
+    // "corrupted stream" suffix of in.fail().
+    throw ProtocolError("live recovery from " + peer + ": the source speaks live-recovery wire version " +
+                        std::to_string(version) + ", this node speaks version " + std::to_string(kVersion) +
+                        (version < kVersion ? " (version 1 sent flat ranges, version 2 sends N-D slices)" : "") +
+                        ": both nodes must run the same tessera release; upgrade the older one and rejoin");
   }
   Header header;
   header.tensorCount = in.u32("tensor count");
@@ -299,23 +309,25 @@ TensorDescription decodeDescription(const Bytes& frame, const std::string& peer,
   in.needItems(rank, 8, "rank");
   for (uint32_t i = 0; i < rank; ++i) d.shape.push_back(in.i64("dimension"));
   std::string problem;
-  const int64_t globalNumel = checkedNumel(d.shape, problem);
+  checkedNumel(d.shape, problem);
   if (!problem.empty()) in.fail(problem);
   const uint32_t pieceCount = in.u32("piece count");
-  in.needItems(pieceCount, 16, "piece count");
+  in.needItems(pieceCount, pieceBytes(rank), "piece count");
   for (uint32_t i = 0; i < pieceCount; ++i) {
-    PieceRange r;
-    r.offset = in.i64("piece offset");
-    r.numel = in.i64("piece numel");
-    d.pieces.push_back(r);
+    TensorSlice piece;
+    for (uint32_t k = 0; k < rank; ++k) piece.offsets.push_back(in.i64("piece box offset"));
+    for (uint32_t k = 0; k < rank; ++k) piece.sizes.push_back(in.i64("piece box size"));
+    piece.flatOffset = in.i64("piece flat offset");
+    piece.numel = in.i64("piece numel");
+    d.pieces.push_back(std::move(piece));
   }
   in.expectEnd();
-  problem = checkRanges(d.pieces, globalNumel);
+  problem = checkSlices(d.pieces, d.shape);
   if (!problem.empty()) in.fail(problem);
-  // Disjoint ranges inside the tensor: their element count fits in int64;
+  // Disjoint slices inside the tensor: their element count fits in int64;
   // their bytes may still overflow.
   uint64_t numel = 0;
-  for (const PieceRange& r : d.pieces) numel += static_cast<uint64_t>(r.numel);
+  for (const TensorSlice& piece : d.pieces) numel += static_cast<uint64_t>(piece.numel);
   uint64_t bytes = 0;
   if (__builtin_mul_overflow(numel, static_cast<uint64_t>(c10::elementSize(d.dtype)), &bytes) ||
       bytes > payloadBytesLeft) {

@@ -29,7 +29,9 @@ namespace tessera::checkpoint::recovery_wire {
 
 using comm::net::Bytes;
 
-constexpr uint32_t kVersion = 1;
+// 2: pieces are TensorSlices (box offsets and sizes, flat offset, numel).
+// 1 (tessera before N-D slices): pieces were flat ranges (offset, numel).
+constexpr uint32_t kVersion = 2;
 // Piece bytes go out in sendAll calls of at most this size: large enough to
 // amortize the system calls, small enough that the checksum of a chunk is
 // computed while it is still in cache.
@@ -49,17 +51,12 @@ struct Header {
   std::map<std::string, std::string> meta;
 };
 
-struct PieceRange {
-  int64_t offset = 0;  // flat element offset in the logical tensor
-  int64_t numel = 0;
-};
-
 struct TensorDescription {
   std::string name;
   at::ScalarType dtype = at::kFloat;
   bool replicated = true;
   std::vector<int64_t> shape;
-  std::vector<PieceRange> pieces;
+  std::vector<TensorSlice> pieces;  // each fits `shape`; pairwise disjoint
 
   // Bytes of every piece together (checked not to overflow when decoded).
   uint64_t payloadBytes() const;
@@ -73,7 +70,8 @@ std::vector<at::ScalarType> sendableDtypes();
 
 // The sender's side: the header of a whole snapshot and the description of
 // one of its tensors, checking that the snapshot can be sent as it is (CPU,
-// contiguous pieces of a sendable dtype inside the global shape, disjoint).
+// contiguous pieces of a sendable dtype, slices inside the global shape,
+// disjoint).
 // Throw InvalidArgument naming the tensor.
 Header headerOf(const StateDict& state);
 TensorDescription describe(const std::string& name, const StateTensor& tensor);

@@ -239,7 +239,7 @@ int64_t exportSafetensors(const std::string& checkpointPath, const std::string& 
   std::vector<LoadRequest> requests;
   for (const auto& [name, stored] : StateSummary::of(index).tensors) {
     if (name.compare(0, prefix.size(), prefix) == 0)
-      requests.push_back(LoadRequest{name, stored.shape, stored.dtype, 0, -1});
+      requests.push_back(LoadRequest{name, stored.shape, stored.dtype, std::nullopt});
   }
   if (requests.empty())
     throw CheckpointError("export: checkpoint '" + dir + "' holds no tensor under '" + prefix + "'");

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <future>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "checkpoint/file_ops.h"
@@ -28,10 +29,14 @@ WriteFaults WriteFaults::fromEnvironment() {
   return faults;
 }
 
-std::string pieceDatasetPath(const std::string& tensor, int64_t offset) {
+std::string pieceDatasetPath(const std::string& tensor, const TensorSlice& slice) {
   std::string path = tensor;
   while (!path.empty() && path.front() == '/') path.erase(path.begin());
-  return path + "@" + std::to_string(offset);
+  path += "@";
+  if (slice.offsets.empty()) path += "0";
+  for (size_t d = 0; d < slice.offsets.size(); ++d) path += (d ? "," : "") + std::to_string(slice.offsets[d]);
+  if (!slice.isWholeBox()) path += "+" + std::to_string(slice.flatOffset);
+  return path;
 }
 
 std::string xxh64Hex(uint64_t value) {
@@ -53,22 +58,22 @@ struct ChunkTask {
   size_t paddedBytes = 0;
 };
 
+// Every chunk of every piece, in write order. Each chunk is a contiguous run
+// of the piece's row-major bytes (ChunkGrid), padded to the chunk size.
 std::vector<ChunkTask> planChunks(const std::vector<SnapshotPiece>& pieces, int64_t chunkBytes,
-                                  std::vector<int64_t>& chunkNumel) {
+                                  std::vector<ChunkGrid>& grids) {
   std::vector<ChunkTask> tasks;
-  chunkNumel.clear();
+  grids.clear();
   for (size_t p = 0; p < pieces.size(); ++p) {
     const size_t element = c10::elementSize(pieces[p].dtype);
-    // Equal chunks of at most chunkBytes: the zero padding of the last one
-    // (HDF5 stores edge chunks whole) stays below one element per chunk.
-    const int64_t maxPerChunk = std::max<int64_t>(1, chunkBytes / static_cast<int64_t>(element));
-    const int64_t chunks = (pieces[p].numel + maxPerChunk - 1) / maxPerChunk;
-    const int64_t perChunk = (pieces[p].numel + chunks - 1) / chunks;
-    chunkNumel.push_back(perChunk);
-    for (int64_t first = 0, i = 0; first < pieces[p].numel; first += perChunk, ++i) {
-      const int64_t n = std::min(perChunk, pieces[p].numel - first);
-      tasks.push_back({p, element, i, pieces[p].data + first * element, static_cast<size_t>(n) * element,
-                       static_cast<size_t>(perChunk) * element});
+    grids.push_back(
+        ChunkGrid::plan(pieceDatasetDims(pieces[p].slice, kCheckpointFormatVersion), element, chunkBytes));
+    const ChunkGrid& grid = grids.back();
+    const size_t padded = static_cast<size_t>(grid.chunkNumel()) * element;
+    for (int64_t i = 0; i < grid.count(); ++i) {
+      const ChunkGrid::Chunk c = grid.chunk(i);
+      tasks.push_back({p, element, i, pieces[p].data + c.first * static_cast<int64_t>(element),
+                       static_cast<size_t>(c.numel) * element, padded});
     }
   }
   return tasks;
@@ -202,8 +207,16 @@ class CompressionPipeline {
 ShardWriteResult writeShard(const std::string& path, const std::string& fileName, int64_t step, int rank,
                             int worldSize, const std::vector<SnapshotPiece>& pieces, const ShardWriteOptions& options) {
   ShardWriteResult result;
-  std::vector<int64_t> chunkNumel;
-  const std::vector<ChunkTask> tasks = planChunks(pieces, options.chunkBytes, chunkNumel);
+  std::vector<ChunkGrid> grids;
+  const std::vector<ChunkTask> tasks = planChunks(pieces, options.chunkBytes, grids);
+  std::vector<std::string> datasets;  // unique in the file
+  std::set<std::string> taken;
+  for (const SnapshotPiece& piece : pieces) {
+    const std::string base = pieceDatasetPath(piece.tensor, piece.slice);
+    std::string path = base;
+    for (int k = 1; !taken.insert(path).second; ++k) path = base + "~" + std::to_string(k);
+    datasets.push_back(path);
+  }
   std::unique_ptr<CompressionPipeline> pipeline;
   if (options.zstdLevel > 0 && !tasks.empty()) {
     pipeline = std::make_unique<CompressionPipeline>(tasks, options.zstdLevel, std::max(1, options.threads));
@@ -222,7 +235,7 @@ ShardWriteResult writeShard(const std::string& path, const std::string& fileName
   std::thread hasher([&] {
     for (size_t p = 0; p < pieces.size() && !abandon; ++p) {
       hashPromises[p].set_value(
-          XXH64(pieces[p].data, static_cast<size_t>(pieces[p].numel) * c10::elementSize(pieces[p].dtype), 0));
+          XXH64(pieces[p].data, static_cast<size_t>(pieces[p].slice.numel) * c10::elementSize(pieces[p].dtype), 0));
     }
   });
   struct JoinHasher {
@@ -239,9 +252,9 @@ ShardWriteResult writeShard(const std::string& path, const std::string& fileName
     const ChunkTask& task = tasks[i];
     const SnapshotPiece& piece = pieces[task.piece];
     if (task.index == 0) {
-      writer.createDataset(PieceDataset{pieceDatasetPath(piece.tensor, piece.offset), piece.tensor, piece.dtype,
-                                        piece.globalShape, piece.offset, piece.numel, chunkNumel[task.piece],
-                                        options.zstdLevel, options.zstdLevel > 0 && task.element > 1});
+      writer.createDataset(PieceDataset{datasets[task.piece], piece.tensor, piece.dtype, piece.globalShape,
+                                        piece.slice, grids[task.piece], options.zstdLevel,
+                                        options.zstdLevel > 0 && task.element > 1});
     }
     const uint8_t* encoded = task.data;
     size_t encodedBytes = task.rawBytes;
@@ -268,9 +281,8 @@ ShardWriteResult writeShard(const std::string& path, const std::string& fileName
     if (lastOfPiece) {
       const std::string checksum = xxh64Hex(hashes[task.piece].get());
       writer.finishDataset(checksum);
-      result.pieces.push_back(StoredPiece{fileName, pieceDatasetPath(piece.tensor, piece.offset), piece.offset,
-                                          piece.numel, checksum});
-      result.bytes += piece.numel * static_cast<int64_t>(c10::elementSize(piece.dtype));
+      result.pieces.push_back(StoredPiece{fileName, datasets[task.piece], piece.slice, checksum});
+      result.bytes += piece.slice.numel * static_cast<int64_t>(c10::elementSize(piece.dtype));
     }
   }
   pipeline.reset();

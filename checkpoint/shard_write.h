@@ -19,9 +19,8 @@ struct SnapshotPiece {
   std::string tensor;
   std::vector<int64_t> globalShape;
   at::ScalarType dtype = at::kFloat;
-  int64_t offset = 0;      // in the logical tensor, elements
-  int64_t numel = 0;       // > 0
-  const uint8_t* data = nullptr;  // numel * element size bytes in the snapshot buffer
+  TensorSlice slice;              // which elements; slice.numel > 0
+  const uint8_t* data = nullptr;  // slice.numel * element size bytes in the snapshot buffer
 };
 
 // Test hooks (fault injection), read from the environment by save():
@@ -47,13 +46,18 @@ struct ShardWriteResult {
   int64_t fileBytes = 0;
 };
 
-// Writes `pieces` into `path` (file name `fileName` in the index) and fsyncs it.
+// Writes `pieces` into `path` (file name `fileName` in the index) in format
+// kCheckpointFormatVersion and fsyncs it.
 // Throws CheckpointError naming the file (disk full: with kDiskFullHint).
 ShardWriteResult writeShard(const std::string& path, const std::string& fileName, int64_t step, int rank,
                             int worldSize, const std::vector<SnapshotPiece>& pieces, const ShardWriteOptions& options);
 
-// "model/w@0": the dataset of a piece.
-std::string pieceDatasetPath(const std::string& tensor, int64_t offset);
+// The dataset of a piece (format 2): "model/w@0,4" for the box at offsets
+// (0, 4), "model/w@0,4+96" for a flat range of it starting at element 96 of
+// the box, "model/s@0" for a scalar. writeShard makes a path unique in its
+// file by appending "~1", "~2", ... (only two different slices of one tensor
+// on one rank with the same box offsets and flat offset can collide).
+std::string pieceDatasetPath(const std::string& tensor, const TensorSlice& slice);
 // xxh64 (seed 0) as 16 lowercase hex digits.
 std::string xxh64Hex(uint64_t value);
 

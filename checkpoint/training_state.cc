@@ -8,12 +8,14 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <unordered_set>
 
 #include "tessera/core/error.h"
-#include "tessera/core/training/trainer.h"
+#include "tessera/core/logging.h"
+#include "tessera/train/trainer.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 
@@ -36,6 +38,9 @@ void checkParts(const TrainingParts& parts, const char* what) {
                     what << ": TrainingParts needs trainer, dp and optimizer (got "
                          << (parts.trainer ? "" : "no trainer ") << (parts.dp ? "" : "no dp ")
                          << (parts.optimizer ? "" : "no optimizer") << ")");
+  TESSERA_CHECK_ARG(parts.worldSize >= 1 && parts.rank >= 0 && parts.rank < parts.worldSize,
+                    what << ": TrainingParts rank " << parts.rank << " not in [0, " << parts.worldSize
+                         << "): set rank and worldSize to this process's rank and the job's size");
 }
 
 std::string join(const std::vector<std::string>& items, const std::string& separator) {
@@ -120,30 +125,32 @@ Layout layoutOf(parallel::DataParallel& dp) {
   return out;
 }
 
-// Copies [offset, offset + numel) of the logical tensor `name` from `source`
-// into `dest` (flat, numel elements), converting the dtype. Throws unless
-// source's pieces cover the whole range.
-void readRange(const StateDict& source, const std::string& name, int64_t offset, int64_t numel, at::Tensor dest) {
+// Copies the elements of `slice` of the logical tensor `name` from `source`
+// into `dest` (flat, slice.numel elements, contiguous), converting the dtype.
+// Throws unless source's pieces hold every element of the slice.
+void readSlice(const StateDict& source, const std::string& name, const TensorSlice& slice, at::Tensor dest) {
   auto it = source.tensors.find(name);
   TESSERA_CHECK_ARG(it != source.tensors.end(), "training state: missing tensor '" << name << "'");
-  std::vector<const StatePiece*> pieces;
-  for (const StatePiece& piece : it->second.pieces) pieces.push_back(&piece);
-  std::sort(pieces.begin(), pieces.end(),
-            [](const StatePiece* a, const StatePiece* b) { return a->offset < b->offset; });
-  int64_t covered = offset;  // [offset, covered) copied so far
-  const int64_t end = offset + numel;
-  for (const StatePiece* piece : pieces) {
-    const int64_t pieceEnd = piece->offset + piece->local.numel();
-    if (pieceEnd <= covered || piece->offset > covered) continue;
-    const int64_t to = std::min(end, pieceEnd);
-    dest.narrow(0, covered - offset, to - covered)
-        .copy_(piece->local.reshape({-1}).narrow(0, covered - piece->offset, to - covered));
-    covered = to;
-    if (covered == end) break;
+  const StateTensor& t = it->second;
+  t.checkPieces("training state: " + name);
+  std::vector<TensorSlice> held;  // which elements of `slice` were copied, in its order
+  for (const StatePiece& piece : t.pieces) {
+    if (!piece.slice.boxIntersects(slice) || overlapCount(piece.slice, slice) == 0) continue;
+    const at::Tensor from = piece.local.reshape({-1}).contiguous();
+    at::Tensor to = dest.scalar_type() == from.scalar_type() ? dest : at::empty({slice.numel}, from.options());
+    copyOverlap(piece.slice, from, slice, to);
+    forEachOverlap(piece.slice, slice, [&](int64_t, int64_t at, int64_t count) {
+      held.push_back(TensorSlice::box({0}, {slice.numel}).narrowFlat(at, count));
+      if (!to.is_same(dest)) dest.narrow(0, at, count).copy_(to.narrow(0, at, count));
+    });
   }
-  TESSERA_CHECK_ARG(covered == end, "training state: tensor '" << name << "' range [" << offset << ", " << end
-                                                               << ") is not covered; the pieces held end at "
-                                                               << covered);
+  const Coverage coverage = coverageOf({slice.numel}, held);
+  TESSERA_CHECK_ARG(coverage.covered == slice.numel,
+                    "training state: tensor '" << name << "' " << shapeText(t.globalShape) << ": slice "
+                                               << slice.text() << " is not covered: element "
+                                               << coverage.firstMissing << " of the slice ("
+                                               << slice.numel - coverage.covered
+                                               << " in all) is in no piece held");
 }
 
 at::ScalarType dtypeFromName(const std::string& tensor, const std::string& name) {
@@ -155,6 +162,33 @@ at::ScalarType dtypeFromName(const std::string& tensor, const std::string& name)
   TESSERA_CHECK_ARG(it != kNames.end(),
                     "checkpoint tensor '" << tensor << "' has dtype '" << name << "', which this build does not know");
   return it->second;
+}
+
+// The request for this rank's generator state (file comment of
+// training_state.h, "Randomness"); none when the source has no row for it.
+std::optional<LoadRequest> rngRequest(const TrainingParts& parts, const StateSummary& source) {
+  auto it = source.tensors.find(kRng);
+  if (it == source.tensors.end()) return std::nullopt;
+  const StateSummary::Tensor& t = it->second;
+  if (t.shape.size() == 1) return LoadRequest{kRng, t.shape, t.dtype, std::nullopt};  // format 1: rank 0's, for all
+  TESSERA_CHECK_ARG(t.shape.size() == 2, "training state: '" << kRng << "' has shape " << shapeText(t.shape)
+                                                             << ", expected [ranks, state bytes]");
+  // The rows held whole, by row.
+  std::set<int64_t> rows;
+  for (const TensorSlice& s : t.held) {
+    if (!s.isWholeBox() || s.sizes[1] != t.shape[1]) continue;
+    for (int64_t r = s.offsets[0]; r < s.offsets[0] + s.sizes[0]; ++r) rows.insert(r);
+  }
+  int64_t row = parts.rank;
+  // A peer's state holds its own row, whichever rank it had: the joiner continues its source's stream.
+  if (source.onePeer && !rows.count(row) && rows.size() == 1) row = *rows.begin();
+  if (!rows.count(row)) {
+    TESSERA_LOG(kInfo) << "rank " << parts.rank << ": the training state holds the generator states of "
+                       << rows.size() << " of " << t.shape[0]
+                       << " rank(s), none for this rank; its generator starts from the seed";
+    return std::nullopt;
+  }
+  return LoadRequest{kRng, t.shape, t.dtype, TensorSlice::box({row, 0}, {1, t.shape[1]})};
 }
 
 }  // namespace
@@ -181,9 +215,8 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
       StateTensor& t = out.tensors[base + piece.name];
       t.globalShape = piece.shape;
       t.replicated = replicated;
-      at::Tensor local = flat.narrow(0, piece.tensorOffset, piece.numel);
-      if (piece.numel == t.globalNumel()) local = local.view(piece.shape);
-      t.pieces.push_back(StatePiece{local, piece.paramOffset});
+      const at::Tensor local = flat.narrow(0, piece.tensorOffset, piece.slice.numel).view(piece.slice.localShape());
+      t.pieces.push_back(StatePiece{local, piece.slice});
     }
   };
 
@@ -213,7 +246,14 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
     }
     out.putReplicated(prefix + kScalars, textTensor(text));
   }
-  if (state.rng.defined()) out.putReplicated(kRng, state.rng.to(at::kByte).contiguous());
+  if (state.rng.defined()) {  // this rank's row of [world size, state bytes]
+    const at::Tensor row = state.rng.to(at::kByte).contiguous().reshape({1, -1});
+    if (parts.worldSize == 1) {
+      out.putReplicated(kRng, row);
+    } else {
+      out.putPiece(kRng, {parts.worldSize, row.size(1)}, TensorSlice::box({parts.rank, 0}, {1, row.size(1)}), row);
+    }
+  }
 
   out.putMeta(kStep, state.step);
   out.putMeta(kTokens, state.tokens);
@@ -228,7 +268,10 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
 
 StateSummary StateSummary::of(const CheckpointIndex& index) {
   StateSummary out;
-  for (const auto& [name, t] : index.tensors) out.tensors[name] = Tensor{t.globalShape, dtypeFromName(name, t.dtype)};
+  for (const auto& [name, t] : index.tensors) {
+    Tensor& summary = out.tensors[name] = Tensor{t.globalShape, dtypeFromName(name, t.dtype), {}};
+    for (const StoredPiece& p : t.pieces) summary.held.push_back(p.slice);
+  }
   out.meta = index.meta;
   return out;
 }
@@ -237,9 +280,11 @@ StateSummary StateSummary::of(const StateDict& state) {
   StateSummary out;
   for (const auto& [name, t] : state.tensors) {
     const at::ScalarType dtype = t.pieces.empty() ? at::kFloat : t.pieces[0].local.scalar_type();
-    out.tensors[name] = Tensor{t.globalShape, dtype};
+    Tensor& summary = out.tensors[name] = Tensor{t.globalShape, dtype, {}};
+    for (const StatePiece& p : t.pieces) summary.held.push_back(p.slice);
   }
   out.meta = state.meta;
+  out.onePeer = true;
   return out;
 }
 
@@ -327,7 +372,7 @@ std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const
     TESSERA_CHECK_ARG(stored.shape == piece.shape, "training state: '" << name << "' has shape "
                                                                        << shapeText(stored.shape) << ", parameter '"
                                                                        << piece.name << "' " << shapeText(piece.shape));
-    requests.push_back(LoadRequest{name, piece.shape, stored.dtype, piece.paramOffset, piece.numel});
+    requests.push_back(LoadRequest{name, piece.shape, stored.dtype, piece.slice});
   };
   for (const auto& pieces : layout.pieces) {
     for (const auto& piece : pieces) {
@@ -338,10 +383,11 @@ std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const
       }
     }
   }
-  for (const std::string& name : {from + kScalars, std::string(kRng)}) {
-    auto it = source.tensors.find(name);
-    if (it != source.tensors.end()) requests.push_back(LoadRequest{name, it->second.shape, it->second.dtype, 0, -1});
+  auto scalars = source.tensors.find(from + kScalars);
+  if (scalars != source.tensors.end()) {
+    requests.push_back(LoadRequest{scalars->first, scalars->second.shape, scalars->second.dtype, std::nullopt});
   }
+  if (auto rng = rngRequest(parts, source)) requests.push_back(*rng);
   return requests;
 }
 
@@ -356,8 +402,7 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded) {
     at::Tensor staged = layout.params[i].detach().clone();  // keeps FSDP padding as it is
     at::Tensor flat = staged.view({-1});
     for (const auto& piece : layout.pieces[i]) {
-      readRange(loaded, from + kModel + piece.name, piece.paramOffset, piece.numel,
-                flat.narrow(0, piece.tensorOffset, piece.numel));
+      readSlice(loaded, from + kModel + piece.name, piece.slice, flat.narrow(0, piece.tensorOffset, piece.slice.numel));
     }
     model.push_back(staged);
   }
@@ -385,8 +430,7 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded) {
       at::Tensor flat = staged.view({-1});
       for (const auto& piece : layout.pieces[i]) {
         if (!loaded.tensors.count(base + piece.name)) continue;  // zeros (see the header)
-        readRange(loaded, base + piece.name, piece.paramOffset, piece.numel,
-                  flat.narrow(0, piece.tensorOffset, piece.numel));
+        readSlice(loaded, base + piece.name, piece.slice, flat.narrow(0, piece.tensorOffset, piece.slice.numel));
       }
       tensors[i] = staged;
     }
@@ -405,7 +449,15 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded) {
                       "training state: optimizer scalar '" << item.first << "' of '" << parts.optimizer->name()
                                                            << "' is missing; resume with the same optimizer");
   }
-  if (loaded.tensors.count(kRng)) state.rng = loaded.whole(kRng).to(at::kByte).contiguous().clone();
+  if (auto rng = loaded.tensors.find(kRng); rng != loaded.tensors.end()) {
+    // Format 1: [bytes], whole. Format 2: this rank's row (the only piece loaded).
+    const StateTensor& t = rng->second;
+    TESSERA_CHECK_ARG(t.pieces.size() == 1 && (t.globalShape.size() == 1 || t.pieces[0].slice.sizes.at(0) == 1) &&
+                          t.pieces[0].slice.isWholeBox() && t.pieces[0].local.numel() == t.globalShape.back(),
+                      "training state: '" << kRng << "' " << shapeText(t.globalShape)
+                                          << " must be loaded as one whole row of generator state");
+    state.rng = t.pieces[0].local.reshape({-1}).to(at::kByte).contiguous().clone();
+  }
 
   // Phase 2: apply. Trainer::restore checks the sampler and the optimizer
   // before changing them; the parameters are copied only after it succeeded.
@@ -444,17 +496,14 @@ StateDict extractRanges(const StateDict& source, const std::vector<LoadRequest>&
                                                                                   << piece.local.scalar_type()
                                                                                   << ", requested " << r.dtype);
     }
-    const int64_t numel = r.numel < 0 ? t.globalNumel() - r.offset : r.numel;
-    TESSERA_CHECK_ARG(r.offset >= 0 && numel >= 0 && r.offset + numel <= t.globalNumel(),
-                      "training state: range [" << r.offset << ", " << r.offset + numel << ") outside '" << r.name
-                                                << "' of " << t.globalNumel() << " elements");
-    at::Tensor values = at::empty({numel}, at::TensorOptions().dtype(r.dtype));
-    readRange(source, r.name, r.offset, numel, values);
+    const TensorSlice want = r.wanted();
+    want.check(t.globalShape, "training state: requested slice of '" + r.name + "'");
+    at::Tensor values = at::empty({want.numel}, at::TensorOptions().dtype(r.dtype));
+    readSlice(source, r.name, want, values);
     StateTensor& copy = out.tensors[r.name];  // several requests of one name: several pieces
     copy.globalShape = t.globalShape;
-    copy.replicated = t.replicated;
-    if (numel == t.globalNumel()) values = values.view(t.globalShape);
-    copy.pieces.push_back(StatePiece{values, r.offset});
+    copy.replicated = t.replicated && want.isWhole(t.globalShape);
+    copy.pieces.push_back(StatePiece{values.view(want.localShape()), want});
   }
   return out;
 }

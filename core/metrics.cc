@@ -17,6 +17,11 @@ MetricsRecord& MetricsRecord::add(std::string key, double value) {
   fields_.emplace_back(std::move(key), value);
   return *this;
 }
+MetricsRecord& MetricsRecord::add(std::string key, const MetricsRecord& object) {
+  fields_.emplace_back(std::move(key), Object{object.toJson()});
+  return *this;
+}
+
 MetricsRecord& MetricsRecord::add(std::string key, bool value) {
   fields_.emplace_back(std::move(key), value);
   return *this;
@@ -66,6 +71,8 @@ std::string MetricsRecord::toJson() const {
       }
     } else if (const auto* b = std::get_if<bool>(&value)) {
       out << (*b ? "true" : "false");
+    } else if (const auto* o = std::get_if<Object>(&value)) {
+      out << o->json;
     } else {
       out << jsonQuote(std::get<std::string>(value));
     }

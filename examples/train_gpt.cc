@@ -17,11 +17,12 @@
 #include <string>
 
 #include "tessera/core/data/byte_corpus.h"
-#include "tessera/core/training/trainer.h"
 #include "tessera/launcher/init.h"
 #include "tessera/optim/lr_schedule.h"
 #include "tessera/optim/optimizer.h"
-#include "tessera/parallel/data_parallel.h"
+#include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/parallelize.h"
+#include "tessera/train/trainer.h"
 
 int main(int argc, char** argv) {
   const int64_t steps = argc > 1 ? std::atoll(argv[1]) : 200;
@@ -35,9 +36,16 @@ int main(int argc, char** argv) {
   tessera::models::Gpt gpt(modelConfig);
   auto model = tessera::makeTrainable(gpt);
 
-  // 3. Data parallelism: DDP over the world, or nothing when alone.
-  auto dp = ctx.worldSize() > 1 ? tessera::parallel::makeDdpDataParallel(*gpt, ctx.world)
-                                : tessera::parallel::makeNoDataParallel(*gpt);
+  // 3. The parallel job: a mesh over the world (here every rank a DDP
+  //    replica: dp_replicate = world size), then parallelize() -- the same
+  //    composition tessera-train uses (collective).
+  tessera::parallel::ParallelConfig parallelConfig;
+  parallelConfig.mesh.dp_replicate = ctx.worldSize();
+  parallelConfig.strategy = ctx.worldSize() > 1 ? "ddp" : "none";
+  tessera::parallel::DeviceMesh mesh(ctx.world, parallelConfig.mesh);
+  tessera::parallel::ParallelModel parallel =
+      tessera::parallel::parallelize(*model, mesh, parallelConfig, /*localUpdates=*/false);
+  tessera::parallel::DataParallel* dp = parallel.dp.get();
 
   // 4. Optimizer and learning-rate schedule (warm-up, then cosine to min_lr).
   tessera::optim::OptimizerConfig optimConfig;  // AdamW, betas (0.9, 0.95), weight decay 0.1
@@ -54,13 +62,13 @@ int main(int argc, char** argv) {
   const auto split = tessera::data::splitCorpus(tessera::data::ByteCorpus::load(), dataConfig);
   tessera::data::DistributedSampler::Options sampling;
   sampling.batchSize = dataConfig.batch_size;
-  sampling.dpRank = ctx.rank();
-  sampling.dpSize = ctx.worldSize();
+  sampling.dpRank = parallel.dataRank;
+  sampling.dpSize = parallel.dataRanks;
   auto train = tessera::makeBatchSource(split.train, sampling);
   sampling.shuffle = false;  // validation: the same batches every time
   auto val = tessera::makeBatchSource(split.val, sampling);
 
-  // 6. The loop. Rank 0 writes metrics as JSON lines to stdout.
+  // 6. The loop. The rank that has the loss writes metrics as JSON lines to stdout.
   tessera::TrainConfig trainConfig;
   trainConfig.steps = steps;
   trainConfig.eval_every = 50;
@@ -68,14 +76,16 @@ int main(int argc, char** argv) {
   tessera::MetricsWriter metrics("-");
   tessera::TrainerParts parts;
   parts.model = model.get();
-  parts.dp = dp.get();
+  parts.dp = dp;
+  parts.executor = parallel.executor.get();
   parts.optimizer = optimizer.get();
   parts.schedule = tessera::optim::makeLrSchedule(scheduleConfig, steps);
   parts.train = train.get();
   parts.val = val.get();
-  parts.dpComm = ctx.worldSize() > 1 ? ctx.world : nullptr;
-  parts.metrics = ctx.rank() == 0 ? &metrics : nullptr;
-  parts.isRank0 = ctx.rank() == 0;
+  parts.dataComm = parallel.dataComm;
+  for (const auto& named : parallel.traffic) parts.traffic.push_back({named.name, named.comm, {}, {}});
+  parts.metrics = parallel.reportsMetrics ? &metrics : nullptr;
+  parts.reportsProgress = parallel.reportsMetrics;
   tessera::Trainer trainer(std::move(parts), trainConfig);
   // A callback: here, stop early if the loss diverges.
   trainer.callbacks().afterStep.push_back([](const tessera::StepReport& r) {
@@ -83,7 +93,7 @@ int main(int argc, char** argv) {
   });
   const tessera::StepReport last = trainer.run();  // collective
 
-  if (ctx.rank() == 0) std::fprintf(stderr, "final validation loss %.3f nats/byte\n", last.valLoss.value_or(NAN));
+  if (parallel.reportsMetrics) std::fprintf(stderr, "final validation loss %.3f nats/byte\n", last.valLoss.value_or(NAN));
   ctx.world->barrier();  // keep rank 0's store alive until every rank is done
   return 0;
 }

@@ -24,7 +24,7 @@
 #include "tessera/core/logging.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/timer.h"
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 #include "tessera/parallel/elastic.h"
 
 namespace tessera::launcher {
@@ -229,7 +229,7 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
   elastic.nodes = std::max(identity.maxNodes, identity.slot + 1);
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath, &elastic);  // collective over the node
   // comm_bytes: the node's own groups plus every epoch's elastic group.
-  built->parts.extraTrafficBytes = [&mesh] { return mesh.bytesSent(); };
+  built->parts.traffic.push_back(TrafficSource{"elastic", nullptr, [&mesh] { return mesh.bytesSent(); }, {}});
   MetricsWriter* metrics = built->metrics.get();
   mesh.onEvent = [metrics](const std::string& line) { writeEvent(metrics, line); };
 
@@ -237,7 +237,7 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
   checkpoint::TrainingParts parts;
   parts.trainer = &trainer;
   parts.model = &built->model->module();
-  parts.dp = built->dp.get();
+  parts.dp = built->dp;
   parts.optimizer = built->optimizer.get();
 
   if (const auto ticket = mesh.join()) recoverFromPeer(mesh, *ticket, parts, metrics);

@@ -8,7 +8,8 @@
 // Reads and validates the config before any communication (a typo fails at
 // once on every rank with the same message), joins the job (tessera::init),
 // builds mesh -> model -> data-parallel strategy -> optimizer -> data, and
-// hands them to tessera::Trainer. Rank 0 writes the metrics file.
+// hands them to tessera::Trainer. The rank that has the loss (rank 0 today)
+// writes the metrics file.
 //
 // Checkpoints: every N steps (after the step's evaluation) and after the last
 // step the whole training state (checkpoint/training_state.h) is saved
@@ -39,7 +40,7 @@
 #include "tessera/comm/fault.h"
 #include "tessera/core/timer.h"
 #include "tessera/core/logging.h"
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 #include "tessera/launcher/init.h"
 
 namespace tessera::launcher {
@@ -99,7 +100,7 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
   checkpoint::TrainingParts state;
   state.trainer = &trainer;
   state.model = &built->model->module();
-  state.dp = built->dp.get();
+  state.dp = built->dp;
   state.optimizer = built->optimizer.get();
   state.replica = checkpoint::ReplicaInfo{built->replica, built->replicas};
 

@@ -226,49 +226,6 @@ Override parseOverride(const std::string& text) {
 
 }  // namespace
 
-void ParallelSection::validate(int worldSize, bool localUpdates) const {
-  TESSERA_CHECK_CONFIG(strategy == "none" || strategy == "ddp" || strategy == "fsdp" || strategy == "hybrid",
-                       "parallel.strategy", "got '" << strategy << "' (valid: none, ddp, fsdp, hybrid)");
-  TESSERA_CHECK_CONFIG(backend == "auto" || backend == "gloo" || backend == "mpi", "parallel.backend",
-                       "got '" << backend << "' (valid: auto, gloo, mpi)");
-  TESSERA_CHECK_CONFIG(bucket_mb > 0, "parallel.bucket_mb", "must be > 0, got " << bucket_mb);
-  try {
-    mesh.validate(worldSize);
-  } catch (const ConfigError& e) {
-    // The mesh names its fields "mesh.*"; in this file they are "parallel.*".
-    const std::string what = e.what();
-    const std::string problem = what.substr(what.find("': ") + 3);
-    throw ConfigError("parallel" + e.field().substr(4), problem);
-  }
-  for (const auto& [axis, degree] : {std::pair{"tp", mesh.tp}, {"pp", mesh.pp}, {"ep", mesh.ep}}) {
-    TESSERA_CHECK_CONFIG(degree == 1, std::string("parallel.") + axis,
-                         "is " << degree << ", but tessera-train does not run that parallelism yet (valid: 1)");
-  }
-  if (localUpdates) {
-    // The optimizer replicates over dp_replicate; the strategy works inside a replica.
-    TESSERA_CHECK_CONFIG(strategy != "hybrid", "parallel.strategy",
-                         "\"hybrid\" replicates over dp_replicate, which DiLoCo/DeMo/MT-DAO already do (valid "
-                         "with them: none, ddp, fsdp -- over dp_shard inside each replica)");
-    TESSERA_CHECK_CONFIG(strategy != "none" || mesh.dp_shard == 1, "parallel.dp_shard",
-                         "strategy \"none\" runs one rank per replica; dp_shard must be 1, got "
-                             << mesh.dp_shard << " (use ddp or fsdp inside each replica)");
-    return;
-  }
-  if (strategy == "none") {
-    TESSERA_CHECK_CONFIG(mesh.dp_replicate * mesh.dp_shard == 1, "parallel.strategy",
-                         "\"none\" trains one replica, but dp_replicate x dp_shard = "
-                             << mesh.dp_replicate * mesh.dp_shard << " (valid: ddp, fsdp, hybrid; or degrees 1)");
-  } else if (strategy == "ddp") {
-    TESSERA_CHECK_CONFIG(mesh.dp_shard == 1, "parallel.dp_shard",
-                         "strategy \"ddp\" replicates over dp_replicate; dp_shard must be 1, got "
-                             << mesh.dp_shard << " (use strategy = \"fsdp\" or \"hybrid\" to shard)");
-  } else if (strategy == "fsdp") {
-    TESSERA_CHECK_CONFIG(mesh.dp_replicate == 1, "parallel.dp_replicate",
-                         "strategy \"fsdp\" shards over dp_shard; dp_replicate must be 1, got "
-                             << mesh.dp_replicate << " (use strategy = \"hybrid\" to also replicate)");
-  }
-}
-
 void TrainJobConfig::validate() const {
   TESSERA_CHECK_CONFIG(model.kind == "gpt" || model.kind == "mlp", "model.kind",
                        "got '" << model.kind << "' (valid: gpt, mlp)");

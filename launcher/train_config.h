@@ -16,13 +16,13 @@
 #include "tessera/core/data/config.h"
 #include "tessera/core/models/gpt.h"
 #include "tessera/core/models/mlp_classifier.h"
-#include "tessera/core/training/train_config.h"
+#include "tessera/train/train_config.h"
 #include "tessera/optim/demo.h"
 #include "tessera/optim/diloco.h"
 #include "tessera/optim/lr_schedule.h"
 #include "tessera/optim/mt_dao.h"
 #include "tessera/optim/optimizer.h"
-#include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/parallelize.h"
 #include "tessera/parallel/elastic.h"
 
 namespace tessera::launcher {
@@ -35,22 +35,9 @@ struct ModelSection {
   std::string init_from;             // a safetensors file of matching names to start from ("" = seeded init)
 };
 
-// [parallel]: the mesh degrees and how data parallelism runs on them.
-struct ParallelSection {
-  parallel::MeshShape mesh;          // dp_replicate, dp_shard, tp, pp, ep; product = world size
-  // "none" (one replica), "ddp" (replicate over dp_replicate), "fsdp" (shard
-  // over dp_shard) or "hybrid" (shard within dp_shard, replicate across dp_replicate).
-  std::string strategy = "ddp";
-  double bucket_mb = 25;             // DDP gradient bucket size in MiB; > 0
-  std::string backend = "auto";      // communicator: "auto", "gloo" or "mpi" (see InitOptions::backend)
-
-  // Throws ConfigError ("parallel.dp_shard", ...) when the degrees do not fit
-  // worldSize or the strategy, or a strategy or axis is not built yet.
-  // `localUpdates`: the optimizer replicates over dp_replicate itself
-  // (DiLoCo, DeMo, MT-DAO); the strategy then runs inside each replica, over
-  // dp_shard: "none" (dp_shard = 1), "ddp" or "fsdp".
-  void validate(int worldSize, bool localUpdates = false) const;
-};
+// [parallel] is parallel::ParallelConfig (parallel/parallelize.h): its
+// resolve() is the one place the strategy is reconciled with the degrees.
+using ParallelSection = parallel::ParallelConfig;
 
 struct TrainJobConfig {
   ModelSection model;
@@ -75,8 +62,8 @@ struct TrainJobConfig {
 
   // Every section's validate() and the checks across sections (the model
   // fits the dataset; gpt: data.seq_len <= model.block_size; fsdp and
-  // hybrid need model.kind = "gpt"). Not the
-  // world-size checks: parallel.validate(worldSize) does those.
+  // hybrid need model.kind = "gpt"). Not the world-size checks:
+  // parallel.resolve(worldSize, localUpdates()) does those, once.
   void validate() const;
   // True for the optimizers that replicate over dp_replicate themselves.
   bool localUpdates() const { return optimizer == "diloco" || optimizer == "demo" || optimizer == "mt-dao"; }

@@ -13,30 +13,9 @@
 #include "tessera/core/error.h"
 #include "tessera/core/logging.h"
 #include "tessera/optim/lr_schedule.h"
-#include "tessera/parallel/fsdp.h"
 
 namespace tessera::launcher {
 namespace {
-
-// The data-parallel strategy [parallel] names, over the mesh's dp axes.
-// With local-update optimizers the strategy runs inside a replica, over dp_shard.
-std::unique_ptr<parallel::DataParallel> makeDataParallel(const ParallelSection& p, torch::nn::Module& module,
-                                                         const parallel::DeviceMesh& mesh, bool localUpdates) {
-  using parallel::MeshAxis;
-  if (p.strategy == "none") return parallel::makeNoDataParallel(module);
-  if (p.strategy == "ddp") {
-    parallel::DdpConfig ddp;
-    ddp.bucketCapBytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
-    return parallel::makeDdpDataParallel(module, mesh.comm(localUpdates ? MeshAxis::kDpShard : MeshAxis::kDpReplicate),
-                                         ddp);
-  }
-  // fsdp / hybrid: every GPT block is an FSDP unit.
-  auto* gpt = dynamic_cast<models::GptImpl*>(&module);
-  TESSERA_CHECK_CONFIG(gpt != nullptr, "parallel.strategy",
-                       "\"" << p.strategy << "\" shards GPT blocks; model.kind = \"mlp\" supports none, ddp");
-  return parallel::makeFsdpDataParallel(*gpt, mesh.comm(MeshAxis::kDpShard),
-                                        p.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr);
-}
 
 // The DiLoCo streaming group of each optimizer tensor: its transformer block
 // ("blocks.<k>." -> k), everything else (embeddings, final norm) one more group.
@@ -64,6 +43,7 @@ std::vector<int> layerGroups(const parallel::DataParallel& dp) {
 
 // The optimizer [optim] name selects, over the strategy's tensors. Collective
 // for the communication-light ones (they broadcast or split over dp_replicate).
+// Step 5 of parallelize.h's composition order: across replicas.
 std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config, parallel::DataParallel& dp,
                                                    const parallel::DeviceMesh& mesh, const ElasticJobOptions* elastic) {
   using parallel::MeshAxis;
@@ -82,31 +62,15 @@ std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config,
   return optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
 }
 
-// The group gradients are averaged over (reported losses too, and the
-// sampler's shards): null for one replica. Collective for hybrid (flattens).
-comm::CommPtr dataParallelComm(const ParallelSection& p, parallel::DeviceMesh& mesh, bool localUpdates) {
-  using parallel::MeshAxis;
-  if (localUpdates) return mesh.flatten({MeshAxis::kDpReplicate, MeshAxis::kDpShard}, "dp");
-  if (p.strategy == "ddp") return mesh.comm(MeshAxis::kDpReplicate);
-  if (p.strategy == "fsdp") return mesh.comm(MeshAxis::kDpShard);
-  if (p.strategy == "hybrid") return mesh.flatten({MeshAxis::kDpReplicate, MeshAxis::kDpShard}, "dp");
-  return nullptr;
-}
-
-// The communicators whose bytes comm_bytes counts.
-std::vector<comm::CommPtr> trafficComms(const ParallelSection& p, const parallel::DeviceMesh& mesh,
-                                        bool localUpdates) {
-  using parallel::MeshAxis;
-  if (localUpdates) {
-    // The optimizer's traffic (dp_replicate) and the strategy's inside a replica.
-    std::vector<comm::CommPtr> comms = {mesh.comm(MeshAxis::kDpReplicate)};
-    if (p.strategy != "none") comms.push_back(mesh.comm(MeshAxis::kDpShard));
-    return comms;
+// The metrics name of a communicator an optimizer uses: the mesh axis it is
+// ("dp_replicate"), or its own name relative to the world ("diloco/stream").
+std::string optimizerCommName(const parallel::DeviceMesh& mesh, const comm::CommPtr& c) {
+  for (parallel::MeshAxis axis : parallel::kMeshAxes) {
+    if (mesh.comm(axis) == c) return parallel::toString(axis);
   }
-  if (p.strategy == "ddp") return {mesh.comm(MeshAxis::kDpReplicate)};
-  if (p.strategy == "fsdp") return {mesh.comm(MeshAxis::kDpShard)};
-  if (p.strategy == "hybrid") return {mesh.comm(MeshAxis::kDpShard), mesh.comm(MeshAxis::kDpReplicate), mesh.comm("dp")};
-  return {};
+  const std::string prefix = mesh.world()->name() + "/";
+  const std::string& name = c->name();
+  return name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
 }
 
 struct JobData {
@@ -164,10 +128,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   at::set_num_threads(job->threads);
 
   job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
-  job->dpComm = dataParallelComm(config.parallel, *job->mesh, localUpdates);  // collective for hybrid, local updates
   job->model = buildModel(config);
   if (!config.model.init_from.empty()) {
-    // Before the strategy: FSDP empties the parameters, and DDP/FSDP/DiLoCo broadcast rank 0's values.
+    // Before parallelize(): FSDP empties the parameters, and DDP/FSDP/DiLoCo broadcast rank 0's values.
     try {
       checkpoint::loadSafetensorsInto(job->model->module(), config.model.init_from);
     } catch (const Error& e) {
@@ -175,37 +138,39 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     }
   }
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
-  job->dp = makeDataParallel(config.parallel, job->model->module(), *job->mesh, localUpdates);  // collective
+  job->parallel = parallel::parallelize(*job->model, *job->mesh, config.parallel, localUpdates);  // collective
+  job->dp = job->parallel.dp.get();
+  job->dpComm = job->parallel.dataComm;
   job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh, elastic);  // collective for DiLoCo
-  if (localUpdates) {
-    job->replica = job->mesh->coordinate(parallel::MeshAxis::kDpReplicate);
-    job->replicas = config.parallel.mesh.dp_replicate;
-  }
-  const int dpRank = job->dpComm ? job->dpComm->rank() : 0;
-  const int dpSize = job->dpComm ? job->dpComm->size() : 1;
-  JobData data = elastic ? loadData(config, elastic->node * dpSize + dpRank, elastic->nodes * dpSize) : loadData(config, dpRank, dpSize);
+  job->replica = job->parallel.replica;
+  job->replicas = job->parallel.replicas;
+  const int dataRank = job->parallel.dataRank;
+  const int dataRanks = job->parallel.dataRanks;
+  JobData data = elastic ? loadData(config, elastic->node * dataRanks + dataRank, elastic->nodes * dataRanks)
+                         : loadData(config, dataRank, dataRanks);
   job->train = std::move(data.train);
   job->val = std::move(data.val);
-  if (ctx.rank() == 0 && !metricsPath.empty()) {
+  if (job->parallel.reportsMetrics && !metricsPath.empty()) {
     job->metrics = std::make_unique<MetricsWriter>(metricsPath, /*append=*/elastic != nullptr);
   }
 
   TrainerParts& parts = job->parts;
   parts.model = job->model.get();
-  parts.dp = job->dp.get();
+  parts.dp = job->dp;
+  parts.executor = job->parallel.executor.get();
   parts.optimizer = job->optimizer.get();
   parts.schedule = optim::makeLrSchedule(config.schedule, config.train.steps);
   parts.train = job->train.get();
   parts.val = job->val.get();
-  parts.dpComm = job->dpComm;
-  parts.trafficComms = trafficComms(config.parallel, *job->mesh, localUpdates);
+  parts.dataComm = job->dpComm;
+  for (const parallel::NamedComm& c : job->parallel.traffic) parts.traffic.push_back(TrafficSource{c.name, c.comm, {}, {}});
   for (const comm::CommPtr& c : job->optimizer->communicators()) {  // e.g. streaming DiLoCo's private one
-    if (std::find(parts.trafficComms.begin(), parts.trafficComms.end(), c) == parts.trafficComms.end()) {
-      parts.trafficComms.push_back(c);
-    }
+    const bool known = std::any_of(parts.traffic.begin(), parts.traffic.end(),
+                                   [&](const TrafficSource& t) { return t.comm == c; });
+    if (!known) parts.traffic.push_back(TrafficSource{optimizerCommName(*job->mesh, c), c, {}, {}});
   }
   parts.metrics = job->metrics.get();
-  parts.isRank0 = ctx.rank() == 0;
+  parts.reportsProgress = job->parallel.reportsMetrics;
   return job;
 }
 

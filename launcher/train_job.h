@@ -1,5 +1,6 @@
-// TrainJob: a training run built from a TrainJobConfig -- mesh, model,
-// data-parallel strategy, optimizer, data -- ready for tessera::Trainer.
+// TrainJob: a training run built from a TrainJobConfig -- mesh, model, the
+// parallel job (parallel::parallelize), optimizer, data -- ready for
+// tessera::Trainer.
 // tessera-train and `tessera-bench train` both build their runs here, so the
 // benchmark measures exactly what the tool runs.
 #pragma once
@@ -9,11 +10,12 @@
 #include <vector>
 
 #include "launcher/train_config.h"
-#include "tessera/core/training/trainer.h"
 #include "tessera/launcher/init.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/parallelize.h"
+#include "tessera/train/trainer.h"
 
 namespace tessera::launcher {
 
@@ -23,13 +25,14 @@ struct TrainJob {
   int threads = 1;                                   // intra-op threads per rank
   int64_t numParameters = 0;                         // of the unsharded model
   std::unique_ptr<parallel::DeviceMesh> mesh;
-  comm::CommPtr dpComm;                              // null for strategy "none"
   std::unique_ptr<TrainableModel> model;
-  std::unique_ptr<parallel::DataParallel> dp;
+  parallel::ParallelModel parallel;                  // strategy, executor, data ranks, named comms
+  parallel::DataParallel* dp = nullptr;              // parallel.dp
+  comm::CommPtr dpComm;                              // parallel.dataComm: null for one data rank
   std::unique_ptr<optim::Optimizer> optimizer;
   std::unique_ptr<BatchSource> train;
   std::unique_ptr<BatchSource> val;
-  std::unique_ptr<MetricsWriter> metrics;            // rank 0 with a metrics path only
+  std::unique_ptr<MetricsWriter> metrics;            // the reporting rank, with a metrics path only
   TrainerParts parts;                                // views of the above, for the Trainer
   // Optimizers that update replicas locally between syncs (DiLoCo, DeMo,
   // MT-DAO) leave replicas with different parameters: their state is saved

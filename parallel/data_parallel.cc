@@ -27,7 +27,7 @@ std::vector<std::vector<ParameterPiece>> wholeParameterLayout(torch::nn::Module&
     const void* id = p.unsafeGetTensorImpl();
     if (std::find(seen.begin(), seen.end(), id) != seen.end()) continue;
     seen.push_back(id);
-    layout.push_back({ParameterPiece{item.key(), p.sizes().vec(), 0, 0, p.numel()}});
+    layout.push_back({ParameterPiece{item.key(), p.sizes().vec(), TensorSlice::whole(p.sizes().vec()), 0}});
   }
   return layout;
 }
@@ -70,7 +70,7 @@ class DdpDataParallel final : public DataParallel {
   }
   DataParallelStats stats() const override {
     const DdpSyncStats s = ddp_.totalStats();
-    return DataParallelStats{s.bytes, s.commSeconds, s.exposedSeconds};
+    return DataParallelStats{s.bytes, s.commSeconds, s.exposedSeconds, s.bytesByComm, s.exposedSecondsByComm};
   }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
   bool sharded() const override { return false; }

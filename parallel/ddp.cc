@@ -16,8 +16,10 @@
 // (a second gradient for a parameter is an error), so the all-reduce reads a
 // buffer nobody else touches until wait() returns in finishGradientSync().
 // Buckets are launched strictly in index order (bucket i waits for buckets
-// < i), so every rank issues the same sequence of collectives even when its
-// gradients become ready in a different order.
+// < i), so every rank issues the same sequence of collectives on each group's
+// communicator even when its gradients become ready in a different order.
+// Launches are asynchronous, so buckets of different groups never wait for
+// each other's peers.
 #include "tessera/parallel/ddp.h"
 
 #include <torch/nn/module.h>
@@ -25,6 +27,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <chrono>
 #include <mutex>
 #include <sstream>
 #include <unordered_set>
@@ -46,6 +49,8 @@ DdpSyncStats& DdpSyncStats::operator+=(const DdpSyncStats& other) {
   bytes += other.bytes;
   commSeconds += other.commSeconds;
   exposedSeconds += other.exposedSeconds;
+  for (const auto& [name, n] : other.bytesByComm) bytesByComm[name] += n;
+  for (const auto& [name, seconds] : other.exposedSecondsByComm) exposedSecondsByComm[name] += seconds;
   return *this;
 }
 
@@ -55,14 +60,16 @@ namespace {
 struct Slot {
   std::string name;
   at::Tensor param;
+  int group = -1;        // index into State::groups
   int bucket = -1;
   at::Tensor view;       // param-shaped view into the bucket's flat buffer
   bool ready = false;    // slice written in the current step
   unsigned hookHandle = 0;
 };
 
-// Parameters of one dtype whose gradients travel in one all-reduce.
+// Parameters of one group and dtype whose gradients travel in one all-reduce.
 struct Bucket {
+  comm::CommPtr comm;           // the group's communicator
   at::Tensor flat;              // (sum of numels,), the all-reduce buffer
   std::vector<int> slots;       // indexes into State::slots
   int pending = 0;              // slices not yet written this step
@@ -75,7 +82,7 @@ struct Bucket {
 }  // namespace
 
 struct DistributedDataParallel::State {
-  comm::CommPtr comm;
+  std::vector<DdpGroup> groups;
   DdpConfig config;
   std::vector<Slot> slots;      // registration order
   std::vector<Bucket> buckets;  // bucket 0 holds the last registered parameters
@@ -117,23 +124,27 @@ struct DistributedDataParallel::State {
   }
 
   // Launches complete buckets in index order; see the file comment for why
-  // the order must not depend on which bucket filled first.
-  void launchReadyBuckets() {
+  // the order must not depend on which bucket filled first. From
+  // finishGradientSync(), `exposed` receives each launch's time by comm.
+  void launchReadyBuckets(DdpSyncStats* exposed = nullptr) {
     while (nextToLaunch < buckets.size() && buckets[nextToLaunch].pending == 0) {
       Bucket& bucket = buckets[nextToLaunch];
       bucket.launchedAt = SteadyClock::now();
-      bucket.work = comm->allReduceAsync(bucket.flat, comm::ReduceOp::kAvg);
+      bucket.work = bucket.comm->allReduceAsync(bucket.flat, comm::ReduceOp::kAvg);
+      if (exposed != nullptr) {
+        exposed->exposedSecondsByComm[bucket.comm->name()] +=
+            std::chrono::duration<double>(SteadyClock::now() - bucket.launchedAt).count();
+      }
       ++nextToLaunch;
     }
   }
 
-  // Operations of one communicator complete in issue order, so stop at the
-  // first bucket still running.
+  // Buckets of different groups complete independently, so every launched
+  // bucket is polled.
   void pollCompletions() {
     for (size_t i = 0; i < nextToLaunch; ++i) {
       Bucket& bucket = buckets[i];
-      if (bucket.done) continue;
-      if (!bucket.work->isCompleted()) break;
+      if (bucket.done || !bucket.work->isCompleted()) continue;
       bucket.done = true;
       bucket.doneAt = SteadyClock::now();
     }
@@ -153,24 +164,35 @@ struct DistributedDataParallel::State {
     pollCompletions();
   }
 
-  // Collective: every bucket's parameters take rank 0's values.
+  // Collective: every bucket's parameters take the values of rank 0 of the
+  // bucket's communicator.
   void broadcastParameters() {
     at::NoGradGuard noGrad;
     for (Bucket& bucket : buckets) {
       for (int i : bucket.slots) slots[i].view.copy_(slots[i].param);
-      comm->broadcast(bucket.flat, /*root=*/0);
+      bucket.comm->broadcast(bucket.flat, /*root=*/0);
       for (int i : bucket.slots) slots[i].param.copy_(slots[i].view);
     }
   }
 
-  // Collective: each buffer (running statistics, ...) takes rank 0's value.
-  void broadcastBuffers(const std::vector<at::Tensor>& buffers) {
+  // Collective: each buffer (running statistics, ...) takes the value of rank
+  // 0 of the first group that selects its name.
+  void broadcastBuffers(const std::vector<NamedParameter>& buffers) {
     at::NoGradGuard noGrad;
-    for (const at::Tensor& buffer : buffers) {
+    for (const auto& [name, buffer] : buffers) {
       at::Tensor staged = buffer.contiguous();
-      comm->broadcast(staged, /*root=*/0);
+      groups[groupOf(name, "buffer")].comm->broadcast(staged, /*root=*/0);
       if (!staged.is_same(buffer)) buffer.copy_(staged);
     }
+  }
+
+  // The first group that selects `name`; throws InvalidArgument when none does.
+  int groupOf(const std::string& name, const char* what) const {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (!groups[g].selects || groups[g].selects(name)) return static_cast<int>(g);
+    }
+    throw InvalidArgument("DDP: no group selects " + std::string(what) + " '" + name +
+                          "'; add a last DdpGroup with an empty `selects` to take every remaining name");
   }
 
   // Seconds during which at least one bucket was in flight: the union of
@@ -215,8 +237,9 @@ void checkParameter(const std::string& name, const at::Tensor& param) {
 }
 
 // Assigns slots to buckets in reverse registration order; a new bucket starts
-// when the dtype or device changes or the cap would be exceeded.
-std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, int64_t capBytes) {
+// when the group, dtype or device changes or the cap would be exceeded.
+std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, const std::vector<DdpGroup>& groups,
+                                  int64_t capBytes) {
   std::vector<Bucket> buckets;
   std::vector<int64_t> bytes;
   for (int i = static_cast<int>(slots.size()) - 1; i >= 0; --i) {
@@ -225,7 +248,8 @@ std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, int64_t capBytes) {
     bool fits = !buckets.empty();
     if (fits) {
       const at::Tensor& first = slots[buckets.back().slots.front()].param;
-      fits = first.scalar_type() == param.scalar_type() && first.device() == param.device() &&
+      fits = slots[buckets.back().slots.front()].group == slots[i].group &&
+             first.scalar_type() == param.scalar_type() && first.device() == param.device() &&
              bytes.back() + paramBytes <= capBytes;
     }
     if (!fits) {
@@ -238,6 +262,7 @@ std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, int64_t capBytes) {
   }
   for (Bucket& bucket : buckets) {
     const at::Tensor& first = slots[bucket.slots.front()].param;
+    bucket.comm = groups[slots[bucket.slots.front()].group].comm;
     int64_t numel = 0;
     for (int i : bucket.slots) numel += slots[i].param.numel();
     bucket.flat = at::zeros({numel}, first.options().requires_grad(false));
@@ -251,36 +276,51 @@ std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, int64_t capBytes) {
   return buckets;
 }
 
+std::vector<DdpGroup> oneGroup(comm::CommPtr comm) { return {DdpGroup{std::move(comm), nullptr}}; }
+
 }  // namespace
 
 // The module overload collects the trainable parameters, delegates, then
 // broadcasts the buffers too.
-DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config)
-    : DistributedDataParallel(namedParametersOf(module), std::move(comm), config) {
+DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, std::vector<DdpGroup> groups,
+                                                 DdpConfig config)
+    : DistributedDataParallel(namedParametersOf(module), std::move(groups), config) {
   if (!state_->config.broadcastAtConstruction) return;
-  std::vector<at::Tensor> buffers;
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) buffers.push_back(item.value());
+  std::vector<NamedParameter> buffers;
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) buffers.emplace_back(item.key(), item.value());
   state_->broadcastBuffers(buffers);
 }
 
-DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> parameters, comm::CommPtr comm,
-                                                 DdpConfig config)
+DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> parameters,
+                                                 std::vector<DdpGroup> groups, DdpConfig config)
     : state_(std::make_shared<State>()) {
   config.validate();
-  TESSERA_CHECK_ARG(comm != nullptr, "DDP needs a communicator (the mesh's \"dp\" group), got nullptr");
-  state_->comm = std::move(comm);
+  TESSERA_CHECK_ARG(!groups.empty(), "DDP needs at least one group (a communicator and the parameters it averages)");
+  for (size_t g = 0; g < groups.size(); ++g) {
+    TESSERA_CHECK_ARG(groups[g].comm != nullptr,
+                      "DDP group " << g << " needs a communicator (e.g. the mesh's \"dp\" group), got nullptr");
+  }
+  state_->groups = std::move(groups);
   state_->config = config;
 
   std::unordered_set<const void*> seen;  // a shared (tied) parameter is synced once
+  std::vector<int> perGroup(state_->groups.size(), 0);
   for (auto& [name, param] : parameters) {
     checkParameter(name, param);
     if (!seen.insert(param.unsafeGetTensorImpl()).second) continue;
     Slot slot;
     slot.name = name;
     slot.param = param;
+    slot.group = state_->groupOf(name, "parameter");
+    ++perGroup[slot.group];
     state_->slots.push_back(std::move(slot));
   }
-  state_->buckets = assignBuckets(state_->slots, config.bucketCapBytes);
+  for (size_t g = 0; g < perGroup.size(); ++g) {
+    TESSERA_CHECK_ARG(perGroup[g] > 0, "DDP group " << g << " (communicator '" << state_->groups[g].comm->name()
+                                                    << "') selects no parameter; an earlier group may select "
+                                                       "them all, or its `selects` matches no name");
+  }
+  state_->buckets = assignBuckets(state_->slots, state_->groups, config.bucketCapBytes);
 
   // Broadcast before installing hooks, so that a failed broadcast leaves no
   // hooks behind (the copies run under NoGradGuard and fire none anyway).
@@ -297,6 +337,13 @@ DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> par
     });
   }
 }
+
+DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config)
+    : DistributedDataParallel(module, oneGroup(std::move(comm)), config) {}
+
+DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> parameters, comm::CommPtr comm,
+                                                 DdpConfig config)
+    : DistributedDataParallel(std::move(parameters), oneGroup(std::move(comm)), config) {}
 
 DistributedDataParallel::~DistributedDataParallel() {
   if (!state_) return;
@@ -318,7 +365,6 @@ void DistributedDataParallel::finishGradientSync() {
   State& s = *state_;
   std::lock_guard<std::mutex> lock(s.mutex);
   if (s.noSyncDepth > 0) return;
-  Stopwatch exposed;
   if (!s.stepActive) s.beginStep();
   s.pollCompletions();
   const size_t launchedInBackward = s.nextToLaunch;
@@ -331,22 +377,28 @@ void DistributedDataParallel::finishGradientSync() {
     unused.push_back(slot.name);
     s.fillSlot(slot, at::Tensor());
   }
-  s.launchReadyBuckets();
-  TESSERA_CHECK_EQ(s.nextToLaunch, s.buckets.size());
-
   DdpSyncStats step;
   step.steps = 1;
   step.bucketsLaunchedInBackward = static_cast<int64_t>(launchedInBackward);
+  s.launchReadyBuckets(&step);  // the leftover launches are exposed time
+  TESSERA_CHECK_EQ(s.nextToLaunch, s.buckets.size());
+
   for (Bucket& bucket : s.buckets) {
+    const std::string& commName = bucket.comm->name();
+    double& exposed = step.exposedSecondsByComm[commName];
     if (!bucket.done) {
+      const Stopwatch waiting;
       bucket.work->wait();
       bucket.done = true;
       bucket.doneAt = SteadyClock::now();
+      exposed += waiting.seconds();
     }
     ++step.buckets;
-    step.bytes += bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
+    const int64_t bytes = bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
+    step.bytes += bytes;
+    step.bytesByComm[commName] += bytes;
   }
-  step.exposedSeconds = exposed.seconds();
+  for (const auto& entry : step.exposedSecondsByComm) step.exposedSeconds += entry.second;
   step.commSeconds = std::max(s.inFlightSeconds(), step.exposedSeconds);
 
   {
@@ -421,7 +473,7 @@ std::vector<std::vector<std::string>> DistributedDataParallel::bucketParameterNa
   return out;
 }
 
-const comm::CommPtr& DistributedDataParallel::comm() const { return state_->comm; }
+const std::vector<DdpGroup>& DistributedDataParallel::groups() const { return state_->groups; }
 
 const DdpConfig& DistributedDataParallel::config() const { return state_->config; }
 

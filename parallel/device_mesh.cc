@@ -76,14 +76,17 @@ std::string MeshShape::describe() const {
   return out.str();
 }
 
-void MeshShape::validate(int worldSize) const {
+void MeshShape::validate(int worldSize, const std::string& prefix) const {
   for (MeshAxis axis : kMeshAxes) {
     const int d = degree(axis);
-    TESSERA_CHECK_CONFIG(d >= 1, std::string("mesh.") + toString(axis),
-                         "degree must be >= 1, got " << d << " (use 1 to leave the axis unused)");
+    TESSERA_CHECK_CONFIG(d >= 1, prefix + toString(axis),
+                         "degree of axis " << toString(axis) << " must be >= 1, got " << d
+                                           << " (use 1 to leave the axis unused)");
   }
   const int64_t product = int64_t{dp_replicate} * dp_shard * pp * ep * tp;
-  TESSERA_CHECK_CONFIG(product == worldSize, "mesh",
+  // The product is the section's problem, not one axis's: the field is the prefix itself ("parallel").
+  const std::string section = !prefix.empty() && prefix.back() == '.' ? prefix.substr(0, prefix.size() - 1) : prefix;
+  TESSERA_CHECK_CONFIG(product == worldSize, section,
                        describe() << " = " << product << " but the world has " << worldSize
                                   << " ranks; choose degrees whose product is " << worldSize);
 }

@@ -35,6 +35,8 @@ namespace {
 // One unit: its parameters' place in the flat buffer and this rank's shard.
 struct Unit {
   std::string name;                          // the prefix, or "<root>"
+  comm::CommPtr shardComm;                   // the unit's (the constructor's by default)
+  comm::CommPtr replicateComm;               // null unless replicated over > 1 rank
   std::vector<std::string> paramNames;
   std::vector<at::Tensor> params;            // the module's parameter tensors
   std::vector<std::vector<int64_t>> shapes;  // their full shapes
@@ -45,7 +47,7 @@ struct Unit {
   at::Tensor shard;                          // (P'/N,) fp32 leaf, requires_grad
   at::Tensor full;                           // (P',) while gathered, else undefined
   at::Tensor accumulated;                    // (P',) noSync gradient sum, else undefined
-  std::function<at::Tensor(const at::Tensor&)> forward;  // empty for the root
+  std::function<FsdpUnitOutput(const at::Tensor&)> forward;  // empty for the root
 };
 
 // A reduce-scatter in flight: `input` is the unit's full flat gradient,
@@ -71,8 +73,8 @@ double secondsBetween(SteadyClock::time_point from, SteadyClock::time_point to) 
 }  // namespace
 
 struct FullyShardedDataParallel::State {
-  comm::CommPtr shardComm;
-  comm::CommPtr replicateComm;  // null unless hybrid with > 1 replica
+  comm::CommPtr shardComm;      // the constructor's: the root's and every unit's default
+  comm::CommPtr replicateComm;  // the same; null unless hybrid with > 1 replica
   std::vector<Unit> units;      // spec order; the root last when it has parameters
   bool hasRoot = false;
   bool unsharded = false;       // unshard() in effect
@@ -84,6 +86,17 @@ struct FullyShardedDataParallel::State {
   DataParallelStats stats;
 
   Unit& root() { return units.back(); }
+
+  // Caller holds the mutex. Every exposed second and byte is counted through
+  // these, so the per-comm maps sum to the totals.
+  void countExposed(const comm::CommPtr& comm, double seconds) {
+    stats.exposedSeconds += seconds;
+    stats.exposedSecondsByComm[comm->name()] += seconds;
+  }
+  void countBytes(const comm::CommPtr& comm, int64_t bytes) {
+    stats.bytes += bytes;
+    stats.bytesByComm[comm->name()] += bytes;
+  }
 
   // Makes the unit's parameters views of `full` (P',).
   static void bind(Unit& unit, at::Tensor full) {
@@ -101,27 +114,26 @@ struct FullyShardedDataParallel::State {
     unit.full = at::Tensor();
   }
 
-  // Collective over shardComm: all-gather the unit's shards into its parameters.
+  // Collective over the unit's shard comm: all-gather its shards into its parameters.
   void gather(Unit& unit) {
     at::Tensor full = at::empty({unit.paddedNumel}, at::kFloat);
     Stopwatch watch;
-    shardComm->allGather(unit.shard.detach(), full);
+    unit.shardComm->allGather(unit.shard.detach(), full);
     const double seconds = watch.seconds();
     {
       std::lock_guard<std::mutex> lock(mutex);
-      stats.bytes += unit.paddedNumel * static_cast<int64_t>(sizeof(float));
+      countBytes(unit.shardComm, unit.paddedNumel * static_cast<int64_t>(sizeof(float)));
       stats.commSeconds += seconds;
-      stats.exposedSeconds += seconds;  // blocking: nothing overlaps it
+      countExposed(unit.shardComm, seconds);  // blocking: nothing overlaps it
     }
     bind(unit, std::move(full));
   }
 
-  // Operations of one communicator complete in issue order: stop at the first
-  // still running. Caller holds the mutex.
+  // Units may reduce over different comms, whose operations complete
+  // independently: poll every one. Caller holds the mutex.
   void pollCompletions() {
     for (PendingReduce& p : pending) {
-      if (p.done) continue;
-      if (!p.work->isCompleted()) break;
+      if (p.done || !p.work->isCompleted()) continue;
       p.done = true;
       stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
     }
@@ -149,8 +161,8 @@ struct FullyShardedDataParallel::State {
     p.input = std::move(flat);
     p.output = at::empty({unit.shardNumel}, at::kFloat);
     p.launchedAt = SteadyClock::now();
-    p.work = shardComm->reduceScatterAsync(p.input, p.output, comm::ReduceOp::kAvg);
-    stats.bytes += unit.paddedNumel * static_cast<int64_t>(sizeof(float));
+    p.work = unit.shardComm->reduceScatterAsync(p.input, p.output, comm::ReduceOp::kAvg);
+    countBytes(unit.shardComm, unit.paddedNumel * static_cast<int64_t>(sizeof(float)));
     pending.push_back(std::move(p));
     pollCompletions();
   }
@@ -189,33 +201,40 @@ class GatheredUnit {
 };
 
 // gather -> run under no-grad -> free in forward; gather -> recompute with
-// grad -> backpropagate -> free -> reduce-scatter in backward. The shard is an
-// input only so that autograd calls backward even when x needs no gradient
-// (the first unit); its gradient reaches .grad through finishGradientSync(),
-// not through autograd, so backward returns none for it.
+// grad -> backpropagate -> free -> reduce-scatter in backward. Outputs are
+// {x} or {x, aux}, as the unit returns; backward receives a gradient for each
+// (zeros for an output the loss did not use) and backpropagates both through
+// one recomputation. The shard is an input only so that autograd calls
+// backward even when x needs no gradient (the first unit); its gradient
+// reaches .grad through finishGradientSync(), not through autograd, so
+// backward returns none for it.
 struct UnitFunction : public torch::autograd::Function<UnitFunction> {
   using State = FullyShardedDataParallel::State;
 
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& shard,
-                            State* state, int64_t index) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& shard, State* state, int64_t index) {
     (void)shard;
     Unit& unit = state->units[static_cast<size_t>(index)];
-    at::Tensor y;
+    FsdpUnitOutput out;
     {
       const GatheredUnit gathered(*state, unit);
-      y = unit.forward(x);
+      out = unit.forward(x);
     }
+    TESSERA_CHECK_ARG(out.x.defined(), "FSDP unit '" << unit.name << "' returned an undefined activation");
     ctx->save_for_backward({x});
     // The State outlives every backward (documented in fsdp.h); IValue holds no raw pointers.
     ctx->saved_data["state"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(state));
     ctx->saved_data["index"] = index;
-    return y;
+    ctx->saved_data["hasAux"] = out.aux.defined();
+    if (out.aux.defined()) return {out.x, out.aux};
+    return {out.x};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list gradOutputs) {
     auto* state = reinterpret_cast<State*>(static_cast<intptr_t>(ctx->saved_data["state"].toInt()));
     const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
+    const bool hasAux = ctx->saved_data["hasAux"].toBool();
     Unit& unit = state->units[index];
     const at::Tensor x = ctx->get_saved_variables()[0];
     const bool needsX = ctx->needs_input_grad(0);
@@ -223,13 +242,32 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
     std::vector<at::Tensor> inputs = unit.params;
     at::Tensor xd = x.detach().requires_grad_(needsX);
     if (needsX) inputs.push_back(xd);
-    torch::autograd::variable_list grads;
+    torch::autograd::variable_list grads(inputs.size());
     {
       const GatheredUnit gathered(*state, unit);
       at::AutoGradMode enable(true);
-      const at::Tensor y = unit.forward(xd);  // recomputation
-      grads = torch::autograd::grad({y}, inputs, {gradOutputs[0]}, /*retain_graph=*/false,
-                                    /*create_graph=*/false, /*allow_unused=*/true);
+      // Recomputation: the same parameters, input and random key as the
+      // forward, so the same activations, dropout masks and MoE routing.
+      const FsdpUnitOutput out = unit.forward(xd);
+      TESSERA_CHECK(out.aux.defined() == hasAux,
+                    "FSDP unit '" << unit.name << "' returned "
+                                  << (hasAux ? "an aux loss in forward but none in its recomputation"
+                                             : "no aux loss in forward but one in its recomputation")
+                                  << "; a unit's forward must be deterministic given x, its parameters and the "
+                                     "random key");
+      std::vector<at::Tensor> outputs, outputGrads;
+      if (out.x.requires_grad()) {
+        outputs.push_back(out.x);
+        outputGrads.push_back(gradOutputs[0]);
+      }
+      if (hasAux && out.aux.requires_grad()) {
+        outputs.push_back(out.aux);
+        outputGrads.push_back(gradOutputs[1]);
+      }
+      if (!outputs.empty()) {
+        grads = torch::autograd::grad(outputs, inputs, outputGrads, /*retain_graph=*/false,
+                                      /*create_graph=*/false, /*allow_unused=*/true);
+      }
     }
 
     at::Tensor flat = at::zeros({unit.paddedNumel}, at::kFloat);  // (P',), padding stays 0
@@ -249,16 +287,20 @@ void broadcastFromFirstReplica(at::Tensor tensor, const comm::CommPtr& shardComm
   shardComm->broadcast(tensor, /*root=*/0);
 }
 
+// One unit per block; an MoE block's aux loss is the unit's aux. Dropout is
+// safe: the masks are a function of the GPT's random key, which the
+// recomputation sees unchanged (fsdp.h).
 std::vector<FsdpUnitSpec> gptUnits(models::GptImpl& gpt) {
-  const models::GptConfig& config = gpt.config();
-  TESSERA_CHECK_ARG(!config.use_moe, "FSDP does not support MoE blocks (model.use_moe): their aux loss leaves the "
-                                     "block outside the unit's output; use DDP for MoE models");
-  TESSERA_CHECK_ARG(config.dropout == 0, "FSDP recomputes each block in backward and needs model.dropout = 0, got "
-                                             << config.dropout);
   std::vector<FsdpUnitSpec> units;
   for (size_t i = 0; i < gpt.blocks->size(); ++i) {
     models::BlockImpl* block = gpt.blocks[i]->as<models::BlockImpl>();
-    units.push_back({"blocks." + std::to_string(i), [block](const at::Tensor& x) { return block->forward(x); }});
+    FsdpUnitSpec unit;
+    unit.prefix = "blocks." + std::to_string(i);
+    unit.forward = [block](const at::Tensor& x) {
+      models::BlockOutput out = block->forwardWithAux(x);
+      return FsdpUnitOutput(std::move(out.x), std::move(out.aux));
+    };
+    units.push_back(std::move(unit));
   }
   return units;
 }
@@ -284,10 +326,15 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
     Unit unit;
     unit.name = spec.prefix;
     unit.forward = spec.forward;
+    unit.shardComm = spec.shardComm ? spec.shardComm : s.shardComm;
+    const comm::CommPtr& replicate = spec.replicateComm ? spec.replicateComm : s.replicateComm;
+    if (replicate && replicate->size() > 1) unit.replicateComm = replicate;
     s.units.push_back(std::move(unit));
   }
   Unit root;
   root.name = "<root>";
+  root.shardComm = s.shardComm;
+  root.replicateComm = s.replicateComm;
   std::unordered_map<const void*, bool> placed;
   for (const auto& item : named) {
     const at::Tensor& param = item.value();
@@ -313,9 +360,9 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
   if (s.hasRoot) s.units.push_back(std::move(root));
 
   // Layout, rank 0's values everywhere, then keep only this rank's slice.
-  const int64_t n = s.shardComm->size();
   at::NoGradGuard noGrad;
   for (Unit& unit : s.units) {
+    const int64_t n = unit.shardComm->size();
     for (const at::Tensor& param : unit.params) {
       unit.offsets.push_back(unit.numel);
       unit.shapes.push_back(param.sizes().vec());
@@ -327,8 +374,8 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
     for (size_t i = 0; i < unit.params.size(); ++i) {
       flat.narrow(0, unit.offsets[i], unit.params[i].numel()).copy_(unit.params[i].reshape({-1}));
     }
-    broadcastFromFirstReplica(flat, s.shardComm, s.replicateComm);
-    unit.shard = flat.narrow(0, s.shardComm->rank() * unit.shardNumel, unit.shardNumel).clone();
+    broadcastFromFirstReplica(flat, unit.shardComm, unit.replicateComm);
+    unit.shard = flat.narrow(0, unit.shardComm->rank() * unit.shardNumel, unit.shardNumel).clone();
     unit.shard.requires_grad_(true);
     State::release(unit);
   }
@@ -343,14 +390,17 @@ FullyShardedDataParallel::FullyShardedDataParallel(models::GptImpl& gpt, comm::C
                                                    comm::CommPtr replicateComm)
     : FullyShardedDataParallel(gpt, gptUnits(gpt), std::move(shardComm), std::move(replicateComm)) {
   gpt_ = &gpt;
-  gpt.setBlockRunner([this](int64_t index, const at::Tensor& x) { return forwardUnit(static_cast<size_t>(index), x); });
+  gpt.setBlockRunner([this](int64_t index, const at::Tensor& x) {
+    FsdpUnitOutput out = forwardUnitWithAux(static_cast<size_t>(index), x);
+    return models::BlockOutput{std::move(out.x), std::move(out.aux)};
+  });
 }
 
 FullyShardedDataParallel::~FullyShardedDataParallel() {
   if (gpt_ != nullptr) gpt_->setBlockRunner(nullptr);
 }
 
-at::Tensor FullyShardedDataParallel::forwardUnit(size_t index, const at::Tensor& x) {
+FsdpUnitOutput FullyShardedDataParallel::forwardUnitWithAux(size_t index, const at::Tensor& x) {
   State& s = *state_;
   TESSERA_CHECK_ARG(index < s.units.size() - (s.hasRoot ? 1 : 0),
                     "FSDP unit index " << index << " out of range; there are "
@@ -361,7 +411,17 @@ at::Tensor FullyShardedDataParallel::forwardUnit(size_t index, const at::Tensor&
     const GatheredUnit gathered(s, unit);
     return unit.forward(x);
   }
-  return UnitFunction::apply(x, unit.shard, state_.get(), static_cast<int64_t>(index));
+  const auto outputs = UnitFunction::apply(x, unit.shard, state_.get(), static_cast<int64_t>(index));
+  return outputs.size() == 2 ? FsdpUnitOutput(outputs[0], outputs[1]) : FsdpUnitOutput(outputs[0]);
+}
+
+at::Tensor FullyShardedDataParallel::forwardUnit(size_t index, const at::Tensor& x) {
+  FsdpUnitOutput out = forwardUnitWithAux(index, x);
+  TESSERA_CHECK_ARG(!out.aux.defined(), "FSDP unit '" << state_->units[index].name
+                                                      << "' returns an aux loss, which forwardUnit() would drop "
+                                                         "with its gradient; call forwardUnitWithAux() and add the "
+                                                         "aux into the loss");
+  return out.x;
 }
 
 void FullyShardedDataParallel::beforeForward() {
@@ -377,28 +437,41 @@ void FullyShardedDataParallel::finishGradientSync() {
     if (s.noSyncDepth > 0) return;
   }
   TESSERA_CHECK_ARG(!s.unsharded, "finishGradientSync() after unshard(): call reshard() before training");
-  Stopwatch exposed;
-  if (s.hasRoot && s.root().full.defined()) s.reduceRootGradient();
+  if (s.hasRoot && s.root().full.defined()) {
+    const Stopwatch rootWatch;  // flattening and launching the root's reduce-scatter: nothing hides it
+    s.reduceRootGradient();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.countExposed(s.root().shardComm, rootWatch.seconds());
+  }
 
   std::lock_guard<std::mutex> lock(s.mutex);
   for (PendingReduce& p : s.pending) {
-    if (p.done) continue;
-    p.work->wait();
-    p.done = true;
-    s.stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
-  }
-  if (s.replicateComm) {
-    // Every replica now holds the same shard slot's average over its own
-    // dp_shard group; averaging those over dp_replicate averages over all.
-    const Stopwatch watch;
-    std::vector<comm::WorkPtr> works;
-    for (PendingReduce& p : s.pending) {
-      works.push_back(s.replicateComm->allReduceAsync(p.output, comm::ReduceOp::kAvg));
-      s.stats.bytes += p.output.numel() * static_cast<int64_t>(sizeof(float));
+    const Stopwatch waiting;
+    if (!p.done) {
+      p.work->wait();
+      p.done = true;
+      s.stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
     }
-    for (auto& work : works) work->wait();
-    s.stats.commSeconds += watch.seconds();
+    s.countExposed(s.units[p.unit].shardComm, waiting.seconds());
   }
+  // Hybrid: every replica now holds the same shard slot's average over its
+  // own dp_shard group; averaging those over dp_replicate averages over all.
+  const Stopwatch replicating;
+  std::vector<std::pair<comm::WorkPtr, comm::CommPtr>> works;
+  for (PendingReduce& p : s.pending) {
+    const comm::CommPtr& replicate = s.units[p.unit].replicateComm;
+    if (!replicate) continue;
+    const Stopwatch launching;
+    works.emplace_back(replicate->allReduceAsync(p.output, comm::ReduceOp::kAvg), replicate);
+    s.countBytes(replicate, p.output.numel() * static_cast<int64_t>(sizeof(float)));
+    s.countExposed(replicate, launching.seconds());
+  }
+  for (auto& [work, replicate] : works) {
+    const Stopwatch waiting;
+    work->wait();
+    s.countExposed(replicate, waiting.seconds());
+  }
+  if (!works.empty()) s.stats.commSeconds += replicating.seconds();
   at::NoGradGuard noGrad;
   for (PendingReduce& p : s.pending) {
     at::Tensor& grad = s.units[p.unit].shard.mutable_grad();
@@ -409,18 +482,25 @@ void FullyShardedDataParallel::finishGradientSync() {
     }
   }
   s.pending.clear();
-  s.stats.exposedSeconds += exposed.seconds();
 }
 
 double FullyShardedDataParallel::gradNorm() {
-  double sumSquares = 0;
+  // Per distinct shard comm, in order of first use (the same on every rank):
+  // the sum of squares over this rank's shards of the units sharded over it.
+  std::vector<std::pair<comm::CommPtr, double>> sums;
   for (const Unit& unit : state_->units) {
+    auto it = std::find_if(sums.begin(), sums.end(), [&](const auto& e) { return e.first == unit.shardComm; });
+    if (it == sums.end()) it = sums.insert(sums.end(), {unit.shardComm, 0.0});
     const at::Tensor& grad = unit.shard.grad();
-    if (grad.defined()) sumSquares += grad.to(at::kDouble).pow(2).sum().item<double>();
+    if (grad.defined()) it->second += grad.to(at::kDouble).pow(2).sum().item<double>();
   }
-  at::Tensor total = at::full({1}, sumSquares, at::kDouble);
-  state_->shardComm->allReduce(total, comm::ReduceOp::kSum);
-  return std::sqrt(total.item<double>());
+  double sumSquares = 0;
+  for (const auto& [group, local] : sums) {
+    at::Tensor total = at::full({1}, local, at::kDouble);
+    group->allReduce(total, comm::ReduceOp::kSum);
+    sumSquares += total.item<double>();
+  }
+  return std::sqrt(sumSquares);
 }
 
 std::unique_ptr<NoSyncScope> FullyShardedDataParallel::noSync() {
@@ -491,7 +571,10 @@ std::vector<std::vector<ParameterPiece>> FullyShardedDataParallel::shardLayout()
       const int64_t from = std::max(begin, paramBegin);
       const int64_t to = std::min(end, paramEnd);
       if (from >= to) continue;
-      pieces.push_back(ParameterPiece{unit.paramNames[i], unit.shapes[i], from - paramBegin, from - begin, to - from});
+      // FSDP's flat shard is a flat range of the whole-parameter box.
+      pieces.push_back(ParameterPiece{unit.paramNames[i], unit.shapes[i],
+                                      TensorSlice::flatRange(unit.shapes[i], from - paramBegin, to - from),
+                                      from - begin});
     }
     out.push_back(std::move(pieces));
   }

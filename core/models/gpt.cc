@@ -1,12 +1,11 @@
-// Decoder-only GPT: attention, blocks, the model and its deterministic init.
+// Decoder-only GPT: attention, blocks, the model and its layout-independent init.
 #include "tessera/core/models/gpt.h"
-
-#include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
 #include <limits>
 
 #include "tessera/core/config.h"
+#include "tessera/core/models/init.h"
 
 namespace tessera::models {
 
@@ -31,6 +30,24 @@ void GptConfig::validate(const std::string& prefix) const {
   if (use_moe) moe.validate(prefix + "moe.");
 }
 
+uint64_t gptDropoutSite(GptDropout where, int64_t block) {
+  if (where == GptDropout::kEmbedding) return 0;
+  TESSERA_CHECK_ARG(block >= 0, "gptDropoutSite: block index must be >= 0, got " << block);
+  const uint64_t k = where == GptDropout::kAttentionProbs ? 0 : where == GptDropout::kAttentionBranch ? 1 : 2;
+  return 1 + 3 * static_cast<uint64_t>(block) + k;
+}
+
+namespace {
+
+DropoutKey dropoutKey(const GptConfig& config, GptDropout where, int64_t block) {
+  DropoutKey key;
+  key.seed = config.seed;
+  key.site = gptDropoutSite(where, block);
+  return key;
+}
+
+}  // namespace
+
 // ---- Attention ----------------------------------------------------------------
 
 torch::Tensor applyRotary(const torch::Tensor& x, double base) {
@@ -46,13 +63,18 @@ torch::Tensor applyRotary(const torch::Tensor& x, double base) {
   return x * cos + rotated * sin;
 }
 
-CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GptConfig& config)
+CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GptConfig& config, int64_t block)
     : n_head_(config.n_head),
       rotary_(config.positions == "rotary"),
       rope_base_(config.rope_base),
-      dropout_(config.dropout) {
-  qkv = register_module("qkv", torch::nn::Linear(config.d_model, 3 * config.d_model));
-  proj = register_module("proj", torch::nn::Linear(config.d_model, config.d_model));
+      dropout_(config.dropout),
+      probs_key_(dropoutKey(config, GptDropout::kAttentionProbs, block)) {
+  qkv = register_module("qkv", Linear(config.d_model, 3 * config.d_model));
+  proj = register_module("proj", Linear(config.d_model, config.d_model));
+}
+
+void CausalSelfAttentionImpl::setRandomKey(int64_t step, int64_t microBatch) {
+  probs_key_.setStep(step, microBatch);
 }
 
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x) {
@@ -70,17 +92,20 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x) {
   auto att = q.matmul(k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(D)));  // (B, H, T, T)
   const auto future = torch::ones({T, T}, x.options().dtype(torch::kBool)).triu(1);        // (T, T)
   att = torch::softmax(att.masked_fill(future, -std::numeric_limits<double>::infinity()), -1);
-  if (dropout_ > 0) att = torch::dropout(att, dropout_, is_training());
+  att = dropout(att, dropout_, is_training(), probs_key_);                                 // (B, H, T, T)
   const auto y = att.matmul(v).transpose(1, 2).contiguous().view({B, T, C});  // (B, H, T, D) -> (B, T, C)
   return proj->forward(y);                                                  // (B, T, C)
 }
 
 // ---- Block ------------------------------------------------------------------
 
-BlockImpl::BlockImpl(const GptConfig& config) : dropout_(config.dropout) {
+BlockImpl::BlockImpl(const GptConfig& config, int64_t index)
+    : dropout_(config.dropout),
+      attn_key_(dropoutKey(config, GptDropout::kAttentionBranch, index)),
+      ffn_key_(dropoutKey(config, GptDropout::kFeedForwardBranch, index)) {
   const int64_t C = config.d_model;
   ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({C})));
-  attn = register_module("attn", CausalSelfAttention(config));
+  attn = register_module("attn", CausalSelfAttention(config, index));
   ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({C})));
   if (config.use_moe) {
     moe = register_module("moe", MoeFeedForward(C, config.mlp_ratio * C, config.moe));
@@ -89,64 +114,60 @@ BlockImpl::BlockImpl(const GptConfig& config) : dropout_(config.dropout) {
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x, torch::Tensor* aux_loss) {
-  auto branch = attn->forward(ln1->forward(x));  // (B, T, C)
-  if (dropout_ > 0) branch = torch::dropout(branch, dropout_, is_training());
-  auto h = x + branch;                            // (B, T, C)
-  if (moe) {
-    torch::Tensor layer_aux;
-    branch = moe->forward(ln2->forward(h), &layer_aux);
-    if (aux_loss != nullptr) *aux_loss = aux_loss->defined() ? *aux_loss + layer_aux : layer_aux;
-  } else {
-    branch = mlp->forward(ln2->forward(h));
-  }
-  if (dropout_ > 0) branch = torch::dropout(branch, dropout_, is_training());
-  return h + branch;  // (B, T, C)
+void BlockImpl::setRandomKey(int64_t step, int64_t microBatch) {
+  attn_key_.setStep(step, microBatch);
+  ffn_key_.setStep(step, microBatch);
+  attn->setRandomKey(step, microBatch);
+}
+
+BlockOutput BlockImpl::forwardWithAux(const torch::Tensor& x) {
+  BlockOutput out;
+  auto branch = dropout(attn->forward(ln1->forward(x)), dropout_, is_training(), attn_key_);  // (B, T, C)
+  const auto h = x + branch;                                                                  // (B, T, C)
+  branch = moe ? moe->forward(ln2->forward(h), &out.aux) : mlp->forward(ln2->forward(h));    // (B, T, C)
+  out.x = h + dropout(branch, dropout_, is_training(), ffn_key_);                            // (B, T, C)
+  return out;
 }
 
 // ---- Model ------------------------------------------------------------------
 
 GptImpl::GptImpl(const GptConfig& config) : config_(config) {
   config_.validate();
-  wte = register_module("wte", torch::nn::Embedding(config_.vocab_size, config_.d_model));
+  embedding_key_ = dropoutKey(config_, GptDropout::kEmbedding, 0);
+  wte = register_module("wte", Embedding(config_.vocab_size, config_.d_model));
   if (config_.positions == "learned") {
-    wpe = register_module("wpe", torch::nn::Embedding(config_.block_size, config_.d_model));
+    wpe = register_module("wpe", Embedding(config_.block_size, config_.d_model));
   }
   blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t i = 0; i < config_.n_layer; ++i) blocks->push_back(Block(config_));
+  for (int64_t i = 0; i < config_.n_layer; ++i) blocks->push_back(Block(config_, i));
   ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config_.d_model})));
   if (!config_.tie_weights) {
-    head = register_module(
-        "head", torch::nn::Linear(torch::nn::LinearOptions(config_.d_model, config_.vocab_size).bias(false)));
+    head = register_module("head", Linear(config_.d_model, config_.vocab_size, /*bias=*/false));
   }
   initParameters();
 }
 
+void GptImpl::setRandomKey(int64_t step, int64_t microBatch) {
+  embedding_key_.setStep(step, microBatch);
+  for (size_t i = 0; i < blocks->size(); ++i) blocks[i]->as<BlockImpl>()->setRandomKey(step, microBatch);
+}
+
 void GptImpl::initParameters() {
-  // torch::nn's constructors drew from torch's global generator; overwrite
-  // everything from our own, in named_parameters() order, which is the fixed
-  // registration order -- so the result depends on the seed alone.
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(config_.seed);
+  // Each parameter from (seed, name, logical shape) alone (init.h), so a
+  // process holding any slice of it computes the values one process would.
   const double residual_std = config_.init_std / std::sqrt(2.0 * static_cast<double>(config_.n_layer));
   auto endsWith = [](const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
-  torch::NoGradGuard no_grad;
-  for (auto& item : named_parameters()) {
-    const std::string& name = item.key();
-    auto& p = item.value();
+  initializeParameters(*this, config_.seed, [&](const LogicalParameter& p) {
+    const std::string& name = p.name;
     const bool is_norm = name.rfind("ln", 0) == 0 || name.find(".ln") != std::string::npos;
-    if (is_norm) {
-      endsWith(name, ".weight") ? p.fill_(1.0) : p.zero_();
-    } else if (endsWith(name, ".bias")) {
-      p.zero_();
-    } else {
-      // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), because each
-      // block adds two of them to the residual stream.
-      const double std = endsWith(name, "proj.weight") ? residual_std : config_.init_std;
-      p.normal_(0.0, std, generator);
-    }
-  }
+    if (is_norm) return ParameterInit::constant(endsWith(name, ".weight") ? 1.0 : 0.0);
+    if (endsWith(name, ".bias")) return ParameterInit::constant(0.0);
+    // GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), because each
+    // block adds two of them to the residual stream.
+    return ParameterInit::normal(endsWith(name, "proj.weight") ? residual_std : config_.init_std);
+  });
 }
 
 GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
@@ -156,14 +177,16 @@ GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
   TESSERA_CHECK_ARG(T <= config_.block_size, "sequence length " << T << " exceeds block_size " << config_.block_size);
   auto x = wte->forward(idx);  // (B, T, C)
   if (wpe) x = x + wpe->forward(torch::arange(T, idx.options()));  // (B, T, C) + (T, C)
-  if (config_.dropout > 0) x = torch::dropout(x, config_.dropout, is_training());
+  x = dropout(x, config_.dropout, is_training(), embedding_key_);  // (B, T, C)
   GptOutput out;
-  for (size_t i = 0; i < blocks->size(); ++i) {  // (B, T, C) -> (B, T, C)
-    x = block_runner_ ? block_runner_(static_cast<int64_t>(i), x)
-                      : blocks[i]->as<BlockImpl>()->forward(x, &out.aux_loss);
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    BlockOutput block = block_runner_ ? block_runner_(static_cast<int64_t>(i), x)
+                                      : blocks[i]->as<BlockImpl>()->forwardWithAux(x);
+    x = block.x;  // (B, T, C)
+    if (block.aux.defined()) out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux : block.aux;
   }
-  x = ln_f->forward(x);  // (B, T, C)
-  out.logits = head ? head->forward(x) : torch::linear(x, wte->weight);  // (B, T, V)
+  x = ln_f->forward(x);                                     // (B, T, C)
+  out.logits = head ? head->forward(x) : wte->attend(x);   // (B, T, V)
   if (!out.aux_loss.defined()) out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat));
   return out;
 }

@@ -1,12 +1,11 @@
 // MLP classifier for fashion-MNIST.
 #include "tessera/core/models/mlp_classifier.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-#include <torch/nn/modules/linear.h>
-
 #include <cmath>
 
 #include "tessera/core/config.h"
+#include "tessera/core/models/init.h"
+#include "tessera/core/models/linear.h"
 
 namespace tessera::models {
 
@@ -22,24 +21,26 @@ void MlpClassifierConfig::validate(const std::string& prefix) const {
 
 MlpClassifierImpl::MlpClassifierImpl(const MlpClassifierConfig& config) : config_(config) {
   config_.validate();
+  dropout_key_.seed = config_.seed;
   layers = register_module("layers", torch::nn::ModuleList());
   int64_t width = config_.input_dim;
   for (int64_t hidden : config_.hidden_sizes) {
-    layers->push_back(torch::nn::Linear(width, hidden));
+    layers->push_back(Linear(width, hidden));
     width = hidden;
   }
-  layers->push_back(torch::nn::Linear(width, config_.num_classes));
+  layers->push_back(Linear(width, config_.num_classes));
 
-  // He-uniform weights for ReLU (bound sqrt(6 / fan_in)), zero biases, from our
-  // own generator so the parameters depend on the seed alone.
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(config_.seed);
-  torch::NoGradGuard no_grad;
-  for (const auto& layer : *layers) {
-    auto* linear = layer->as<torch::nn::LinearImpl>();
-    const double bound = std::sqrt(6.0 / static_cast<double>(linear->weight.size(1)));
-    linear->weight.uniform_(-bound, bound, generator);
-    linear->bias.zero_();
-  }
+  // He-uniform weights for ReLU (bound sqrt(6 / fan_in), fan_in from the
+  // logical shape), zero biases; each from (seed, name, shape) alone.
+  initializeParameters(*this, config_.seed, [](const LogicalParameter& p) {
+    if (p.globalShape.size() == 1) return ParameterInit::constant(0.0);
+    const double bound = std::sqrt(6.0 / static_cast<double>(p.globalShape[1]));
+    return ParameterInit::uniform(-bound, bound);
+  });
+}
+
+void MlpClassifierImpl::setRandomKey(int64_t step, int64_t microBatch) {
+  dropout_key_.setStep(step, microBatch);
 }
 
 torch::Tensor MlpClassifierImpl::forward(const torch::Tensor& x) {
@@ -48,10 +49,11 @@ torch::Tensor MlpClassifierImpl::forward(const torch::Tensor& x) {
                     "MlpClassifier wants " << config_.input_dim << " features per example, got " << x.sizes());
   const size_t last = layers->size() - 1;
   for (size_t i = 0; i < layers->size(); ++i) {
-    h = layers[i]->as<torch::nn::LinearImpl>()->forward(h);  // (B, width_i)
+    h = layers[i]->as<LinearImpl>()->forward(h);  // (B, width_i)
     if (i == last) break;
-    h = torch::relu(h);
-    if (config_.dropout > 0) h = torch::dropout(h, config_.dropout, is_training());
+    DropoutKey key = dropout_key_;
+    key.site = i;
+    h = dropout(torch::relu(h), config_.dropout, is_training(), key);
   }
   return h;  // (B, num_classes)
 }

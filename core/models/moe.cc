@@ -28,8 +28,8 @@ int64_t moeCapacity(int64_t num_tokens, int64_t num_experts, double capacity_fac
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t d_model, int64_t d_hidden) {
-  fc = register_module("fc", torch::nn::Linear(d_model, d_hidden));
-  proj = register_module("proj", torch::nn::Linear(d_hidden, d_model));
+  fc = register_module("fc", Linear(d_model, d_hidden));
+  proj = register_module("proj", Linear(d_hidden, d_model));
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
@@ -39,8 +39,11 @@ torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
 MoeFeedForwardImpl::MoeFeedForwardImpl(int64_t d_model, int64_t d_hidden, const MoeConfig& config)
     : config_(config) {
   config_.validate();
-  router = register_module(
-      "router", torch::nn::Linear(torch::nn::LinearOptions(d_model, config_.num_experts).bias(false)));
+  // The router runs in fp32 whatever the model's precision: small logit
+  // errors flip top-k choices, and flipped choices are not smooth in the loss.
+  LayerOptions router_options;
+  router_options.precision = Precision::kFp32;
+  router = register_module("router", Linear(d_model, config_.num_experts, /*bias=*/false, router_options));
   experts = register_module("experts", torch::nn::ModuleList());
   for (int64_t e = 0; e < config_.num_experts; ++e) experts->push_back(FeedForward(d_model, d_hidden));
 }
@@ -53,9 +56,7 @@ MoeRouting MoeFeedForwardImpl::route(const torch::Tensor& tokens) {
   routing.num_experts = num_experts;
   routing.capacity = moeCapacity(num_tokens, num_experts, config_.capacity_factor, k);
 
-  // The router runs in fp32 whatever the model dtype: small logit errors flip
-  // top-k choices, and flipped choices are not smooth in the loss.
-  const auto logits = torch::linear(tokens.to(torch::kFloat), router->weight.to(torch::kFloat));  // (S, E)
+  const auto logits = router->forward(tokens);  // (S, E) fp32 (the router's precision)
   routing.gates = torch::softmax(logits, -1);                                  // (S, E)
   auto [top_gate, top_expert] = routing.gates.topk(k, -1);                     // (S, k), (S, k)
   routing.expert = top_expert;

@@ -9,3 +9,8 @@ target_compile_definitions(test_checkpoint_format PRIVATE
 find_package(HDF5 REQUIRED COMPONENTS C)
 target_include_directories(test_checkpoint_format SYSTEM PRIVATE ${HDF5_C_INCLUDE_DIRS} ${HDF5_INCLUDE_DIRS})
 target_link_libraries(test_checkpoint_format PRIVATE ${HDF5_C_LIBRARIES})
+# N-D slices and checkpoint format 2: overlap arithmetic, dim-1 slices and
+# FSDP flat ranges of them on 4 ranks loading into other layouts (a few s).
+tessera_add_test(test_checkpoint_slices ${CMAKE_CURRENT_SOURCE_DIR}/slices_test.cc)
+target_include_directories(test_checkpoint_slices SYSTEM PRIVATE ${HDF5_C_INCLUDE_DIRS} ${HDF5_INCLUDE_DIRS})
+target_link_libraries(test_checkpoint_slices PRIVATE ${HDF5_C_LIBRARIES})

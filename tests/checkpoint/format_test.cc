@@ -58,6 +58,10 @@ at::Tensor valuesOf(const std::string& name, const std::vector<int64_t>& shape) 
   else if (name == "model/bias") v = (i - 3).to(at::kFloat);
   else if (name == "optim/m") v = (i * -0.25).to(at::kBFloat16);
   else if (name == "optim/split") v = il * 11;
+  // Format-2 slices for the h5py check.
+  else if (name == "model/w2d") v = (i * 0.75 - 9).to(at::kFloat);
+  else if (name == "optim/cube") v = (il * 7 - 100).to(at::kInt);
+  else if (name == "model/wide") v = ((il % 1000).to(at::kDouble) * 0.5 - 7).to(at::kFloat);
   else throw Error("valuesOf: no formula for " + name);
   return v.reshape(shape).contiguous();
 }
@@ -152,9 +156,10 @@ TEST(CheckpointFormat, EveryDtypeAndSubRangesRoundTripExactly) {
       testing::expectTensorsEqual(loaded.whole(name), valuesOf(name, shape), name + " (zstd level " + std::to_string(level) + ")");
     }
     // A range across the boundary of model/big's two chunks.
-    const StateDict part = load(dir, {LoadRequest{"model/big", {1100000}, at::kFloat, 549990, 20}}, {});
+    const TensorSlice across = TensorSlice::flatRange({1100000}, 549990, 20);
+    const StateDict part = load(dir, {LoadRequest{"model/big", {1100000}, at::kFloat, across}}, {});
     ASSERT_EQ(part.tensors.at("model/big").pieces.size(), 1u);
-    EXPECT_EQ(part.tensors.at("model/big").pieces[0].offset, 549990);
+    EXPECT_EQ(part.tensors.at("model/big").pieces[0].slice, across);
     EXPECT_FALSE(part.tensors.at("model/big").replicated);
     testing::expectTensorsEqual(part.tensors.at("model/big").pieces[0].local,
                                 valuesOf("model/big", {1100000}).narrow(0, 549990, 20), "range across two chunks");
@@ -174,15 +179,18 @@ const std::map<std::string, std::vector<int64_t>> kShardedShapes = {
 StateDict shardedState(int rank) {
   StateDict state;
   auto flat = [](const std::string& name) { return valuesOf(name, kShardedShapes.at(name)).reshape({-1}); };
-  StateTensor w{{8, 10}, {StatePiece{flat("model/w").narrow(0, 20 * rank, 20).clone(), 20 * rank}}, false};
+  StateTensor w{{8, 10}, {StatePiece{flat("model/w").narrow(0, 20 * rank, 20).clone(),
+                                     TensorSlice::flatRange({8, 10}, 20 * rank, 20)}}, false};
   state.tensors["model/w"] = w;
   state.putReplicated("model/bias", valuesOf("model/bias", {10}));
   const int half = rank % 2;
-  state.tensors["optim/m"] = StateTensor{{12}, {StatePiece{flat("optim/m").narrow(0, 6 * half, 6).clone(), 6 * half}}, false};
-  state.tensors["optim/split"] = StateTensor{{24},
-                                             {StatePiece{flat("optim/split").narrow(0, 6 * rank, 2).clone(), 6 * rank},
-                                              StatePiece{flat("optim/split").narrow(0, 6 * rank + 2, 4).clone(), 6 * rank + 2}},
-                                             false};
+  state.tensors["optim/m"] = StateTensor{
+      {12}, {StatePiece{flat("optim/m").narrow(0, 6 * half, 6).clone(), TensorSlice::flatRange({12}, 6 * half, 6)}}, false};
+  state.tensors["optim/split"] = StateTensor{
+      {24},
+      {StatePiece{flat("optim/split").narrow(0, 6 * rank, 2).clone(), TensorSlice::flatRange({24}, 6 * rank, 2)},
+       StatePiece{flat("optim/split").narrow(0, 6 * rank + 2, 4).clone(), TensorSlice::flatRange({24}, 6 * rank + 2, 4)}},
+      false};
   state.putMeta("mesh", std::string("dp=2,fsdp=2"));
   return state;
 }
@@ -193,15 +201,16 @@ void loadShareAndCheck(const std::string& path, int part, int parts) {
   for (const auto& [name, shape] : kShardedShapes) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    requests.push_back(LoadRequest{name, shape, valuesOf(name, shape).scalar_type(), n / parts * part, n / parts});
+    requests.push_back(LoadRequest{name, shape, valuesOf(name, shape).scalar_type(),
+                                   TensorSlice::flatRange(shape, n / parts * part, n / parts)});
   }
   const StateDict loaded = load(path, requests);
   TESSERA_CHECK(loaded.metaString("mesh") == "dp=2,fsdp=2", "meta lost");
   for (const LoadRequest& r : requests) {
     const StatePiece& piece = loaded.tensors.at(r.name).pieces.at(0);
-    TESSERA_CHECK_EQ(piece.offset, r.offset);
+    TESSERA_CHECK(piece.slice == *r.slice, "slice " << piece.slice.text() << " for " << r.slice->text());
     testing::expectTensorsEqual(piece.local.reshape({-1}),
-                                valuesOf(r.name, r.globalShape).reshape({-1}).narrow(0, r.offset, r.numel),
+                                valuesOf(r.name, r.globalShape).reshape({-1}).narrow(0, r.slice->flatOffset, r.slice->numel),
                                 r.name + " part " + std::to_string(part) + "/" + std::to_string(parts));
   }
 }
@@ -240,7 +249,8 @@ TESSERA_WORKER(ckpt_reshard_to_two) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     const StateDict half = load(ctx.arg("from"), {LoadRequest{name, shape, valuesOf(name, shape).scalar_type(),
-                                                              n / 2 * rank, n / 2}}, {});
+                                                              TensorSlice::flatRange(shape, n / 2 * rank, n / 2)}},
+                                {});
     StateTensor t = half.tensors.at(name);
     t.replicated = false;
     state.tensors[name] = t;
@@ -297,7 +307,9 @@ TESSERA_WORKER(ckpt_skip_when_busy) {
   state.putReplicated("model/f32", valuesOf("model/f32", {3, 5}));
   const int64_t half = 550000;
   state.tensors["model/big"] = StateTensor{
-      {1100000}, {StatePiece{valuesOf("model/big", {1100000}).narrow(0, half * world->rank(), half), half * world->rank()}},
+      {1100000},
+      {StatePiece{valuesOf("model/big", {1100000}).narrow(0, half * world->rank(), half),
+                  TensorSlice::flatRange({1100000}, half * world->rank(), half)}},
       false};
   if (world->rank() == 1) ::setenv("TESSERA_CHECKPOINT_FAULT_WRITE_DELAY_MS", "400", 1);
   const bool first = ckpt.save(1, state);
@@ -548,14 +560,15 @@ class CheckpointCorruption : public ::testing::Test {
 
   void futureFormatVersion() {
     std::string index = readText(step_ + "/index.json");
-    const size_t at = index.find("\"format_version\": 1");
+    const size_t at = index.find("\"format_version\": 2");
     ASSERT_NE(at, std::string::npos) << index.substr(0, 300);
-    index.replace(at, std::strlen("\"format_version\": 1"), "\"format_version\": 99");
+    index.replace(at, std::strlen("\"format_version\": 2"), "\"format_version\": 3");
     writeText(step_ + "/index.json", index);
     const std::string message = loadError();
     EXPECT_NE(message.find(step_ + "/index.json"), std::string::npos) << message;
-    EXPECT_NE(message.find("version 99"), std::string::npos) << message;
-    EXPECT_NE(message.find("reads version 1"), std::string::npos) << message;
+    EXPECT_NE(message.find("format version 3"), std::string::npos) << message;
+    EXPECT_NE(message.find("reads versions 1 to 2"), std::string::npos) << message;
+    EXPECT_NE(message.find("newer tessera"), std::string::npos) << message;
   }
 
   void anotherModelListsEveryMismatch() {
@@ -596,13 +609,44 @@ TEST_F(CheckpointCorruption, EveryKindOfDamageIsNamed) {
 
 // ---- Another reader: h5py (+ hdf5plugin) ------------------------------
 
+// Format 2 pieces of every kind in one rank's file: a dim-1 slice (an N-D
+// dataset of the box's shape), flat ranges of a box (1-D datasets), and a
+// 3-D box split along its last dim (rows not contiguous in the tensor).
+void addSlicedTensors(StateDict& state) {
+  const auto piece = [&](const std::string& name, const std::vector<int64_t>& shape, const TensorSlice& s) {
+    std::vector<at::indexing::TensorIndex> index;
+    for (size_t d = 0; d < shape.size(); ++d) index.emplace_back(at::indexing::Slice(s.offsets[d], s.offsets[d] + s.sizes[d]));
+    const at::Tensor box = valuesOf(name, shape).index(index).contiguous().reshape({-1});
+    state.putPiece(name, shape, s, box.narrow(0, s.flatOffset, s.numel));
+  };
+  piece("model/w2d", {6, 8}, TensorSlice::box({0, 0}, {6, 4}));
+  piece("model/w2d", {6, 8}, TensorSlice::box({0, 4}, {6, 4}).narrowFlat(0, 10));
+  piece("model/w2d", {6, 8}, TensorSlice::box({0, 4}, {6, 4}).narrowFlat(10, 14));
+  piece("optim/cube", {3, 4, 5}, TensorSlice::box({0, 0, 0}, {3, 4, 2}));
+  piece("optim/cube", {3, 4, 5}, TensorSlice::box({0, 0, 2}, {3, 4, 3}));
+  // Rows of 4.4 MB: chunks [1, 550000] at coordinates (r, 0) and (r, 550000).
+  state.putReplicated("model/wide", valuesOf("model/wide", {2, 1100000}));
+}
+
 TEST(CheckpointFormat, H5pyReadsTheFiles) {
   const std::string dir = scratchDir("h5py");
+  StateDict state = everyDtypeState();
+  addSlicedTensors(state);
   {
     Checkpointer ckpt(optionsFor(dir), comm::makeSingleRankCommunicator());
-    ckpt.save(3, everyDtypeState());
+    ckpt.save(3, state);
     ckpt.wait();
   }
+  // tessera reads the slices back too.
+  for (const auto& [name, shape] : std::map<std::string, std::vector<int64_t>>{{"model/w2d", {6, 8}},
+                                                                               {"optim/cube", {3, 4, 5}}}) {
+    testing::expectTensorsEqual(load(dir, {LoadRequest{name, shape, valuesOf(name, shape).scalar_type()}}, {}).whole(name),
+                                valuesOf(name, shape), name);
+  }
+  const TensorSlice straddle = TensorSlice::box({1, 549990}, {1, 20});  // across row 1's two chunks
+  testing::expectTensorsEqual(
+      load(dir, {LoadRequest{"model/wide", {2, 1100000}, at::kFloat, straddle}}, {}).tensors.at("model/wide").pieces[0].local,
+      valuesOf("model/wide", {2, 1100000}).narrow(0, 1, 1).narrow(1, 549990, 20), "model/wide across chunks");
   std::string python;
   for (const char* candidate : {"/usr/bin/python3", "/usr/local/bin/python3"}) {
     if (::access(candidate, X_OK) == 0) {
@@ -612,7 +656,7 @@ TEST(CheckpointFormat, H5pyReadsTheFiles) {
   }
   if (python.empty()) GTEST_SKIP() << "no python3: install python3 python3-h5py python3-numpy python3-hdf5plugin";
   const std::string command = python + " " + TESSERA_CHECKPOINT_H5PY_SCRIPT + " " + dir + "/step-00000003 " +
-                              TESSERA_H5ZSTD_PLUGIN_DIR + " 2>&1";
+                              TESSERA_H5ZSTD_PLUGIN_DIR + " 11 2>&1";  // 8 dtypes + 3 format-2 tensors
   FILE* pipe = ::popen(command.c_str(), "r");
   ASSERT_NE(pipe, nullptr);
   std::string output;

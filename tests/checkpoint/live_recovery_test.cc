@@ -25,7 +25,7 @@
 #include "tessera/comm/net.h"
 #include "tessera/core/error.h"
 #include "tessera/core/logging.h"
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 
 namespace tessera {
 namespace {
@@ -82,8 +82,18 @@ StateDict sampleState() {
   StateTensor shard;
   shard.globalShape = {10, 7};
   shard.replicated = false;
-  shard.pieces = {{torch::randn({15}), 35}, {torch::randn({20}), 0}, {torch::randn({10}), 60}, {torch::empty({0}), 5}};
+  const auto flat = [](int64_t offset, int64_t numel) { return TensorSlice::flatRange({10, 7}, offset, numel); };
+  shard.pieces = {{torch::randn({15}), flat(35, 15)},
+                  {torch::randn({20}), flat(0, 20)},
+                  {torch::randn({10}), flat(60, 10)},
+                  {torch::empty({0}), flat(5, 0)}};
   s.tensors["optim/exp_avg/shard"] = shard;
+  // A tensor-parallel slice along dim 1 (one N-D box, shaped as the box) and
+  // FSDP's flat ranges of another dim-1 box (wire version 2's slices).
+  const TensorSlice column = TensorSlice::box({0, 4}, {6, 4});
+  s.putPiece("model/tp", {6, 8}, TensorSlice::box({0, 0}, {6, 4}), torch::randn({6, 4}));
+  s.putPiece("model/tp", {6, 8}, column.narrowFlat(0, 10), torch::randn({10}));
+  s.putPiece("model/tp", {6, 8}, column.narrowFlat(10, 14), torch::randn({14}));
   // A sharded tensor of which this rank holds nothing.
   StateTensor none;
   none.globalShape = {4};
@@ -108,7 +118,8 @@ void expectSameState(const StateDict& expected, const StateDict& actual) {
     EXPECT_EQ(a.replicated, e.replicated) << name;
     ASSERT_EQ(a.pieces.size(), e.pieces.size()) << name;
     for (size_t p = 0; p < e.pieces.size(); ++p) {
-      EXPECT_EQ(a.pieces[p].offset, e.pieces[p].offset) << name << " piece " << p;
+      EXPECT_EQ(a.pieces[p].slice, e.pieces[p].slice) << name << " piece " << p;
+      EXPECT_EQ(a.pieces[p].local.sizes(), e.pieces[p].local.sizes()) << name << " piece " << p;
       EXPECT_EQ(a.pieces[p].local.scalar_type(), e.pieces[p].local.scalar_type()) << name;
       EXPECT_EQ(a.pieces[p].local.numel(), e.pieces[p].local.numel()) << name;
       EXPECT_TRUE(bytesOf(a.pieces[p].local) == bytesOf(e.pieces[p].local)) << name << " piece " << p;
@@ -250,7 +261,8 @@ TEST(LiveRecovery, LargeStateStreamsInChunks) {
   StateTensor shard;
   shard.globalShape = {6 << 20};
   shard.replicated = false;
-  shard.pieces = {{torch::rand({(3 << 20) + 7}), 0}, {torch::rand({1 << 20}), 5 << 20}};
+  shard.pieces = {{torch::rand({(3 << 20) + 7}), TensorSlice::flatRange({6 << 20}, 0, (3 << 20) + 7)},
+                  {torch::rand({1 << 20}), TensorSlice::flatRange({6 << 20}, 5 << 20, 1 << 20)}};
   snapshot.tensors["optim/exp_avg/big"] = shard;
   snapshot.putReplicated("trainer/bytes", torch::randint(0, 256, {(8 << 20) - 3}, torch::kByte));
   const StateDict expected = snapshot.clone();
@@ -369,7 +381,7 @@ void appendU64(net::Bytes& out, uint64_t v) {
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
 }
 // A header frame written out by hand from the documented format.
-net::Bytes handHeader(uint32_t tensors, uint64_t payloadBytes, const char* magic = "TSRS", uint32_t version = 1) {
+net::Bytes handHeader(uint32_t tensors, uint64_t payloadBytes, const char* magic = "TSRS", uint32_t version = wire::kVersion) {
   net::Bytes out(magic, magic + 4);
   appendU32(out, version);
   appendU32(out, tensors);
@@ -377,7 +389,8 @@ net::Bytes handHeader(uint32_t tensors, uint64_t payloadBytes, const char* magic
   appendU32(out, 0);  // meta count
   return out;
 }
-// A float32 (dtype code 1) description of shape [numel] with the given pieces.
+// A float32 (dtype code 1) description of shape [numel] with the given pieces
+// (offset, count): wire version 2's box [offset, offset + count), whole.
 net::Bytes handDescription(const std::string& name, int64_t numel, const std::vector<std::pair<int64_t, int64_t>>& pieces,
                            uint32_t pieceCount) {
   net::Bytes out;
@@ -389,8 +402,10 @@ net::Bytes handDescription(const std::string& name, int64_t numel, const std::ve
   appendU64(out, static_cast<uint64_t>(numel));
   appendU32(out, pieceCount);
   for (const auto& [offset, count] : pieces) {
-    appendU64(out, static_cast<uint64_t>(offset));
-    appendU64(out, static_cast<uint64_t>(count));
+    appendU64(out, static_cast<uint64_t>(offset));  // box offset
+    appendU64(out, static_cast<uint64_t>(count));   // box size
+    appendU64(out, 0);                              // flat offset
+    appendU64(out, static_cast<uint64_t>(count));   // numel
   }
   return out;
 }
@@ -404,9 +419,11 @@ TEST(LiveRecovery, MalformedStreamsAreProtocolErrorsWithoutHugeAllocations) {
   const std::vector<Case> cases = {
       {"wrong magic", {handHeader(1, 4, "HTTP")}, {"ProtocolError", "magic"}},
       {"other version", {handHeader(1, 4, "TSRS", 7)}, {"ProtocolError", "version 7"}},
+      {"a version-1 source (flat ranges)", {handHeader(1, 4, "TSRS", 1)},
+       {"ProtocolError", "wire version 1", "this node speaks version 2", "same tessera release"}},
       {"2^62 payload bytes", {handHeader(1, uint64_t{1} << 62)}, {"ProtocolError", "memory"}},
       {"piece outside the shape", {handHeader(1, 400), handDescription("model/w", 100, {{50, 100}}, 1)},
-       {"ProtocolError", "'model/w'", "outside"}},
+       {"ProtocolError", "'model/w'", "exceeds the tensor [100]"}},
       {"piece larger than the payload", {handHeader(1, 40), handDescription("model/w", 100, {{0, 100}}, 1)},
        {"ProtocolError", "'model/w'", "payload bytes"}},
       {"4 billion pieces announced", {handHeader(1, 400), handDescription("model/w", 100, {{0, 100}}, 0xFFFFFFFFu)},
@@ -464,9 +481,9 @@ TEST(LiveRecoveryWire, RandomAndMutatedFramesNeverPassUnchecked) {
         ASSERT_FALSE(__builtin_mul_overflow(numel, dim, &numel));
       }
       uint64_t bytes = 0;
-      for (const wire::PieceRange& r : d.pieces) {
-        ASSERT_TRUE(r.offset >= 0 && r.numel >= 0 && r.offset + r.numel <= numel);
-        bytes += static_cast<uint64_t>(r.numel) * c10::elementSize(d.dtype);
+      for (const TensorSlice& piece : d.pieces) {
+        ASSERT_NO_THROW(piece.check(d.shape, "fuzzed piece"));
+        bytes += static_cast<uint64_t>(piece.numel) * c10::elementSize(d.dtype);
       }
       ASSERT_LE(bytes, budget);
       ++decoded;
@@ -484,14 +501,18 @@ TEST(LiveRecovery, SnapshotThatCannotBeSentIsRejectedUpFront) {
   StateDict overlapping;
   StateTensor t;
   t.globalShape = {10};
-  t.pieces = {{torch::zeros({6}), 0}, {torch::zeros({6}), 4}};
+  t.pieces = {{torch::zeros({6}), TensorSlice::flatRange({10}, 0, 6)}, {torch::zeros({6}), TensorSlice::flatRange({10}, 4, 6)}};
   overlapping.tensors["model/w"] = t;
   EXPECT_THROW((StateSender{overlapping, optionsWith()}), InvalidArgument);
   StateDict complex;
   complex.putReplicated("model/c", torch::zeros({2}, torch::kComplexFloat));
   EXPECT_THROW((StateSender{complex, optionsWith()}), InvalidArgument);
   StateDict strided;
-  strided.tensors["model/s"] = StateTensor{{3}, {{torch::zeros({6}).slice(0, 0, 6, 2), 0}}, true};
+  strided.tensors["model/s"] = StateTensor{{3}, {{torch::zeros({6}).slice(0, 0, 6, 2), TensorSlice::whole({3})}}, true};
+  StateDict columns;  // two dim-1 boxes that share column 3
+  columns.putPiece("model/w", {4, 6}, TensorSlice::box({0, 0}, {4, 4}), torch::zeros({4, 4}));
+  columns.putPiece("model/w", {4, 6}, TensorSlice::box({0, 3}, {4, 3}), torch::zeros({4, 3}));
+  EXPECT_THROW((StateSender{columns, optionsWith()}), InvalidArgument);
   EXPECT_THROW((StateSender{strided, optionsWith()}), InvalidArgument);
 }
 
@@ -603,13 +624,21 @@ struct TrainingRun {
     trainer->callbacks().afterStep.push_back([this](const StepReport& r) { losses.push_back(r.loss); });
   }
 
-  checkpoint::TrainingParts parts() {
+  // rank/worldSize: the row of trainer/rng this run saves and restores.
+  checkpoint::TrainingParts parts(int rank = 0, int worldSize = 1) {
     checkpoint::TrainingParts p;
+    p.rank = rank;
+    p.worldSize = worldSize;
     p.trainer = trainer.get();
     p.model = &model->module();
     p.dp = dp.get();
     p.optimizer = optimizer.get();
     return p;
+  }
+  // Other parameters than the same seed gives (the seed also keys dropout).
+  void perturb() {
+    at::NoGradGuard noGrad;
+    for (auto& p : dp->optimizerParameters()) p.add_(1.0);
   }
   std::map<std::string, std::string> parameterBytes() {
     std::map<std::string, std::string> out;
@@ -620,8 +649,10 @@ struct TrainingRun {
 
 // A source trained 3 steps sends its state to a fresh run (other initial
 // parameters); after the restore the joiner holds the source's parameters,
-// optimizer state and step bit for bit, and training on gives exactly the
-// losses of an uninterrupted 6-step run.
+// optimizer state, step and generator state bit for bit, and training on
+// gives exactly the losses of an uninterrupted 6-step run. The source is rank
+// 1 of 2 and the joiner rank 0: the joiner takes its source's row of
+// trainer/rng (the one the snapshot holds), not row 0.
 TEST(LiveRecovery, TrainingStateMovesIntoAFreshRunBitForBit) {
   // Built (and run) first: building a run reseeds torch's global generator,
   // which is part of the state a restore sets.
@@ -630,26 +661,31 @@ TEST(LiveRecovery, TrainingStateMovesIntoAFreshRunBitForBit) {
   TrainingRun source(1, 3);
   source.trainer->run();
   const auto sourceParameters = source.parameterBytes();
-  const StateDict sourceState = checkpoint::collectTrainingState(source.parts()).clone();
+  const StateDict sourceState = checkpoint::collectTrainingState(source.parts(1, 2)).clone();
+  ASSERT_EQ(sourceState.tensors.at("trainer/rng").pieces.at(0).slice.offsets, (std::vector<int64_t>{1, 0}));
 
-  StateSender sender(checkpoint::collectTrainingState(source.parts(), {{"config/text", "x = 1"}}).clone(),
+  StateSender sender(checkpoint::collectTrainingState(source.parts(1, 2), {{"config/text", "x = 1"}}).clone(),
                      optionsWith("job secret"));
   const StateDict received = receiveState(sender.address(), optionsWith("job secret"));
   sender.wait();
   EXPECT_EQ(received.metaString("config/text"), "x = 1");
 
-  TrainingRun joiner(2, 6);
+  TrainingRun joiner(1, 6);
+  joiner.perturb();
   ASSERT_FALSE(joiner.parameterBytes() == sourceParameters);
-  const auto requests = checkpoint::trainingStateRequests(joiner.parts(), checkpoint::StateSummary::of(received));
-  checkpoint::restoreTrainingState(joiner.parts(), checkpoint::extractRanges(received, requests));
+  torch::manual_seed(12345);  // the restored generator state must override this
+  const auto requests =
+      checkpoint::trainingStateRequests(joiner.parts(0, 2), checkpoint::StateSummary::of(received));
+  checkpoint::restoreTrainingState(joiner.parts(0, 2), checkpoint::extractRanges(received, requests));
 
   EXPECT_TRUE(joiner.parameterBytes() == sourceParameters);
-  const StateDict joinerState = checkpoint::collectTrainingState(joiner.parts());
+  const StateDict joinerState = checkpoint::collectTrainingState(joiner.parts(0, 2));
   EXPECT_EQ(joinerState.metaInt("trainer/step"), 3);
   for (const auto& [name, tensor] : sourceState.tensors) {
     if (name.rfind("optim/", 0) != 0 && name != "trainer/rng") continue;
     ASSERT_TRUE(joinerState.tensors.count(name)) << name;
-    EXPECT_TRUE(bytesOf(joinerState.whole(name)) == bytesOf(tensor.pieces.at(0).local)) << name;
+    EXPECT_TRUE(bytesOf(joinerState.tensors.at(name).pieces.at(0).local) == bytesOf(tensor.pieces.at(0).local))
+        << name;
   }
 
   joiner.trainer->run();

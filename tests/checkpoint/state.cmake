@@ -14,3 +14,9 @@ target_compile_definitions(test_training_state_cli PRIVATE
   TESSERA_EXPORT_PATH="$<TARGET_FILE:tessera-export>"
   TESSERA_EXAMPLE_CONFIGS="${PROJECT_SOURCE_DIR}/examples/configs")
 add_dependencies(test_training_state_cli tessera-run tessera-train tessera-export)
+
+# The committed format-1 checkpoint (fixtures/README.md) loads whole, as
+# dim-1 boxes, into today's FSDP layout on 2 ranks, and exports (about 3 s).
+tessera_add_test(test_checkpoint_v1_fixture ${CMAKE_CURRENT_SOURCE_DIR}/v1_fixture_test.cc)
+target_compile_definitions(test_checkpoint_v1_fixture PRIVATE
+  TESSERA_CHECKPOINT_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures")

@@ -114,7 +114,7 @@ std::map<std::string, at::Tensor> wholeTensors(const std::string& checkpoint, co
   for (const auto& [name, t] : checkpoint::readIndex(dir).tensors) {
     if (name.rfind(prefix, 0) != 0) continue;
     EXPECT_EQ(t.dtype, "float32") << name;
-    requests.push_back({name, t.globalShape, at::kFloat, 0, -1});
+    requests.push_back({name, t.globalShape, at::kFloat, std::nullopt});
   }
   const StateDict loaded = checkpoint::load(dir, requests, {});
   std::map<std::string, at::Tensor> out;

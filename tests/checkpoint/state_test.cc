@@ -14,7 +14,7 @@
 #include "tessera/checkpoint/checkpoint.h"
 #include "tessera/checkpoint/safetensors.h"
 #include "tessera/checkpoint/training_state.h"
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 #include "tessera/parallel/fsdp.h"
 #include "tests/harness/multiprocess.h"
 
@@ -115,7 +115,7 @@ struct Rig {
     p.schedule = optim::makeLrSchedule(lc, 8);
     p.train = train.get();
     p.val = val.get();
-    p.dpComm = o.fsdpComm;
+    p.dataComm = o.fsdpComm;
     TrainConfig c;
     c.steps = o.steps;
     c.clip = 1.0;
@@ -218,6 +218,45 @@ TEST(TrainingState, NamesShapesAndMetaOfAnUnshardedRun) {
 
 // SGD without momentum keeps no per-parameter tensors: nothing is saved
 // for them and the restored optimizer has none either.
+// Every rank's generator state is saved as its row of trainer/rng; a
+// checkpoint gives each rank its own row back, a rank beyond the saved world
+// size keeps its generator as seeded.
+TEST(TrainingState, EachRankRestoresItsOwnGeneratorRow) {
+  Rig run({.dropout = 0.2, .steps = 1});
+  StateDict merged;  // what a 2-rank checkpoint holds: rows 0 and 1
+  std::vector<at::Tensor> states;
+  for (int rank = 0; rank < 2; ++rank) {
+    torch::manual_seed(100 + rank);  // a different generator state per "rank"
+    states.push_back(at::detail::getDefaultCPUGenerator().get_state());
+    TrainingParts parts = run.parts();
+    parts.rank = rank;
+    parts.worldSize = 2;
+    StateDict mine = checkpoint::collectTrainingState(parts).clone();
+    const StateTensor& rng = mine.tensors.at("trainer/rng");
+    ASSERT_EQ(rng.globalShape, (std::vector<int64_t>{2, states.back().numel()}));
+    ASSERT_EQ(rng.pieces.at(0).slice, TensorSlice::box({rank, 0}, {1, states.back().numel()}));
+    if (rank == 0) merged = mine;
+    else merged.tensors.at("trainer/rng").pieces.push_back(rng.pieces.at(0));
+  }
+  StateSummary summary = StateSummary::of(merged);
+  summary.onePeer = false;  // as from a checkpoint's index: every rank's rows
+  const auto restoreAs = [&](int rank, int worldSize) {
+    torch::manual_seed(999);
+    TrainingParts parts = run.parts();
+    parts.rank = rank;
+    parts.worldSize = worldSize;
+    checkpoint::restoreTrainingState(parts,
+                                     checkpoint::extractRanges(merged, checkpoint::trainingStateRequests(parts, summary)));
+    return at::detail::getDefaultCPUGenerator().get_state();
+  };
+  EXPECT_TRUE(at::equal(restoreAs(1, 2), states[1])) << "rank 1 of 2 gets row 1";
+  EXPECT_TRUE(at::equal(restoreAs(0, 2), states[0])) << "rank 0 of 2 gets row 0";
+  EXPECT_TRUE(at::equal(restoreAs(1, 4), states[1])) << "4 ranks: row 1 exists";
+  torch::manual_seed(999);
+  const at::Tensor seeded = at::detail::getDefaultCPUGenerator().get_state();
+  EXPECT_TRUE(at::equal(restoreAs(3, 4), seeded)) << "4 ranks: rank 3 has no row and keeps the seeded generator";
+}
+
 TEST(TrainingState, StateNotCreatedYetIsNotSaved) {
   Rig a({.optimizer = "sgd"});
   a.trainer->run();
@@ -249,8 +288,7 @@ TEST(TrainingState, ResumedRunMatchesTheUninterruptedRunExactly) {
     first.trainer->run();
     const StateDict saved = checkpoint::collectTrainingState(first.parts()).clone();
 
-    o.steps = 6;
-    o.seed = 99;
+    o.steps = 6;  // same model seed: it also keys dropout; perturb() makes the parameters differ
     Rig resumed(o);
     resumed.perturb();
     torch::manual_seed(12345);  // the restored RNG must override this
@@ -343,8 +381,12 @@ TEST(TrainingState, AFailedRestoreChangesNothing) {
   StateDict holed = s.clone();
   StatePiece& piece = holed.tensors.at("model/layers.1.weight").pieces[0];
   piece.local = piece.local.reshape({-1}).narrow(0, 0, 10).clone();  // covers 10 of 48 elements
+  piece.slice = piece.slice.narrowFlat(0, 10);
   const std::string hole = errorOf([&] { checkpoint::restoreTrainingState(target.parts(), holed); });
-  EXPECT_NE(hole.find("'model/layers.1.weight' range [0, 48) is not covered"), std::string::npos) << hole;
+  EXPECT_NE(hole.find("'model/layers.1.weight' [3, 16]: slice [0:3, 0:16] is not covered: element 10 of the slice "
+                      "(38 in all) is in no piece held"),
+            std::string::npos)
+      << hole;
 
   StateDict otherData = s.clone();
   otherData.putMeta("trainer/sampler/num_examples", int64_t{65});
@@ -369,8 +411,10 @@ std::map<std::string, std::pair<at::Tensor, at::Tensor>> gatherPieces(
     if (it != mine.tensors.end()) {
       TESSERA_CHECK_EQ(it->second.globalShape, shape);
       for (const StatePiece& p : it->second.pieces) {
-        values.view({-1}).narrow(0, p.offset, p.local.numel()).copy_(p.local.reshape({-1}));
-        count.view({-1}).narrow(0, p.offset, p.local.numel()).add_(1);
+        // FSDP's pieces are flat ranges of the whole-tensor box.
+        TESSERA_CHECK(p.slice.sizes == shape, name << ": piece " << p.slice.text() << " is not of the whole box");
+        values.view({-1}).narrow(0, p.slice.flatOffset, p.slice.numel).copy_(p.local.reshape({-1}));
+        count.view({-1}).narrow(0, p.slice.flatOffset, p.slice.numel).add_(1);
       }
     }
     comm.allReduce(values, comm::ReduceOp::kSum);
@@ -406,9 +450,11 @@ TESSERA_WORKER(fsdp_layout_and_reshard) {
     for (size_t i = 0; i < layout.size(); ++i) {
       int64_t next = 0;
       for (const auto& piece : layout[i]) {
-        TESSERA_CHECK(piece.tensorOffset >= next && piece.tensorOffset + piece.numel <= shards[i].numel(),
+        TESSERA_CHECK(piece.tensorOffset >= next && piece.tensorOffset + piece.slice.numel <= shards[i].numel(),
                       "piece " << piece.name << " at " << piece.tensorOffset << " out of order or outside the shard");
-        next = piece.tensorOffset + piece.numel;
+        TESSERA_CHECK(piece.slice.sizes == piece.shape && !piece.slice.isWholeBox() == (piece.slice.numel < c10::multiply_integers(piece.shape)),
+                      "FSDP piece " << piece.name << " " << piece.slice.text() << " is not a flat range of the whole box");
+        next = piece.tensorOffset + piece.slice.numel;
       }
     }
     const StateDict mine = checkpoint::collectTrainingState(rig.parts());

@@ -11,6 +11,7 @@
 #include <torch/optim.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -73,6 +74,28 @@ void expectReplicasIdentical(torch::nn::Module& model, const comm::CommPtr& comm
   }
 }
 
+// The per-communicator split of bytes and exposed seconds sums to the totals.
+void expectPerCommSumsToTotal(const DdpSyncStats& stats) {
+  int64_t bytes = 0;
+  double exposed = 0;
+  for (const auto& entry : stats.bytesByComm) bytes += entry.second;
+  for (const auto& entry : stats.exposedSecondsByComm) exposed += entry.second;
+  TESSERA_CHECK_EQ(bytes, stats.bytes);
+  TESSERA_CHECK(std::abs(exposed - stats.exposedSeconds) <= 1e-9 * std::max(1.0, stats.exposedSeconds),
+                "per-comm exposed " << exposed << " s vs total " << stats.exposedSeconds << " s");
+}
+
+// The mean-squared-error gradients of `model` on rows [begin, begin + rows)
+// of (x, y), one tensor per parameter in registration order. No communication.
+std::vector<at::Tensor> localGradients(torch::nn::Sequential& model, const at::Tensor& x, const at::Tensor& y,
+                                       int64_t begin, int64_t rows) {
+  model->zero_grad();
+  torch::mse_loss(model->forward(x.narrow(0, begin, rows)), y.narrow(0, begin, rows)).backward();
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& p : model->parameters()) grads.push_back(p.grad().clone());
+  return grads;
+}
+
 // DDP with per-rank batch b over k steps vs one process with batch N*b.
 // Args: optim (sgd|adamw), bucket_bytes, min_buckets, max_buckets.
 TESSERA_WORKER(ddp_equivalence) {
@@ -122,6 +145,9 @@ TESSERA_WORKER(ddp_equivalence) {
                 "exposed " << total.exposedSeconds << " s, communication " << total.commSeconds << " s");
   TESSERA_CHECK(total.hiddenFraction() >= 0 && total.hiddenFraction() <= 1, "fraction " << total.hiddenFraction());
   TESSERA_CHECK_EQ(ddp.lastStepStats().steps, 1);
+  expectPerCommSumsToTotal(total);
+  TESSERA_CHECK_EQ(total.bytesByComm.size(), 1u);
+  TESSERA_CHECK_EQ(total.bytesByComm.count(comm->name()), 1u);
   std::printf("rank %d: %d buckets, comm %.6f s, exposed %.6f s, hidden fraction %.3f\n", rank, buckets,
               total.commSeconds, total.exposedSeconds, total.hiddenFraction());
 }
@@ -229,6 +255,49 @@ TESSERA_WORKER(ddp_unused) {
   comm->barrier();  // the group still works
 }
 
+// Two groups on 4 ranks: the first layer ("0.*") averaged over pairs of ranks
+// {0, 1}, {2, 3} (a split of the world), everything else over the world. The
+// first layer's gradient must be its pair's average (the gradient of the
+// pair's combined rows), the rest the world's (the gradient of the global
+// batch), and the traffic is reported per communicator.
+TESSERA_WORKER(ddp_groups) {
+  const comm::CommPtr world = ctx.world();
+  const int rank = world->rank();
+  constexpr int64_t kRows = 3;
+  const comm::CommPtr pair = world->split(rank / 2, rank, "pair");
+  auto firstLayer = [](const std::string& name) { return name.rfind("0.", 0) == 0; };
+
+  torch::nn::Sequential reference = makeModel(4);
+  torch::nn::Sequential model = makeModel(4);
+  DdpConfig config;
+  config.bucketCapBytes = 256;
+  Ddp ddp(*model, std::vector<DdpGroup>{{pair, firstLayer}, {world, nullptr}}, config);
+  for (const auto& bucket : ddp.bucketParameterNames()) {
+    for (const std::string& name : bucket) {
+      TESSERA_CHECK_EQ(firstLayer(name), firstLayer(bucket.front()));  // a bucket never mixes groups
+    }
+  }
+
+  const auto [x, y] = globalBatch(0, world->size() * kRows);
+  torch::mse_loss(model->forward(x.narrow(0, rank * kRows, kRows)), y.narrow(0, rank * kRows, kRows)).backward();
+  ddp.finishGradientSync();
+  const auto pairGrads = localGradients(reference, x, y, (rank / 2) * 2 * kRows, 2 * kRows);
+  const auto worldGrads = localGradients(reference, x, y, 0, world->size() * kRows);
+  const auto named = model->named_parameters();
+  for (size_t i = 0; i < named.size(); ++i) {
+    const at::Tensor& expected = firstLayer(named[i].key()) ? pairGrads[i] : worldGrads[i];
+    testing::expectTensorsEqual(named[i].value().grad(), expected, "gradient of '" + named[i].key() + "'", 1e-6,
+                                1e-5);
+  }
+
+  const DdpSyncStats stats = ddp.totalStats();
+  expectPerCommSumsToTotal(stats);
+  const int64_t firstLayerBytes = (kIn * 16 + 16) * 4;
+  TESSERA_CHECK_EQ(stats.bytesByComm.at(pair->name()), firstLayerBytes);
+  TESSERA_CHECK_EQ(stats.bytesByComm.at(world->name()), stats.bytes - firstLayerBytes);
+  TESSERA_CHECK_EQ(stats.exposedSecondsByComm.size(), 2u);
+}
+
 testing::RunOptions options(int ranks, std::map<std::string, std::string> args, std::string backend = "gloo") {
   testing::RunOptions run;
   run.ranks = ranks;
@@ -273,6 +342,25 @@ TEST(DdpLayout, RejectsBadConfigAndArguments) {
   EXPECT_THROW(Ddp({{"x", torch::zeros({2})}}, comm::makeSingleRankCommunicator()), InvalidArgument);
 }
 
+TEST(DdpLayout, GroupsSplitBucketsAndRejectBadSelections) {
+  torch::nn::Sequential model = makeModel(1);
+  const comm::CommPtr a = comm::makeSingleRankCommunicator("a");
+  const comm::CommPtr b = comm::makeSingleRankCommunicator("b");
+  auto middle = [](const std::string& name) { return name.rfind("2.", 0) == 0; };
+  Ddp ddp(*model, std::vector<DdpGroup>{{a, middle}, {b, nullptr}});  // default cap: one bucket per group run
+  const std::vector<std::vector<std::string>> expected = {
+      {"4.bias", "4.weight"}, {"2.bias", "2.weight"}, {"0.bias", "0.weight"}};
+  EXPECT_EQ(ddp.bucketParameterNames(), expected);
+  ASSERT_EQ(ddp.groups().size(), 2u);
+
+  // A name no group selects, a group that selects nothing, a null comm.
+  torch::nn::Sequential other = makeModel(1);
+  EXPECT_THROW(Ddp(*other, std::vector<DdpGroup>{{a, middle}}), InvalidArgument);
+  EXPECT_THROW(Ddp(*other, std::vector<DdpGroup>{{b, nullptr}, {a, middle}}), InvalidArgument);
+  EXPECT_THROW(Ddp(*other, std::vector<DdpGroup>{{nullptr, nullptr}}), InvalidArgument);
+  EXPECT_THROW(Ddp(*other, std::vector<DdpGroup>{}), InvalidArgument);
+}
+
 TEST(DdpLayout, NoSyncAfterSyncedBackwardStartedIsRejected) {
   torch::nn::Sequential model = makeModel(1);
   Ddp ddp(*model, comm::makeSingleRankCommunicator());
@@ -309,6 +397,11 @@ TEST(Ddp, NoSyncAccumulationMatchesBigBatch) {
 
 TEST(Ddp, UnusedParametersDoNotHang) {
   const auto result = testing::runWorkers("ddp_unused", options(2, {{"bucket_bytes", "64"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+TEST(Ddp, TwoGroupsReduceOverTheirOwnCommunicators) {
+  const auto result = testing::runWorkers("ddp_groups", options(4, {}));
   ASSERT_TRUE(result.ok()) << result.report();
 }
 

@@ -4,13 +4,18 @@
 // a plain copy of the model on the whole global batch (N ranks x b rows) with
 // no communication, and a DDP copy on the same per-rank slices; FSDP's
 // parameters must match both after k steps, and its gradient norm must match
-// the single process's at every step.
+// the single process's at every step. For the MoE GPT and the GPT with
+// dropout, whose loss depends on each forward's tokens (expert capacity, the
+// aux loss) or on its random key, the single process instead runs each rank's
+// batch as its own forward (with that rank's key) and averages; then the
+// loss, every gradient and every parameter must match at every step.
 #include <gtest/gtest.h>
 
 #include <torch/nn.h>
 #include <torch/optim.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -55,6 +60,20 @@ std::vector<FsdpUnitSpec> sequentialUnits(const torch::nn::Sequential& model) {
   for (size_t i = 0; i < 2; ++i) {
     auto unit = model->ptr<TanhLayerImpl>(i);
     units.push_back({std::to_string(i), [unit](const at::Tensor& x) { return unit->forward(x); }});
+  }
+  return units;
+}
+
+// Units "0" and "1" whose forward also returns an aux loss: the mean square
+// of the unit's output (depends on its parameters and on x).
+std::vector<FsdpUnitSpec> sequentialUnitsWithAux(const torch::nn::Sequential& model) {
+  std::vector<FsdpUnitSpec> units;
+  for (size_t i = 0; i < 2; ++i) {
+    auto unit = model->ptr<TanhLayerImpl>(i);
+    units.push_back({std::to_string(i), [unit](const at::Tensor& x) {
+                       at::Tensor h = unit->forward(x);
+                       return FsdpUnitOutput(h, h.pow(2).mean());
+                     }});
   }
   return units;
 }
@@ -120,28 +139,82 @@ void expectRelNear(double actual, double expected, const std::string& what) {
                 what << ": " << actual << " vs " << expected);
 }
 
-// The shards FSDP should hold: `reference`'s parameters grouped by unit
-// (prefix match; the rest is the root, last), flattened, zero-padded to a
-// multiple of n, and cut into n slices; this returns slice `index`.
-std::vector<at::Tensor> expectedShards(torch::nn::Module& reference, const std::vector<std::string>& prefixes,
-                                       int64_t n, int64_t index) {
-  std::vector<std::vector<at::Tensor>> groups(prefixes.size() + 1);
+// The per-communicator split of bytes and exposed seconds sums to the totals.
+void expectPerCommSumsToTotal(const DataParallelStats& stats) {
+  int64_t bytes = 0;
+  double exposed = 0;
+  for (const auto& entry : stats.bytesByComm) bytes += entry.second;
+  for (const auto& entry : stats.exposedSecondsByComm) exposed += entry.second;
+  TESSERA_CHECK_EQ(bytes, stats.bytes);
+  TESSERA_CHECK(std::abs(exposed - stats.exposedSeconds) <= 1e-9 * std::max(1.0, stats.exposedSeconds),
+                "per-comm exposed " << exposed << " s vs total " << stats.exposedSeconds << " s");
+}
+
+// `reference`'s parameters grouped as FSDP groups them into units (prefix
+// match; the rest is the root, last; empty groups dropped), in registration order.
+std::vector<std::vector<std::pair<std::string, at::Tensor>>> unitParameters(
+    torch::nn::Module& reference, const std::vector<std::string>& prefixes) {
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> groups(prefixes.size() + 1);
   for (const auto& item : reference.named_parameters()) {
     size_t group = prefixes.size();
     for (size_t u = 0; u < prefixes.size(); ++u) {
       if (item.key().rfind(prefixes[u] + ".", 0) == 0) group = u;
     }
-    groups[group].push_back(item.value().detach().reshape({-1}));
+    groups[group].emplace_back(item.key(), item.value());
   }
+  groups.erase(std::remove_if(groups.begin(), groups.end(), [](const auto& g) { return g.empty(); }), groups.end());
+  return groups;
+}
+
+// A parameter's values, or its gradient (zeros when it has none).
+at::Tensor valueOrGrad(const at::Tensor& param, bool grad) {
+  if (!grad) return param.detach();
+  return param.grad().defined() ? param.grad() : torch::zeros_like(param);
+}
+
+// The shards FSDP should hold: `reference`'s parameters (or gradients)
+// grouped by unit, flattened, zero-padded to a multiple of n, and cut into n
+// slices; this returns slice `index`.
+std::vector<at::Tensor> expectedShards(torch::nn::Module& reference, const std::vector<std::string>& prefixes,
+                                       int64_t n, int64_t index, bool grads = false) {
   std::vector<at::Tensor> out;
-  for (const auto& group : groups) {
-    if (group.empty()) continue;
-    at::Tensor flat = torch::cat(group);
+  for (const auto& group : unitParameters(reference, prefixes)) {
+    std::vector<at::Tensor> flats;
+    for (const auto& item : group) flats.push_back(valueOrGrad(item.second, grads).reshape({-1}));
+    at::Tensor flat = torch::cat(flats);
     const int64_t padded = (flat.numel() + n - 1) / n * n;
     flat = torch::cat({flat, torch::zeros({padded - flat.numel()})});
     out.push_back(flat.narrow(0, index * (padded / n), padded / n));
   }
   return out;
+}
+
+// Parameter by parameter: the part of each parameter (or gradient) this
+// rank's shard holds must be within kRelTolerance of the reference's same
+// part, relative to the norm of the reference's whole parameter.
+void expectShardsMatchEachParameter(const std::vector<at::Tensor>& shards, torch::nn::Module& reference,
+                                    const std::vector<std::string>& prefixes, int64_t n, int64_t index, bool grads,
+                                    const std::string& what) {
+  const auto groups = unitParameters(reference, prefixes);
+  TESSERA_CHECK_EQ(shards.size(), groups.size());
+  for (size_t u = 0; u < groups.size(); ++u) {
+    const at::Tensor shard = grads ? shards[u].grad() : shards[u].detach();
+    TESSERA_CHECK(shard.defined(), what << ": unit " << u << "'s shard has no gradient");
+    const int64_t begin = index * shard.numel(), end = begin + shard.numel();
+    int64_t offset = 0;  // the parameter's start in the unit's flat buffer
+    for (const auto& [name, param] : groups[u]) {
+      const at::Tensor expected = valueOrGrad(param, grads).reshape({-1});
+      const int64_t from = std::max(begin, offset), to = std::min(end, offset + expected.numel());
+      if (from < to) {
+        const double diff =
+            (shard.narrow(0, from - begin, to - from) - expected.narrow(0, from - offset, to - from)).norm().item<double>();
+        const double scale = std::max(expected.norm().item<double>(), 1e-12);
+        TESSERA_CHECK(diff / scale <= kRelTolerance,
+                      what << ": '" << name << "' differs by relative " << diff / scale);
+      }
+      offset += expected.numel();
+    }
+  }
 }
 
 // Bytes of AdamW's exp_avg and exp_avg_sq over every parameter it has stepped.
@@ -299,6 +372,8 @@ TESSERA_WORKER(fsdp_gpt) {
   }
   const DataParallelStats stats = dp->stats();
   TESSERA_CHECK(stats.bytes > 0 && stats.commSeconds > 0, "no communication was recorded");
+  expectPerCommSumsToTotal(stats);
+  TESSERA_CHECK_EQ(stats.bytesByComm.size(), hybrid ? 2u : 1u);  // dp_shard (and dp_replicate)
   std::printf("rank %d: %s comm %.6f s, exposed %.6f s, %lld bytes\n", rank, dp->name().c_str(), stats.commSeconds,
               stats.exposedSeconds, static_cast<long long>(stats.bytes));
 }
@@ -347,6 +422,115 @@ TESSERA_WORKER(fsdp_no_sync) {
   }
   fsdp.unshard();
   expectClose(*model, *reference, "noSync accumulation");
+}
+
+// Per-unit communicators on 2 ranks: unit "0" is sharded over a single-rank
+// comm of its own (so its gradient is this rank's, not averaged), unit "1"
+// and the root over the world. Also the traffic split per communicator.
+TESSERA_WORKER(fsdp_unit_comms) {
+  const comm::CommPtr world = ctx.world();
+  const int n = world->size();
+  const int rank = world->rank();
+  constexpr int64_t kRows = 3;
+  const comm::CommPtr solo = comm::makeSingleRankCommunicator("solo");
+
+  torch::nn::Sequential local = makeSequential(3);   // reference: this rank's rows
+  torch::nn::Sequential global = makeSequential(3);  // reference: every rank's rows
+  torch::nn::Sequential model = makeSequential(3);
+  std::vector<FsdpUnitSpec> units = sequentialUnits(model);
+  units[0].shardComm = solo;
+  Fsdp fsdp(*model, units, world);
+  const auto layout = fsdp.layout();
+  TESSERA_CHECK_EQ(layout[0].paddedNumel, layout[0].numel);  // one rank: no padding
+
+  const auto [x, y] = globalBatch(0, n * kRows);
+  fsdp.beforeForward();
+  torch::mse_loss(forwardSharded(fsdp, model, x.narrow(0, rank * kRows, kRows)), y.narrow(0, rank * kRows, kRows))
+      .backward();
+  fsdp.finishGradientSync();
+  torch::mse_loss(local->forward(x.narrow(0, rank * kRows, kRows)), y.narrow(0, rank * kRows, kRows)).backward();
+  torch::mse_loss(global->forward(x), y).backward();
+
+  const auto shards = fsdp.shards();
+  expectRelClose(shards[0].grad(), expectedShards(*local, {"0", "1"}, 1, 0, /*grads=*/true)[0],
+                 "unit 0 (solo) vs this rank's gradient");
+  const auto fromGlobal = expectedShards(*global, {"0", "1"}, n, rank, /*grads=*/true);
+  expectRelClose(shards[1].grad(), fromGlobal[1], "unit 1 vs the global gradient");
+  expectRelClose(shards[2].grad(), fromGlobal[2], "root vs the global gradient");
+
+  // Unit 0 counts once (solo), unit 1 and the root over the world.
+  const double soloSquares = shards[0].grad().pow(2).sum().item<double>();
+  const double worldSquares = fromGlobal[1].pow(2).sum().item<double>() + fromGlobal[2].pow(2).sum().item<double>();
+  at::Tensor worldTotal = torch::full({1}, worldSquares, torch::kDouble);
+  world->allReduce(worldTotal, comm::ReduceOp::kSum);
+  expectRelNear(fsdp.gradNorm(), std::sqrt(soloSquares + worldTotal.item<double>()), "gradNorm over two comms");
+
+  const DataParallelStats stats = fsdp.stats();
+  expectPerCommSumsToTotal(stats);
+  // Unit 0: one gather in forward, one in backward, one reduce-scatter.
+  TESSERA_CHECK_EQ(stats.bytesByComm.at("solo"), 3 * layout[0].paddedNumel * 4);
+  TESSERA_CHECK_EQ(stats.bytesByComm.at(world->name()), stats.bytes - 3 * layout[0].paddedNumel * 4);
+}
+
+// An MoE GPT (aux loss included) or a GPT with dropout on 2 ranks vs one
+// process that runs each rank's batch as its own forward, with that rank's
+// random key, and averages: loss, every gradient and gradNorm at every step,
+// every parameter after the last of several AdamW steps. Args: variant (moe|dropout).
+TESSERA_WORKER(fsdp_gpt_variant) {
+  const comm::CommPtr world = ctx.world();
+  const int n = world->size();
+  const int rank = world->rank();
+  constexpr int64_t kRows = 2;
+  constexpr int kSteps = 3;
+
+  models::GptConfig config = tinyGpt(11);
+  if (ctx.arg("variant") == "moe") {
+    config.use_moe = true;
+    config.moe.num_experts = 4;
+    config.moe.top_k = 2;
+    config.moe.capacity_factor = 1.0;  // capacity per forward: tokens are dropped
+    config.moe.aux_loss_weight = 0.1;  // large enough that a lost aux gradient shows
+  } else {
+    TESSERA_CHECK_EQ(ctx.arg("variant"), "dropout");
+    config.dropout = 0.2;
+  }
+  models::Gpt reference(config);
+  models::Gpt model(config);
+  auto dp = makeFsdpDataParallel(*model, world);
+  auto optimizer = makeOptimizer("adamw", dp->optimizerParameters());
+  auto referenceOptimizer = makeOptimizer("adamw", reference->parameters());
+  const std::vector<std::string> prefixes = {"blocks.0", "blocks.1"};
+
+  for (int step = 0; step < kSteps; ++step) {
+    const auto [idx, targets] = tokenBatch(step, n * kRows);
+    const std::string when = " at step " + std::to_string(step);
+    // Micro-batch number = the data-parallel rank (one micro-batch per step):
+    // each rank draws its own masks (DropoutKey's contract).
+    optimizer->zero_grad();
+    model->setRandomKey(step, rank);
+    dp->beforeForward();
+    const at::Tensor loss = model->loss(idx.narrow(0, rank * kRows, kRows), targets.narrow(0, rank * kRows, kRows));
+    loss.backward();
+    dp->finishGradientSync();
+    const double norm = dp->gradNorm();
+
+    referenceOptimizer->zero_grad();
+    double rankLoss = 0;
+    for (int r = 0; r < n; ++r) {
+      reference->setRandomKey(step, r);
+      const at::Tensor l = reference->loss(idx.narrow(0, r * kRows, kRows), targets.narrow(0, r * kRows, kRows));
+      (l / n).backward();
+      if (r == rank) rankLoss = l.item<double>();
+    }
+    expectRelNear(loss.item<double>(), rankLoss, "loss" + when);
+    expectShardsMatchEachParameter(dp->optimizerParameters(), *reference, prefixes, n, rank, /*grads=*/true,
+                                   "gradient" + when);
+    expectRelNear(norm, localGradNorm(reference->parameters()), "gradNorm" + when);
+    optimizer->step();
+    referenceOptimizer->step();
+  }
+  expectShardsMatchEachParameter(dp->optimizerParameters(), *reference, prefixes, n, rank, /*grads=*/false,
+                                 "parameter after " + std::to_string(kSteps) + " AdamW steps");
 }
 
 testing::RunOptions options(int ranks, std::map<std::string, std::string> args, std::string backend = "gloo") {
@@ -398,10 +582,31 @@ TEST(FsdpLayout, RejectsBadArguments) {
   EXPECT_THROW(Fsdp(*model, sequentialUnits(model), nullptr), InvalidArgument);
   std::vector<FsdpUnitSpec> unknown = {{"nope", [](const at::Tensor& x) { return x; }}};
   EXPECT_THROW(Fsdp(*model, unknown, comm::makeSingleRankCommunicator()), InvalidArgument);
-  models::GptConfig config = tinyGpt(1);
-  config.dropout = 0.1;
-  models::Gpt gpt(config);
-  EXPECT_THROW(Fsdp(*gpt, comm::makeSingleRankCommunicator()), InvalidArgument);
+  // forwardUnit() would drop an aux loss's gradient: it refuses.
+  Fsdp fsdp(*model, sequentialUnitsWithAux(model), comm::makeSingleRankCommunicator());
+  EXPECT_THROW(fsdp.forwardUnit(0, torch::randn({2, kIn})), InvalidArgument);
+}
+
+// A unit's aux loss carries gradient into the unit: FSDP (one rank) vs the
+// plain model with the same loss mse + aux_0 + aux_1.
+TEST(FsdpLayout, AuxLossGradientReachesTheUnit) {
+  torch::nn::Sequential reference = makeSequential(4);
+  torch::nn::Sequential model = makeSequential(4);
+  Fsdp fsdp(*model, sequentialUnitsWithAux(model), comm::makeSingleRankCommunicator());
+  const auto [x, y] = globalBatch(0, 5);
+  fsdp.beforeForward();
+  const FsdpUnitOutput first = fsdp.forwardUnitWithAux(0, x);
+  const FsdpUnitOutput second = fsdp.forwardUnitWithAux(1, first.x);
+  ASSERT_TRUE(first.aux.defined() && second.aux.defined());
+  const at::Tensor out = model->ptr<torch::nn::LinearImpl>(2)->forward(second.x);
+  (torch::mse_loss(out, y) + first.aux + second.aux).backward();
+  fsdp.finishGradientSync();
+
+  const at::Tensor h0 = reference->ptr<TanhLayerImpl>(0)->forward(x);
+  const at::Tensor h1 = reference->ptr<TanhLayerImpl>(1)->forward(h0);
+  (torch::mse_loss(reference->ptr<torch::nn::LinearImpl>(2)->forward(h1), y) + h0.pow(2).mean() + h1.pow(2).mean())
+      .backward();
+  expectShardsMatchEachParameter(fsdp.shards(), *reference, {"0", "1"}, 1, 0, /*grads=*/true, "aux gradient");
 }
 
 // ---- Multi-process tests ------------------------------------------------------
@@ -439,6 +644,21 @@ TEST(Fsdp, GptSgdMatchesDdpAndSingleProcess) {
 
 TEST(Fsdp, HybridGpt2x2AdamWMatchesDdpAndSingleProcess) {
   const auto result = testing::runWorkers("fsdp_gpt", options(4, {{"optim", "adamw"}, {"hybrid", "1"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+TEST(Fsdp, PerUnitCommunicators) {
+  const auto result = testing::runWorkers("fsdp_unit_comms", options(2, {}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+TEST(Fsdp, MoeGptWithAuxLossMatchesPerRankForwards) {
+  const auto result = testing::runWorkers("fsdp_gpt_variant", options(2, {{"variant", "moe"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+TEST(Fsdp, DropoutGptMatchesPerRankForwardsWithTheirKeys) {
+  const auto result = testing::runWorkers("fsdp_gpt_variant", options(2, {{"variant", "dropout"}}));
   ASSERT_TRUE(result.ok()) << result.report();
 }
 

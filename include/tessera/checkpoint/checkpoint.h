@@ -5,16 +5,19 @@
 // Layout under a root directory:
 //   ROOT/step-00000100/          one committed checkpoint
 //       index.json               tensors (global shape, dtype, every stored piece:
-//                                file, dataset, offset, numel, checksum), meta,
+//                                file, dataset, slice, checksum), meta,
 //                                world size, format version
 //       rank-00000.h5 ...        one file per writing rank
 //   ROOT/latest                  text: the name of the newest committed checkpoint
 //   ROOT/.tmp-step-00000100/     a save in progress (renamed into place when done)
 //
 // What goes in is a StateDict (core/state.h): tensors held whole
-// (replicated = true: only the lowest rank holding it writes it) or as pieces
-// (every rank writes its own; a range stored by several ranks, as in hybrid
-// FSDP, is written once, by the lowest of them).
+// (replicated = true: only the lowest rank holding it writes it) or as pieces,
+// each a TensorSlice (an N-D box, optionally a flat range of it; every rank
+// writes its own; a slice stored by several ranks, as in hybrid FSDP, is
+// written once, by the lowest of them). Format 2 stores a whole-box piece as
+// one N-D dataset of the box's shape, a flat range as a 1-D dataset; format
+// 1 checkpoints (flat ranges of the whole tensor) still load.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,6 +25,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,8 +108,7 @@ class Checkpointer {
 struct StoredPiece {
   std::string file;              // relative to the checkpoint directory
   std::string dataset;           // HDF5 dataset path inside the file
-  int64_t offset = 0;            // flat element offset in the logical tensor
-  int64_t numel = 0;
+  TensorSlice slice;             // which elements (format 1: a flat range of the whole tensor)
   std::string checksum;          // hex, of the uncompressed bytes
 };
 
@@ -116,15 +119,15 @@ struct StoredTensor {
 };
 
 struct CheckpointIndex {
-  int formatVersion = 0;
+  int formatVersion = 0;         // as read; pieces are converted to slices whatever the version
   int64_t step = 0;
   int worldSize = 0;
   std::map<std::string, StoredTensor> tensors;
   std::map<std::string, std::string> meta;
 };
 
-// The newest version this build reads and writes.
-constexpr int kCheckpointFormatVersion = 1;
+// The version this build writes, and the newest it reads (it reads 1 and 2).
+constexpr int kCheckpointFormatVersion = 2;
 
 // A checkpoint directory from `path`: path itself if it holds index.json,
 // else the one ROOT/latest names. Throws CheckpointError when neither.
@@ -133,24 +136,30 @@ std::string resolveCheckpoint(const std::string& path);
 // CheckpointError naming the file.
 CheckpointIndex readIndex(const std::string& checkpointDir);
 
-// What one rank wants to read: a flat range of a logical tensor.
+// What one rank wants to read: a slice of a logical tensor.
 struct LoadRequest {
   std::string name;
   std::vector<int64_t> globalShape;  // must match the stored shape
   at::ScalarType dtype = at::kFloat; // must match the stored dtype
-  int64_t offset = 0;                // flat element offset
-  int64_t numel = -1;                // -1: to the end of the tensor
+  std::optional<TensorSlice> slice;  // which elements; none: the whole tensor
+
+  // The slice asked for (the whole tensor when none was given).
+  TensorSlice wanted() const { return slice ? *slice : TensorSlice::whole(globalShape); }
 };
 
-// Local: reads the requested ranges from the checkpoint at `path` (see
-// resolveCheckpoint), from whichever stored pieces cover them, verifying the
+// Local: reads the requested slices from the checkpoint at `path` (see
+// resolveCheckpoint), assembled from whichever stored pieces intersect them
+// (any boxes, any flat ranges: a checkpoint saved on N ranks with one layout
+// loads on M ranks with another), reading only those and verifying the
 // checksum of every piece it reads. Before reading any data it checks every
 // request and throws one CheckpointError listing all missing names, shape
-// and dtype mismatches and -- for names under any of `strictPrefixes` in the
-// checkpoint but not requested -- the unexpected ones. A range not fully
-// covered by stored pieces (a missing shard file) is an error naming it.
-// Returns each request as a one-piece StateTensor (fresh tensors, nothing
-// aliased) plus the checkpoint's meta; nothing is returned halfway.
+// and dtype mismatches, slices outside their tensor and -- for names under
+// any of `strictPrefixes` in the checkpoint but not requested -- the
+// unexpected ones. A slice not fully covered by stored pieces (a missing
+// shard file) is an error naming the first missing element. Returns each
+// request as a one-piece StateTensor (fresh tensors shaped
+// slice.localShape(), nothing aliased) plus the checkpoint's meta; nothing is
+// returned halfway.
 StateDict load(const std::string& path, const std::vector<LoadRequest>& requests,
                const std::vector<std::string>& strictPrefixes = {"model/"});
 

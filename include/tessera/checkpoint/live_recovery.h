@@ -10,12 +10,14 @@
 // arrival and returns fresh tensors (never views of a receive buffer shared
 // with anything else: PRIME's issue #245), ready for restoreTrainingState().
 //
-// Wire format (comm/net.h frames after the join handshake; integers little-endian):
-//   header frame:  "TSRS" u32 version(1) | u32 tensor count | u64 total payload bytes
+// Wire format, version 2 (comm/net.h frames after the join handshake;
+// integers little-endian):
+//   header frame:  "TSRS" u32 version(2) | u32 tensor count | u64 total payload bytes
 //                  | u32 meta count | per meta: u32 len key, u32 len value
 //   per tensor, one frame of description
 //                  u32 len name | u8 dtype | u8 replicated | u32 rank | i64 shape[rank]
-//                  | u32 piece count | per piece: i64 offset, i64 numel
+//                  | u32 piece count | per piece (a TensorSlice, core/state.h):
+//                    i64 box offset[rank], i64 box size[rank], i64 flat offset, i64 numel
 //   then per piece, the raw bytes streamed in chunks (no frame per piece),
 //   followed by one 8-byte xxh64 of the piece's bytes.
 //   trailer frame: "DONE" | u64 xxh64 over every piece checksum in order.
@@ -24,7 +26,10 @@
 // 6 int64, 7 uint8, 8 int8, 9 int16, 10 bool (checkpoint/recovery_wire.h).
 // xxh64 uses seed 0; a piece checksum goes out as 8 bytes little-endian.
 // Every announced length is checked against the header's totals and the
-// dtype's size before anything is allocated.
+// dtype's size before anything is allocated. Version 1 (releases before N-D
+// slices) sent a piece as i64 offset, i64 numel (a flat range); a joiner
+// refuses any version but its own with an error naming both and the fix
+// (the same tessera release on every node).
 #pragma once
 
 #include <chrono>

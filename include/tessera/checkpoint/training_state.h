@@ -15,7 +15,9 @@
 //   optim/scalars                 the optimizer's scalars as text lines
 //                                 "key=value" (uint8): a tensor, not meta,
 //                                 because it is per replica (below)
-//   trainer/rng                   torch's CPU generator state (uint8), rank 0's
+//   trainer/rng                   every rank's torch CPU generator state (uint8):
+//                                 [world size, state bytes], rank r holding the box
+//                                 row r (format-1 checkpoints: [state bytes], rank 0's)
 // Meta: trainer/step, trainer/tokens, trainer/sampler/<epoch|offset|seed|
 // num_examples>, optim/name, optim/kinds (comma-separated), replicas, and
 // whatever the caller adds (config text, mesh).
@@ -27,6 +29,13 @@
 // from such a state takes replica k from the saved replica k % saved count
 // (a run with more replicas repeats the saved ones; one with fewer drops the
 // rest); a state saved with one replica (no prefix) feeds every replica.
+//
+// Randomness. Each rank restores its own row of trainer/rng when resuming at
+// the same world size; at another world size ranks whose row exists restore
+// it and the others keep the generator as seeded (logged). From a peer's
+// in-memory state (live recovery) a rank takes the row that state holds: the
+// joiner continues its source's stream. A format-1 checkpoint's single state
+// goes to every rank (as it did then).
 //
 // Optimizer tensors not created yet (Optimizer::state() gives undefined
 // tensors, e.g. SGD without momentum) are not saved; restoring leaves them
@@ -83,6 +92,11 @@ struct TrainingParts {
   parallel::DataParallel* dp = nullptr;
   optim::Optimizer* optimizer = nullptr;  // the one the Trainer steps
   ReplicaInfo replica;
+  // This process's rank in the job and the job's size: the row of
+  // trainer/rng it saves and restores. Defaults (0 of 1) save one row, which
+  // the checkpoint keeps from the lowest rank (format 1's behaviour).
+  int rank = 0;
+  int worldSize = 1;
 };
 
 // Local (not collective). This rank's part of the training state, with
@@ -95,24 +109,28 @@ struct TrainingParts {
 StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::string, std::string>& extraMeta = {});
 
 // What a source of training state holds: tensor names with their global
-// shapes and dtypes, and its meta. From a checkpoint's index or an in-memory
-// StateDict. of(CheckpointIndex) throws InvalidArgument for a dtype name it
-// does not know.
+// shapes, dtypes and the slices held, and its meta. From a checkpoint's index
+// (the whole job's pieces) or an in-memory StateDict (one process's state, as
+// live recovery sends it: onePeer). of(CheckpointIndex) throws InvalidArgument
+// for a dtype name it does not know.
 struct StateSummary {
   struct Tensor {
     std::vector<int64_t> shape;
     at::ScalarType dtype = at::kFloat;
+    std::vector<TensorSlice> held;  // the slices the source holds
   };
   std::map<std::string, Tensor> tensors;
   std::map<std::string, std::string> meta;
+  bool onePeer = false;  // one process's state: per-rank tensors (trainer/rng) hold only its row
 
   static StateSummary of(const CheckpointIndex& index);
   static StateSummary of(const StateDict& state);
 };
 
-// Local. The flat ranges this rank must read from `source` to restore its
-// part: its layout's ranges of every model/ parameter and of every optimizer
-// state kind the source holds for them, optim/scalars and trainer/rng.
+// Local. The slices this rank must read from `source` to restore its
+// part: its layout's slices of every model/ parameter and of every optimizer
+// state kind the source holds for them, optim/scalars and its trainer/rng row
+// (see "Randomness"; a missing row is logged here).
 // Checks first and throws one InvalidArgument listing every problem: model
 // parameters missing from the source, source parameters the model does not
 // have (unexpected), shape mismatches ("is this a checkpoint of another
@@ -121,7 +139,7 @@ struct StateSummary {
 std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const StateSummary& source);
 
 // Local. Restores this rank's part from `loaded`, which must cover the
-// ranges trainingStateRequests() asked for (load()'s result, or
+// slices trainingStateRequests() asked for (load()'s result, or
 // extractRanges() of an in-memory state) and carry the source's meta.
 // Everything is checked and staged in fresh tensors first, then the Trainer
 // (sampler, optimizer, rng, step) is restored, then the parameters are
@@ -135,10 +153,11 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded);
 // this run).
 int64_t restoreTrainingStateFromCheckpoint(const TrainingParts& parts, const std::string& path);
 
-// Local: the in-memory counterpart of load(): each request's range, assembled
-// from whichever pieces of `source` cover it, as a one-piece tensor (fresh,
-// not aliasing `source`); meta copied. Throws InvalidArgument naming a
-// missing tensor, a shape or dtype mismatch, or a range `source` does not cover.
+// Local: the in-memory counterpart of load(): each request's slice, assembled
+// from whichever pieces of `source` intersect it, as a one-piece tensor
+// (fresh, not aliasing `source`, shaped slice.localShape()); meta copied.
+// Throws InvalidArgument naming a missing tensor, a shape or dtype mismatch,
+// or an element `source` does not hold.
 StateDict extractRanges(const StateDict& source, const std::vector<LoadRequest>& requests);
 
 }  // namespace tessera::checkpoint

@@ -19,7 +19,11 @@ namespace tessera {
 // An ordered set of key/value pairs; keys keep insertion order in the output.
 class MetricsRecord {
  public:
-  using Value = std::variant<int64_t, double, bool, std::string>;
+  // A nested object, kept as its JSON text.
+  struct Object {
+    std::string json;
+  };
+  using Value = std::variant<int64_t, double, bool, std::string, Object>;
 
   MetricsRecord& add(std::string key, int64_t value);
   MetricsRecord& add(std::string key, int value) { return add(std::move(key), int64_t{value}); }
@@ -30,6 +34,8 @@ class MetricsRecord {
   MetricsRecord& add(std::string key, bool value);
   MetricsRecord& add(std::string key, std::string value);
   MetricsRecord& add(std::string key, const char* value) { return add(std::move(key), std::string(value)); }
+  // A nested object: "key": {...}.
+  MetricsRecord& add(std::string key, const MetricsRecord& object);
 
   // One line of JSON, no trailing newline. Non-finite doubles become null.
   std::string toJson() const;

@@ -16,11 +16,13 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/core/state.h"
 #include "tessera/parallel/ddp.h"
 
 namespace torch::nn {
@@ -34,18 +36,27 @@ struct DataParallelStats {
   int64_t bytes = 0;           // payload bytes this rank all-reduced / gathered / scattered
   double commSeconds = 0;      // time at least one transfer was in flight
   double exposedSeconds = 0;   // of that, time the training loop waited for it
+  // bytes and exposedSeconds split by Communicator::name() (e.g. "world/dp_shard"):
+  // the values sum to the totals above. Communicators that share a name share an entry.
+  std::map<std::string, int64_t> bytesByComm;
+  std::map<std::string, double> exposedSecondsByComm;
   double hiddenFraction() const { return commSeconds > 0 ? 1.0 - exposedSeconds / commSeconds : 0.0; }
 };
 
-// A flat range of one named model parameter inside an optimizer tensor, so
-// that state shaped like optimizerParameters() can be saved by parameter
-// name and loaded into another sharding (checkpoint/training_state.h).
+// Which elements of one named model parameter lie where inside an optimizer
+// tensor, so that state shaped like optimizerParameters() can be saved by
+// parameter name and loaded into another sharding (checkpoint/training_state.h).
+// `slice` says which elements of the parameter (core/state.h: an N-D box,
+// optionally a flat row-major range of it); they lie, in the slice's own
+// element order, at [tensorOffset, tensorOffset + slice.numel) of the flat
+// optimizer tensor. none/DDP: the whole parameter; FSDP: a flat range of the
+// whole-parameter box (FSDP of a tensor-parallel slice: a flat range of that
+// slice's box).
 struct ParameterPiece {
   std::string name;              // the module's parameter name, e.g. "blocks.0.attn.qkv.weight"
-  std::vector<int64_t> shape;    // that parameter's full shape
-  int64_t paramOffset = 0;       // flat row-major offset within the parameter
+  std::vector<int64_t> shape;    // that parameter's full (global) shape
+  TensorSlice slice;             // which of its elements
   int64_t tensorOffset = 0;      // flat offset within optimizerParameters()[i]
-  int64_t numel = 0;             // elements in the range
 };
 
 // While alive, backward accumulates gradients locally without communicating.
@@ -69,6 +80,13 @@ class DataParallel {
   virtual void finishGradientSync() = 0;
   // Collective when sharded: the L2 norm of the whole model's gradient (after
   // finishGradientSync), the same on every rank; used for clipping.
+  // Defined over LOGICAL parameters: sqrt(sum over each logical parameter,
+  // counted exactly once whatever its sharding, of |grad|^2). A tensor reached
+  // under two names (the tied head) counts once; a replicated tensor (DDP, or
+  // later one replicated across tp) counts once, not once per holder; shards
+  // (FSDP, later TP/EP slices) are summed over the ranks holding them, and
+  // padding counts zero. Implementations that shard sum squares over exactly
+  // the group of distinct shards, never over replicas.
   virtual double gradNorm() = 0;
   // See NoSyncScope; nested scopes are allowed.
   virtual std::unique_ptr<NoSyncScope> noSync() = 0;

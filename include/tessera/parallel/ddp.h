@@ -20,6 +20,12 @@
 // accumulate into .grad locally (no communication); the first backward outside
 // the scope syncs the accumulated sum.
 //
+// Groups: the parameters are split into groups, each averaged over its own
+// communicator (DdpGroup), so that expert parameters can reduce over the
+// expert-data-parallel group while dense ones reduce over all of dp. The
+// simple constructors make one group of every parameter. A bucket holds
+// parameters of one group only.
+//
 // What this deliberately does not do: sharding (FSDP lives in its own file),
 // re-broadcasting buffers every forward (buffers are broadcast once, at
 // construction), sparse gradients, or mixed-precision communication.
@@ -28,6 +34,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -75,7 +83,11 @@ struct DdpConfig {
 // finishGradientSync(), so it is an upper bound by at most the time between
 // two hooks. exposedSeconds is the time finishGradientSync() spent launching
 // leftover buckets and blocked in wait(): communication the backward did not
-// hide. hidden = comm - exposed.
+// hide. hidden = comm - exposed. The ...ByComm maps split bytes and
+// exposedSeconds by communicator name (Communicator::name()); each sums to its
+// total. A bucket's launch and wait count toward its group's communicator
+// (waiting on one group's bucket while another's completes counts toward the
+// one waited on); groups whose communicators share a name share an entry.
 struct DdpSyncStats {
   int64_t steps = 0;            // synced steps counted
   int64_t buckets = 0;          // buckets all-reduced
@@ -83,6 +95,8 @@ struct DdpSyncStats {
   int64_t bytes = 0;            // gradient bytes all-reduced (each rank's buffer)
   double commSeconds = 0;       // see above
   double exposedSeconds = 0;    // see above
+  std::map<std::string, int64_t> bytesByComm;          // sums to bytes
+  std::map<std::string, double> exposedSecondsByComm;  // sums to exposedSeconds
 
   double hiddenSeconds() const { return commSeconds > exposedSeconds ? commSeconds - exposedSeconds : 0.0; }
   // In [0, 1]; 0 when nothing was communicated.
@@ -90,30 +104,46 @@ struct DdpSyncStats {
   DdpSyncStats& operator+=(const DdpSyncStats& other);
 };
 
+// One communicator and the parameters whose gradients it averages.
+struct DdpGroup {
+  comm::CommPtr comm;  // not null; its ranks hold replicas of the group's parameters
+  // Selects parameters (and, with the module constructor, buffers) by name.
+  // Empty selects every name. A name belongs to the first group that selects it.
+  std::function<bool(const std::string& name)> selects;
+};
+
 // Not copyable; movable. The hooks it installs on the parameters are removed
 // by its destructor, so the module may outlive it (and be wrapped again).
 //
 // Thread-safety: the hooks may run on autograd worker threads; internal state
 // is guarded by a mutex, and bucket all-reduces are issued under it in bucket
-// order, so the collective order is the same on every rank whatever thread
-// runs the hook. The public methods must be called from the training thread,
-// not concurrently with backward.
+// order, so the collective order on each communicator is the same on every
+// rank whatever thread runs the hook. The public methods must be called from
+// the training thread, not concurrently with backward.
 class DistributedDataParallel {
   struct State;
 
  public:
   using NamedParameter = std::pair<std::string, at::Tensor>;
 
-  // Collective over comm (when config.broadcastAtConstruction): every rank
-  // passes a module with the same parameter names, shapes and dtypes, in the
-  // same order. Parameters with requires_grad are synced; buffers are only
-  // broadcast. The module is referenced, not owned: it must outlive this
-  // object. Throws ConfigError for a bad config, InvalidArgument for a
-  // parameter that is not a dense CPU-or-comm-device tensor, and what the
-  // communicator throws (CommError when ranks disagree on the layout).
-  DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config = {});
+  // Collective over every group's comm (when config.broadcastAtConstruction):
+  // every rank passes a module with the same parameter names, shapes and
+  // dtypes, in the same order, and groups with the same selections. Each
+  // parameter with requires_grad is synced over the first group that selects
+  // its name, and takes the value of that comm's rank 0; each buffer is only
+  // broadcast, over the first group that selects it. The module is
+  // referenced, not owned: it must outlive this object. Throws ConfigError
+  // for a bad config; InvalidArgument for no groups, a null comm, a
+  // parameter or buffer no group selects, a group that selects no parameter,
+  // or a parameter that is not a dense CPU-or-comm-device tensor; and what
+  // the communicators throw (CommError when ranks disagree on the layout).
+  DistributedDataParallel(torch::nn::Module& module, std::vector<DdpGroup> groups, DdpConfig config = {});
   // The same over an explicit list of parameters (leaf tensors with
-  // requires_grad; names are used in errors only) and no buffers.
+  // requires_grad; names select groups and appear in errors) and no buffers.
+  DistributedDataParallel(std::vector<NamedParameter> parameters, std::vector<DdpGroup> groups,
+                          DdpConfig config = {});
+  // Conveniences: one group, every parameter averaged over comm.
+  DistributedDataParallel(torch::nn::Module& module, comm::CommPtr comm, DdpConfig config = {});
   DistributedDataParallel(std::vector<NamedParameter> parameters, comm::CommPtr comm, DdpConfig config = {});
   ~DistributedDataParallel();
   DistributedDataParallel(const DistributedDataParallel&) = delete;
@@ -121,14 +151,14 @@ class DistributedDataParallel {
   DistributedDataParallel(DistributedDataParallel&&) noexcept;
   DistributedDataParallel& operator=(DistributedDataParallel&&) noexcept;
 
-  // Collective: every rank calls it once after each synced backward (the
-  // same number of times, in the same order relative to other collectives on
-  // comm). Launches the buckets that are not yet launched (handling unused
-  // parameters as DdpConfig::findUnusedParameters says), waits for all of
-  // them, and writes the group's average into every synced parameter's
-  // .grad. Afterwards the next backward starts a new step. Called with no
-  // backward since the last call, it syncs the current .grad values (all
-  // parameters count as unused). Inside a noSync() scope it does nothing.
+  // Collective over every group's comm: every rank calls it once after each
+  // synced backward (the same number of times, in the same order relative to
+  // other collectives on those comms). Launches the buckets that are not yet
+  // launched (handling unused parameters as DdpConfig::findUnusedParameters
+  // says), waits for all of them, and writes each group's average into every
+  // synced parameter's .grad. Afterwards the next backward starts a new step.
+  // Called with no backward since the last call, it syncs the current .grad
+  // values (all parameters count as unused). Inside a noSync() scope it does nothing.
   // Throws what wait() throws (TimeoutError, CommError: the object is
   // unusable afterwards) and InvalidArgument for unused parameters (see
   // DdpConfig).
@@ -163,7 +193,8 @@ class DistributedDataParallel {
   // The bucket layout: names of each bucket's parameters, bucket 0 first
   // (it holds the last registered parameters).
   std::vector<std::vector<std::string>> bucketParameterNames() const;
-  const comm::CommPtr& comm() const;
+  // The groups as constructed (the simple constructors: one, selecting all).
+  const std::vector<DdpGroup>& groups() const;
   const DdpConfig& config() const;
 
  private:

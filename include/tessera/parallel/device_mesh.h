@@ -89,8 +89,10 @@ struct MeshShape {
   // "dp_replicate(2) x dp_shard(2) x pp(1) x ep(1) x tp(3)".
   std::string describe() const;
   // Throws ConfigError unless every degree is >= 1 and their product equals
-  // worldSize; the message lists every factor and the world size.
-  void validate(int worldSize) const;
+  // worldSize. Fields are named prefix + axis ("parallel.tp"); a bad degree
+  // names its axis and value, a product that misses names every factor and
+  // the world size (field: the prefix without its dot, "mesh" or "parallel").
+  void validate(int worldSize, const std::string& prefix = "mesh.") const;
 };
 
 // A rank's position along every axis; index with a MeshAxis.

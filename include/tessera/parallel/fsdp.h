@@ -3,8 +3,10 @@
 // dp_replicate (hybrid sharding).
 //
 // The model is cut into units: each GPT block (or each named submodule given
-// to the generic constructor) is one unit, and every other trainable
-// parameter forms the root unit. A unit's parameters are flattened, in
+// to the generic constructor as an FsdpUnitSpec) is one unit, and every other
+// trainable parameter forms the root unit. A unit's forward returns its
+// activation and, optionally, an auxiliary loss (an MoE block's load-balancing
+// loss); both carry gradient. A unit's parameters are flattened, in
 // registration order, into one flat buffer of P elements, padded to
 // P' = ceil(P / N) * N, and rank r of the N shard ranks keeps only
 // flat[r * P'/N, (r + 1) * P'/N): an fp32 leaf tensor with requires_grad,
@@ -18,7 +20,8 @@
 //                     are used at both ends of the forward).
 //   forward, unit i:  all-gather -> run under no-grad -> free.
 //   backward, unit i: all-gather again -> recompute the unit with grad
-//                     (activation recomputation) -> backpropagate -> free;
+//                     (activation recomputation) -> backpropagate the
+//                     gradients of both outputs (x and aux) -> free;
 //                     flatten the parameter gradients and launch an async
 //                     reduce-scatter (avg over dp_shard) while backward
 //                     continues with earlier units.
@@ -35,14 +38,29 @@
 // big batch. Cost: full-size gradient memory for the accumulating units while
 // inside noSync (what PyTorch FSDP's no_sync also pays).
 //
+// Communicators: each unit is sharded over its own shard comm and replicated
+// over its own replicate comm (FsdpUnitSpec; null takes the constructor's),
+// so expert parameters can live on a different group than dense ones. The
+// root always uses the constructor's.
+//
+// Randomness inside a unit (dropout): the backward recomputation must draw
+// exactly the forward's random numbers. It does when the unit's randomness is
+// a function of a key rather than of a generator's state -- the GPT's
+// counter-based dropout masks, keyed by (seed, step, micro-batch, site,
+// element index) and set by GptImpl::setRandomKey(step, microBatch) before each
+// forward -- and the key is not changed between a unit's forward and its
+// backward (set it before each micro-batch's forward, as the training loop
+// does; the blocks hold the key, so FSDP cannot restore it). The micro-batch
+// number includes the data-parallel rank (dp_rank * accumulation_steps + i),
+// so ranks draw different masks for their different examples, as Megatron's
+// per-rank streams do. A unit that draws from torch's generator would get
+// different masks in the recomputation and wrong gradients.
+//
 // What this deliberately does not do: prefetching the next unit's all-gather
 // (gathers are blocking; reduce-scatters overlap with backward), mixed
-// precision, CPU offload, dropout or other randomness inside a unit (the
-// backward recomputation would draw different random numbers), MoE blocks
-// (their aux loss leaves the block through a side channel), parameters of
-// other dtypes than float32, and frozen parameters (requires_grad = false are
-// left alone, unsharded, and not synced). Every rank must run the same units
-// in the same order.
+// precision, CPU offload, parameters of other dtypes than float32, and frozen
+// parameters (requires_grad = false are left alone, unsharded, and not
+// synced). Every rank must run the same units in the same order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,6 +69,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tessera/comm/communicator.h"
@@ -65,11 +84,25 @@ class GptImpl;
 
 namespace tessera::parallel {
 
+// What a unit's forward returns. Implicit from a tensor, so a forward that
+// returns only its activation needs no wrapping.
+struct FsdpUnitOutput {
+  FsdpUnitOutput() = default;
+  FsdpUnitOutput(at::Tensor x) : x(std::move(x)) {}  // NOLINT(google-explicit-constructor)
+  FsdpUnitOutput(at::Tensor x, at::Tensor aux) : x(std::move(x)), aux(std::move(aux)) {}
+  at::Tensor x;    // the activation, e.g. (B, T, C)
+  at::Tensor aux;  // the unit's auxiliary loss, e.g. MoE's () fp32 scalar; undefined when it has none
+};
+
 // One FSDP unit of a generic module: the parameters named `prefix` or
-// `prefix.*`, and how to run the unit on an activation.
+// `prefix.*`, how to run the unit on an activation, and the communicators its
+// parameters are sharded and replicated over.
 struct FsdpUnitSpec {
-  std::string prefix;                                     // e.g. "blocks.0", "1"
-  std::function<at::Tensor(const at::Tensor&)> forward;  // runs the unit on x
+  std::string prefix;                                         // e.g. "blocks.0", "1"
+  std::function<FsdpUnitOutput(const at::Tensor&)> forward;  // runs the unit on x; deterministic given
+                                                              // x, the parameters and any random key
+  comm::CommPtr shardComm;      // null: the constructor's shardComm
+  comm::CommPtr replicateComm;  // null: the constructor's replicateComm; a single-rank comm: none
 };
 
 // Not copyable or movable (autograd nodes and the GPT's block runner refer to
@@ -78,18 +111,21 @@ struct FsdpUnitSpec {
 class FullyShardedDataParallel {
  public:
   struct State;  // defined in fsdp.cc
-  // Collective over shardComm and (when not null) replicateComm: broadcasts
-  // rank 0's parameters over the whole data-parallel group (replicate then
-  // shard), then shards them; afterwards the module's trainable parameters
-  // are empty. `units` must name disjoint submodules with at least one
-  // trainable parameter each; a parameter reachable under two names (tied)
-  // always goes to the root unit. The module is referenced, not owned.
-  // Throws InvalidArgument for a null shardComm, an unknown or empty unit
-  // prefix, a non-float32 parameter; CommError/TimeoutError from the comms.
+  // Collective over every unit's shard and replicate comms (and the
+  // constructor's): broadcasts rank 0's parameters over each unit's whole
+  // data-parallel group (replicate then shard), then shards them; afterwards
+  // the module's trainable parameters are empty. `units` must name disjoint
+  // submodules with at least one trainable parameter each; a parameter
+  // reachable under two names (tied) always goes to the root unit. Every
+  // rank passes the same units in the same order. The module is referenced,
+  // not owned. Throws InvalidArgument for a null shardComm, an unknown or
+  // empty unit prefix, a non-float32 parameter; CommError/TimeoutError from
+  // the comms.
   FullyShardedDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units, comm::CommPtr shardComm,
                            comm::CommPtr replicateComm = nullptr);
-  // Every GPT block is a unit; installs a block runner on `gpt` (removed by
-  // the destructor). Throws InvalidArgument for MoE or dropout > 0.
+  // Every GPT block is a unit (dense or MoE, any dropout; an MoE block's aux
+  // loss is the unit's aux), over the constructor's comms; installs a block
+  // runner on `gpt` (removed by the destructor).
   FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr);
   // Local. Leaves the module's parameters as they are: empty, or the full
   // values when unshard() is in effect (call it first to keep them).
@@ -99,18 +135,27 @@ class FullyShardedDataParallel {
 
   // Runs unit `index` on x through the gather/run/free autograd function (or
   // directly when unshard() is in effect or grad mode is off -- then it only
-  // gathers and frees). Collective over shardComm.
+  // gathers and frees); the aux output, when the unit has one, carries
+  // gradient into the unit like x. Collective over the unit's shard comm.
+  FsdpUnitOutput forwardUnitWithAux(size_t index, const at::Tensor& x);
+  // The same for a unit without an aux loss; throws InvalidArgument (on every
+  // rank alike) when the unit returns one, whose gradient would be lost.
   at::Tensor forwardUnit(size_t index, const at::Tensor& x);
 
   // Collective: gathers the root unit (no-op when already gathered or
   // unsharded). Call it before every forward, evaluation included: outside
   // [beforeForward, finishGradientSync] the root's parameters are empty.
   void beforeForward();
-  // Collective, after the last backward of a step; see the file comment.
-  // Inside noSync() it does nothing. Throws what the comms throw.
+  // Collective over every unit's comms, after the last backward of a step;
+  // see the file comment. Inside noSync() it does nothing. Throws what the
+  // comms throw.
   void finishGradientSync();
-  // Collective over shardComm: the L2 norm of the whole model's gradient
-  // (padding contributes 0), the same on every rank.
+  // Collective over every distinct shard comm (in unit order): the L2 norm of
+  // the gradient of the parameters this rank's units hold (padding
+  // contributes 0). When every unit's parameters are the same logical tensors
+  // on every data-parallel rank, that is the whole model's norm, the same on
+  // every rank; units whose parameters differ across groups (experts under
+  // expert parallelism) contribute only this rank's group's part.
   double gradNorm();
 
   // RAII; scopes nest. Every rank must use the same pattern.
@@ -146,7 +191,11 @@ class FullyShardedDataParallel {
   // is in no piece. What DataParallel::parameterLayout() returns for FSDP.
   std::vector<std::vector<ParameterPiece>> shardLayout() const;
 
+  // Since construction. Gathers and the root's gradient launch count toward
+  // the unit's shard comm, waiting for a reduce-scatter toward the unit's
+  // shard comm, the hybrid all-reduce toward its replicate comm.
   DataParallelStats stats() const;
+  // The constructor's shard comm (the root's, and the default of every unit).
   const comm::CommPtr& shardComm() const;
 
  private:

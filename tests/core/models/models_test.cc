@@ -1,17 +1,21 @@
 // Tests of core/models: GPT (names, init, causality, attention against a naive
-// loop, loss, overfitting one batch), the MoE feed-forward (capacity, routing,
-// drops, aux loss, gradients) and the fashion-MNIST MLP.
+// loop, dropout sites and keys, the block runner, loss, overfitting one
+// batch), the MoE feed-forward (capacity, routing, drops, aux loss, gradients)
+// and the fashion-MNIST MLP.
 #include <gtest/gtest.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/sgd.h>
 
 #include <array>
 #include <cmath>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "tessera/core/config.h"
 #include "tessera/core/models/gpt.h"
+#include "tessera/core/models/init.h"
+#include "tessera/core/models/logical_parameters.h"
 #include "tessera/core/models/mlp_classifier.h"
 #include "tessera/core/models/moe.h"
 
@@ -106,6 +110,36 @@ TEST(GptTest, InitFollowsGpt2Scales) {
   EXPECT_TRUE(torch::equal(p["blocks.3.mlp.fc.bias"], torch::zeros({128})));
 }
 
+TEST(GptTest, InitIsTheLayoutIndependentDrawOfEachName) {
+  auto config = tinyGpt();
+  config.use_moe = true;
+  Gpt model(config);
+  const auto logical = logicalParameters(*model);
+  const auto named = model->named_parameters();
+  ASSERT_EQ(logical.size(), named.size());
+  const double residual_std = config.init_std / std::sqrt(2.0 * config.n_layer);
+  for (size_t i = 0; i < logical.size(); ++i) {
+    const LogicalParameter& p = logical[i];
+    EXPECT_EQ(p.name, named[i].key());
+    EXPECT_TRUE(p.tensor.is_same(named[i].value())) << p.name;
+    EXPECT_EQ(p.globalShape, p.tensor.sizes().vec()) << p.name;
+    EXPECT_TRUE(p.slice.isWhole(p.globalShape)) << p.name;
+  }
+  const auto whole = [](const at::Tensor& t) { return TensorSlice::whole(t.sizes().vec()); };
+  for (const char* name : {"wte.weight", "wpe.weight", "blocks.0.attn.qkv.weight", "blocks.1.moe.router.weight",
+                           "blocks.1.moe.experts.3.fc.weight"}) {
+    const auto& t = named[name];
+    EXPECT_TRUE(torch::equal(t, initNormalSlice(7, name, t.sizes().vec(), whole(t), config.init_std))) << name;
+  }
+  for (const char* name : {"blocks.0.attn.proj.weight", "blocks.1.moe.experts.0.proj.weight"}) {
+    const auto& t = named[name];
+    EXPECT_TRUE(torch::equal(t, initNormalSlice(7, name, t.sizes().vec(), whole(t), residual_std))) << name;
+  }
+  EXPECT_TRUE(torch::equal(named["blocks.1.ln2.weight"], torch::ones({16})));
+  EXPECT_TRUE(torch::equal(named["ln_f.bias"], torch::zeros({16})));
+  EXPECT_TRUE(torch::equal(named["blocks.0.moe.experts.1.proj.bias"], torch::zeros({16})));
+}
+
 void expectCausal(const GptConfig& config) {
   Gpt model(config);
   torch::manual_seed(3);
@@ -130,7 +164,9 @@ TEST(GptTest, CausalLearnedAndRotary) {
 
 // Attention by loops over batch, head, query and key in double precision,
 // reading the module's weights: an independent path to the same numbers.
-torch::Tensor naiveAttention(CausalSelfAttentionImpl& attn, const torch::Tensor& x, int64_t n_head, bool rotary) {
+// probs_mask: (B, H, T, T) multiplier of the attention probabilities (dropout), or undefined.
+torch::Tensor naiveAttention(CausalSelfAttentionImpl& attn, const torch::Tensor& x, int64_t n_head, bool rotary,
+                             const torch::Tensor& probs_mask = {}) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), D = C / n_head;
   const auto xd = x.to(torch::kDouble);
   const auto qkv = (xd.matmul(attn.qkv->weight.to(torch::kDouble).t()) + attn.qkv->bias.to(torch::kDouble));
@@ -168,7 +204,8 @@ torch::Tensor naiveAttention(CausalSelfAttentionImpl& attn, const torch::Tensor&
         for (int64_t j = 0; j <= i; ++j) denom += std::exp(score[j] - max_score);
         for (int64_t j = 0; j <= i; ++j) {
           const auto v = head(2, j);
-          const double p = std::exp(score[j] - max_score) / denom;
+          double p = std::exp(score[j] - max_score) / denom;
+          if (probs_mask.defined()) p *= probs_mask[b][h][i][j].item<double>();
           for (int64_t d = 0; d < D; ++d) ya[b][i][h * D + d] += p * v[d];
         }
       }
@@ -193,6 +230,104 @@ TEST(GptTest, AttentionMatchesNaiveLoop) {
     const auto want = naiveAttention(*attn, x, config.n_head, config.positions == "rotary");
     EXPECT_LE((got - want).abs().max().item<double>(), 1e-5) << positions;
   }
+}
+
+TEST(GptTest, AttentionDropoutIsTheMaskOfItsSite) {
+  GptConfig config = tinyGpt();
+  config.d_model = 8;
+  config.dropout = 0.3;
+  CausalSelfAttention attn(config, /*block=*/1);
+  attn->setRandomKey(2, 5);
+  torch::manual_seed(4);
+  const auto x = torch::randn({2, 5, 8});  // (B, T, C)
+  DropoutKey key;
+  key.seed = config.seed;
+  key.site = gptDropoutSite(GptDropout::kAttentionProbs, 1);
+  key.setStep(2, 5);
+  const auto mask = dropoutMask(key, 0.3, {2, 2, 5, 5}, TensorSlice::whole({2, 2, 5, 5}), torch::kDouble);
+  const auto got = attn->forward(x).to(torch::kDouble);
+  EXPECT_LE((got - naiveAttention(*attn, x, 2, false, mask)).abs().max().item<double>(), 1e-5);
+  attn->eval();
+  EXPECT_LE((attn->forward(x).to(torch::kDouble) - naiveAttention(*attn, x, 2, false)).abs().max().item<double>(), 1e-5);
+}
+
+TEST(GptTest, DropoutSitesAreDistinct) {
+  std::set<uint64_t> sites = {gptDropoutSite(GptDropout::kEmbedding)};
+  for (int64_t block = 0; block < 100; ++block) {
+    for (GptDropout where : {GptDropout::kAttentionProbs, GptDropout::kAttentionBranch, GptDropout::kFeedForwardBranch}) {
+      EXPECT_TRUE(sites.insert(gptDropoutSite(where, block)).second) << block;
+    }
+  }
+}
+
+TEST(GptTest, BlockDropoutUsesItsBranchSites) {
+  auto config = tinyGpt();
+  config.dropout = 0.25;
+  Block block(config, /*index=*/1);
+  block->setRandomKey(7, 0);
+  torch::manual_seed(8);
+  const auto x = torch::randn({2, 8, 16});  // (B, T, C)
+  auto keyOf = [&](GptDropout where) {
+    DropoutKey key;
+    key.seed = config.seed;
+    key.site = gptDropoutSite(where, 1);
+    key.setStep(7, 0);
+    return key;
+  };
+  const auto h = x + dropout(block->attn->forward(block->ln1->forward(x)), 0.25, true, keyOf(GptDropout::kAttentionBranch));
+  const auto want = h + dropout(block->mlp->forward(block->ln2->forward(h)), 0.25, true, keyOf(GptDropout::kFeedForwardBranch));
+  const auto got = block->forwardWithAux(x);
+  EXPECT_TRUE(torch::equal(got.x, want));
+  EXPECT_FALSE(got.aux.defined());  // a dense block has no aux loss
+}
+
+TEST(GptTest, DropoutMasksFollowTheRandomKey) {
+  auto config = tinyGpt();
+  config.dropout = 0.2;
+  Gpt model(config);
+  torch::manual_seed(9);
+  const auto idx = torch::randint(config.vocab_size, {2, 8}, torch::kLong);
+  model->setRandomKey(5, 0);
+  const auto a = model->forward(idx);
+  EXPECT_TRUE(torch::equal(a, model->forward(idx)));  // a recomputation draws the same masks
+  model->setRandomKey(6, 0);
+  EXPECT_FALSE(torch::allclose(a, model->forward(idx)));
+  model->setRandomKey(5, 1);
+  EXPECT_FALSE(torch::allclose(a, model->forward(idx)));
+  // Out of training, dropout is the identity: the model of dropout 0, same seed.
+  model->eval();
+  config.dropout = 0;
+  EXPECT_TRUE(torch::equal(model->forward(idx), Gpt(config)->forward(idx)));
+  EXPECT_THROW(model->setRandomKey(-1, 0), InvalidArgument);
+}
+
+TEST(GptTest, BlockRunnerAuxLossesAreSummed) {
+  auto config = tinyGpt();
+  config.use_moe = true;
+  config.moe.num_experts = 2;
+  Gpt model(config);
+  torch::manual_seed(10);
+  const auto idx = torch::randint(config.vocab_size, {2, 8}, torch::kLong);
+  const auto plain = model->forwardWithAux(idx);
+  std::vector<torch::Tensor> seen;
+  model->setBlockRunner([&](int64_t index, const torch::Tensor& x) {
+    BlockOutput out = model->blocks[index]->as<BlockImpl>()->forwardWithAux(x);
+    seen.push_back(out.aux);
+    return out;
+  });
+  const auto run = model->forwardWithAux(idx);
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_TRUE(torch::equal(run.logits, plain.logits));
+  EXPECT_NEAR(run.aux_loss.item<double>(), (seen[0] + seen[1]).item<double>(), 1e-7);
+  EXPECT_NEAR(run.aux_loss.item<double>(), plain.aux_loss.item<double>(), 1e-7);
+  EXPECT_GT(plain.aux_loss.item<double>(), 0.0);
+  // A runner's aux reaches the loss: doubling it doubles the sum.
+  model->setBlockRunner([&](int64_t index, const torch::Tensor& x) {
+    BlockOutput out = model->blocks[index]->as<BlockImpl>()->forwardWithAux(x);
+    return BlockOutput{out.x, out.aux * 2};
+  });
+  EXPECT_NEAR(model->forwardWithAux(idx).aux_loss.item<double>(), 2 * plain.aux_loss.item<double>(), 1e-6);
+  model->setBlockRunner(nullptr);
 }
 
 TEST(GptTest, LossAtInitIsNearLogVocab) {
@@ -384,6 +519,46 @@ TEST(MlpClassifierTest, ShapesNamesAndOneStep) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i], b[i])) << i;
   config.hidden_sizes = {0};
   EXPECT_THROW(MlpClassifier{config}, ConfigError);
+}
+
+TEST(MlpClassifierTest, HeUniformInitFromEachName) {
+  MlpClassifierConfig config;
+  config.hidden_sizes = {32};
+  config.seed = 21;
+  MlpClassifier model(config);
+  const auto p = model->named_parameters();
+  const double bound0 = std::sqrt(6.0 / 784), bound1 = std::sqrt(6.0 / 32);
+  EXPECT_TRUE(torch::equal(p["layers.0.weight"], initUniformSlice(21, "layers.0.weight", {32, 784},
+                                                                  TensorSlice::whole({32, 784}), -bound0, bound0)));
+  EXPECT_TRUE(torch::equal(p["layers.1.weight"], initUniformSlice(21, "layers.1.weight", {10, 32},
+                                                                  TensorSlice::whole({10, 32}), -bound1, bound1)));
+  EXPECT_TRUE(torch::equal(p["layers.0.bias"], torch::zeros({32})));
+}
+
+TEST(MlpClassifierTest, DropoutAfterEachHiddenReluFollowsTheKey) {
+  MlpClassifierConfig config;
+  config.input_dim = 12;
+  config.hidden_sizes = {16, 8};
+  config.num_classes = 3;
+  config.dropout = 0.5;
+  MlpClassifier model(config);
+  torch::manual_seed(15);
+  const auto x = torch::randn({4, 12});
+  model->setRandomKey(3, 2);
+  auto keyOf = [&](uint64_t site) {
+    DropoutKey key;
+    key.seed = config.seed;
+    key.site = site;
+    key.setStep(3, 2);
+    return key;
+  };
+  auto layer = [&](size_t i) { return model->layers[i]->as<LinearImpl>(); };
+  auto h = dropout(torch::relu(layer(0)->forward(x)), 0.5, true, keyOf(0));
+  h = dropout(torch::relu(layer(1)->forward(h)), 0.5, true, keyOf(1));
+  const auto want = layer(2)->forward(h);
+  EXPECT_TRUE(torch::equal(model->forward(x), want));
+  model->setRandomKey(4, 2);
+  EXPECT_FALSE(torch::allclose(model->forward(x), want));
 }
 
 }  // namespace

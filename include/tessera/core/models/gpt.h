@@ -1,10 +1,20 @@
 // A decoder-only GPT (GPT-2 layout, pre-norm) written against torch::nn.
 //
 // Attention is plain tensor ops -- matmul, masked_fill with a causal mask,
-// softmax -- because libtorch 1.13 has no fused attention. Initialization is
-// deterministic from GptConfig::seed (its own generator, not torch's global
-// one), so the same seed gives bit-identical parameters in every process:
-// data-parallel ranks need no initial broadcast to agree.
+// softmax -- because libtorch 1.13 has no fused attention. Every GEMM goes
+// through tessera's Linear / Embedding (linear.h, embedding.h), whose modes
+// (sharding, deferred weight gradient, precision) later issues fill in.
+//
+// Randomness does not depend on layout (random.h, init.h): a parameter's
+// initial values are a function of (GptConfig::seed, its name, its logical
+// shape), and a dropout mask element of (seed, step, micro-batch, dropout
+// site, the element's global index). So every process -- a data-parallel
+// rank, a tensor-parallel shard, FSDP recomputing a block -- gets the values
+// of one process without broadcasting or saving generator state.
+//
+// Dropout sites (their fixed ids, gptDropoutSite): the embedding output, and
+// per block the attention probabilities, the attention branch and the
+// feed-forward branch.
 //
 // Parameter names are stable, because checkpoints and every parallel wrapper
 // key on them:
@@ -19,7 +29,8 @@
 //   ln_f.{weight,bias}
 //   head.weight                     (V, C); absent when tie_weights (the head reuses wte.weight)
 //
-// Not here: parallelism (wrappers apply it from outside), mixed precision, KV cache.
+// Not here: parallelism and mixed precision (wrappers in parallel/ apply them
+// from outside, through the layers' modes and the block runner), KV cache.
 #pragma once
 
 #include <cstdint>
@@ -29,12 +40,13 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "tessera/core/models/embedding.h"
+#include "tessera/core/models/linear.h"
 #include "tessera/core/models/moe.h"
+#include "tessera/core/models/random.h"
 
 namespace tessera::models {
 
@@ -48,10 +60,12 @@ struct GptConfig {
   std::string positions = "learned";  // "learned" (wpe table) or "rotary" (RoPE on q and k)
   double rope_base = 10000.0;      // rotary frequency base theta; used with positions = "rotary"
   bool tie_weights = true;         // head reuses wte.weight (no head.weight parameter)
-  double dropout = 0.0;            // dropout on attention weights and residual branches, in [0, 1)
+  double dropout = 0.0;            // dropout on the embedding output, attention weights and residual
+                                   // branches, in [0, 1)
   double init_std = 0.02;          // std of the normal init (GPT-2: 0.02); residual projections get
                                    // init_std / sqrt(2 * n_layer)
-  uint64_t seed = 1234;            // seeds the parameter init (same seed => identical parameters)
+  uint64_t seed = 1234;            // seeds the parameter init and the dropout masks (same seed =>
+                                   // identical parameters)
   bool use_moe = false;            // replace every block's MLP with a mixture of experts
   MoeConfig moe;                   // MoE settings, used when use_moe
 
@@ -61,22 +75,35 @@ struct GptConfig {
   int64_t headDim() const { return d_model / n_head; }
 };
 
+// Where a dropout sits in the GPT.
+enum class GptDropout { kEmbedding, kAttentionProbs, kAttentionBranch, kFeedForwardBranch };
+
+// The fixed site id of a dropout: 0 for the embedding, 1 + 3 * block + k for
+// the block's k-th site (probs, attention branch, feed-forward branch). `block`
+// is the global block index, the same in every pipeline stage.
+uint64_t gptDropoutSite(GptDropout where, int64_t block = 0);
+
 // Causal multi-head self-attention over (B, T, C).
 class CausalSelfAttentionImpl : public torch::nn::Module {
  public:
-  explicit CausalSelfAttentionImpl(const GptConfig& config);
+  // `block`: the global index of the block it belongs to (names its dropout site).
+  explicit CausalSelfAttentionImpl(const GptConfig& config, int64_t block = 0);
 
   // x: (B, T, C) -> (B, T, C). Position t attends to positions <= t only.
   torch::Tensor forward(const torch::Tensor& x);
 
-  torch::nn::Linear qkv{nullptr};   // C -> 3C
-  torch::nn::Linear proj{nullptr};  // C -> C (a residual projection)
+  // The forward whose dropout masks the next forwards draw (see GptImpl::setRandomKey).
+  void setRandomKey(int64_t step, int64_t microBatch);
+
+  Linear qkv{nullptr};   // C -> 3C
+  Linear proj{nullptr};  // C -> C (a residual projection)
 
  private:
   int64_t n_head_;
   bool rotary_;
   double rope_base_;
   double dropout_;
+  DropoutKey probs_key_;  // attention probabilities (B, H, T, T)
 };
 TORCH_MODULE(CausalSelfAttention);
 
@@ -85,13 +112,25 @@ TORCH_MODULE(CausalSelfAttention);
 // x: (B, H, T, D), D even -> (B, H, T, D).
 torch::Tensor applyRotary(const torch::Tensor& x, double base);
 
+// What a block returns.
+struct BlockOutput {
+  torch::Tensor x;    // (B, T, C)
+  torch::Tensor aux;  // () fp32 MoE load-balancing loss of the block; undefined for dense blocks
+};
+
 // One pre-norm block: x + attn(ln1(x)), then + ffn(ln2(x)).
 class BlockImpl : public torch::nn::Module {
  public:
-  explicit BlockImpl(const GptConfig& config);
+  // `index`: the block's global index (names its dropout sites).
+  explicit BlockImpl(const GptConfig& config, int64_t index = 0);
 
-  // x: (B, T, C) -> (B, T, C). With MoE, the layer's aux loss is added to *aux_loss.
-  torch::Tensor forward(const torch::Tensor& x, torch::Tensor* aux_loss = nullptr);
+  // x: (B, T, C) -> the block's output and, with MoE, its aux loss.
+  BlockOutput forwardWithAux(const torch::Tensor& x);
+  // x: (B, T, C) -> (B, T, C); drops the aux loss.
+  torch::Tensor forward(const torch::Tensor& x) { return forwardWithAux(x).x; }
+
+  // The forward whose dropout masks the next forwards draw (see GptImpl::setRandomKey).
+  void setRandomKey(int64_t step, int64_t microBatch);
 
   torch::nn::LayerNorm ln1{nullptr};
   CausalSelfAttention attn{nullptr};
@@ -101,6 +140,8 @@ class BlockImpl : public torch::nn::Module {
 
  private:
   double dropout_;
+  DropoutKey attn_key_;  // the attention branch (B, T, C)
+  DropoutKey ffn_key_;   // the feed-forward branch (B, T, C)
 };
 TORCH_MODULE(Block);
 
@@ -112,7 +153,10 @@ struct GptOutput {
 
 class GptImpl : public torch::nn::Module {
  public:
-  // Validates config (throws ConfigError) and initializes from config.seed.
+  // Validates config (throws ConfigError) and initializes from config.seed:
+  // normal(0, init_std) weights, init_std / sqrt(2 * n_layer) for residual
+  // projections (*proj.weight), LayerNorm weight 1 and bias 0, biases 0, each
+  // parameter drawn by init.h from (seed, its name, its logical shape).
   explicit GptImpl(const GptConfig& config);
 
   // idx: (B, T) int64 token ids, T <= block_size -> logits (B, T, V).
@@ -125,24 +169,32 @@ class GptImpl : public torch::nn::Module {
 
   const GptConfig& config() const { return config_; }
 
-  // Runs block `index` on x (B, T, C) -> (B, T, C) in place of calling the
-  // block directly; lets a wrapper (FSDP) gather the block's parameters around
-  // it. Empty (the default) calls blocks[index] itself. With a runner set,
-  // MoE aux losses are not collected (wrappers that set one reject MoE).
-  using BlockRunner = std::function<torch::Tensor(int64_t index, const torch::Tensor& x)>;
+  // Which forward the next forwards are (the dropout masks they draw): the
+  // training loop calls it before each micro-batch's forward; FSDP's
+  // recomputation in backward then draws the same masks. microBatch must
+  // differ across the micro-batches data-parallel ranks run in one step (see
+  // DropoutKey). Both in [0, 2^32), else InvalidArgument. Unset: (0, 0).
+  void setRandomKey(int64_t step, int64_t microBatch);
+
+  // Runs block `index` on x (B, T, C) in place of calling the block directly;
+  // lets a wrapper (FSDP) gather the block's parameters around it. Empty (the
+  // default) calls blocks[index]->forwardWithAux itself. The aux losses the
+  // runner returns are summed into GptOutput::aux_loss either way.
+  using BlockRunner = std::function<BlockOutput(int64_t index, const torch::Tensor& x)>;
   void setBlockRunner(BlockRunner runner) { block_runner_ = std::move(runner); }
 
-  torch::nn::Embedding wte{nullptr};
-  torch::nn::Embedding wpe{nullptr};   // null with rotary positions
+  Embedding wte{nullptr};
+  Embedding wpe{nullptr};    // null with rotary positions
   torch::nn::ModuleList blocks{nullptr};
   torch::nn::LayerNorm ln_f{nullptr};
-  torch::nn::Linear head{nullptr};     // null when tie_weights
+  Linear head{nullptr};      // null when tie_weights: the logits are wte->attend(x)
 
  private:
   void initParameters();
 
   GptConfig config_;
   BlockRunner block_runner_;
+  DropoutKey embedding_key_;  // the embedding output (B, T, C)
 };
 TORCH_MODULE(Gpt);
 

@@ -20,8 +20,9 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+
+#include "tessera/core/models/linear.h"
 
 namespace tessera::models {
 
@@ -49,8 +50,8 @@ class FeedForwardImpl : public torch::nn::Module {
   // x: (..., d_model) -> (..., d_model).
   torch::Tensor forward(const torch::Tensor& x);
 
-  torch::nn::Linear fc{nullptr};    // d_model -> d_hidden
-  torch::nn::Linear proj{nullptr};  // d_hidden -> d_model (a residual projection)
+  Linear fc{nullptr};    // d_model -> d_hidden
+  Linear proj{nullptr};  // d_hidden -> d_model (a residual projection)
 };
 TORCH_MODULE(FeedForward);
 
@@ -95,7 +96,7 @@ class MoeFeedForwardImpl : public torch::nn::Module {
 
   const MoeConfig& config() const { return config_; }
 
-  torch::nn::Linear router{nullptr};     // d_model -> E, no bias, fp32
+  Linear router{nullptr};                  // d_model -> E, no bias, Precision::kFp32
   torch::nn::ModuleList experts{nullptr};  // E FeedForward modules
 
  private:

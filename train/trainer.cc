@@ -1,4 +1,4 @@
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/tensor.h>
@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -22,6 +23,12 @@ Trainer::Trainer(TrainerParts parts, TrainConfig config) : parts_(std::move(part
   config_.validate();
   TESSERA_CHECK_ARG(parts_.model && parts_.dp && parts_.optimizer && parts_.train && parts_.schedule,
                     "Trainer: model, dp, optimizer, schedule and train source are required");
+  executor_ = parts_.executor;
+  if (executor_ == nullptr) {
+    ownExecutor_ = parallel::makeLocalStepExecutor(*parts_.model, *parts_.dp,
+                                                   parts_.dataComm ? parts_.dataComm->rank() : 0);
+    executor_ = ownExecutor_.get();
+  }
   torch::manual_seed(config_.seed);
   if (parts_.val) valStart_ = parts_.val->state();
 }
@@ -37,7 +44,7 @@ StepReport Trainer::run() {
 
     const double lr = parts_.schedule(state_.step);
     parts_.optimizer->setLearningRate(lr);
-    const double loss = forwardBackward();                              // DDP all-reduces inside the last backward
+    const double loss = forwardBackward();                              // collective as the strategy is
     parts_.dp->finishGradientSync();                                     // collective
     const double gradNorm = optim::clipGradNorm(*parts_.dp, config_.clip);  // collective when sharded
     const optim::OptimizerStepResult stepped = parts_.optimizer->step();     // may be collective (DiLoCo)
@@ -62,21 +69,16 @@ StepReport Trainer::run() {
 }
 
 double Trainer::forwardBackward() {
-  const int64_t k = config_.grad_accum;
-  double lossSum = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    // Only the last micro-batch's backward communicates (DDP) or reduce-scatters (FSDP).
-    auto guard = i + 1 < k ? parts_.dp->noSync() : nullptr;
-    const Batch batch = parts_.train->next();
-    parts_.dp->beforeForward();
-    const at::Tensor loss = parts_.model->loss(batch);
-    // Dividing by k makes the summed gradient that of the mean over k micro-batches.
-    (loss / static_cast<double>(k)).backward();
-    lossSum += loss.item<double>();
-    state_.tokens += batch.tokens * (parts_.dpComm ? parts_.dpComm->size() : 1);
-    windowTokens_ += batch.tokens * (parts_.dpComm ? parts_.dpComm->size() : 1);
+  std::vector<Batch> microBatches;
+  microBatches.reserve(static_cast<size_t>(config_.grad_accum));
+  const int64_t dataRanks = parts_.dataComm ? parts_.dataComm->size() : 1;
+  for (int64_t i = 0; i < config_.grad_accum; ++i) {
+    microBatches.push_back(parts_.train->next());
+    state_.tokens += microBatches.back().tokens * dataRanks;
+    windowTokens_ += microBatches.back().tokens * dataRanks;
   }
-  return lossSum / static_cast<double>(k);
+  const std::optional<double> loss = executor_->forwardBackward(microBatches, state_.step);
+  return loss.value_or(std::numeric_limits<double>::quiet_NaN());
 }
 
 double Trainer::evaluate() {
@@ -86,12 +88,8 @@ double Trainer::evaluate() {
   const bool wasTraining = module.is_training();
   module.eval();
   double sum = 0;
-  {
-    torch::NoGradGuard noGrad;
-    for (int64_t i = 0; i < config_.eval_batches; ++i) {
-      parts_.dp->beforeForward();
-      sum += parts_.model->loss(parts_.val->next()).item<double>();
-    }
+  for (int64_t i = 0; i < config_.eval_batches; ++i) {
+    sum += executor_->evaluate(parts_.val->next()).value_or(std::numeric_limits<double>::quiet_NaN());
   }
   module.train(wasTraining);
   return averageOverDp(sum / static_cast<double>(config_.eval_batches));
@@ -106,26 +104,49 @@ StepReport Trainer::makeReport(double localLoss, double lr, double gradNorm, boo
   r.gradNorm = gradNorm;
   r.tokens = state_.tokens;
   r.tokensPerSecond = windowSeconds_ > 0 ? static_cast<double>(windowTokens_) / windowSeconds_ : 0.0;
-  r.commSeconds = parts_.dp->stats().exposedSeconds;
+  countTraffic(r);
   r.computeSeconds = std::max(0.0, stepSeconds_ - r.commSeconds);
   r.timeSeconds = sinceRunStart_.seconds();
-  r.commBytes = 0;
-  if (parts_.trafficComms.empty()) {
-    if (parts_.dpComm) r.commBytes = parts_.dpComm->stats().totalBytesSent();
-  } else {
-    for (const auto& c : parts_.trafficComms) r.commBytes += c->stats().totalBytesSent();
-  }
-  if (parts_.extraTrafficBytes) {
-    r.commBytes += parts_.extraTrafficBytes();
-  }
   r.outerStep = outerStep;
   return r;
 }
 
+void Trainer::countTraffic(StepReport& r) const {
+  const parallel::DataParallelStats dpStats = parts_.dp->stats();
+  auto add = [&r](const std::string& name, uint64_t bytes, double seconds) {
+    CommTraffic& entry = r.comm[name];
+    entry.bytesSent += bytes;
+    entry.exposedSeconds += seconds;
+    r.commBytes += bytes;
+    r.commSeconds += seconds;
+  };
+  if (parts_.traffic.empty()) {
+    if (parts_.dataComm) {
+      const auto it = dpStats.exposedSecondsByComm.find(parts_.dataComm->name());
+      add("dp", parts_.dataComm->stats().totalBytesSent(),
+          it != dpStats.exposedSecondsByComm.end() ? it->second : dpStats.exposedSeconds);
+    }
+    return;
+  }
+  for (const TrafficSource& source : parts_.traffic) {
+    if (!source.comm) {
+      add(source.name, source.bytesSent ? source.bytesSent() : 0, source.seconds ? source.seconds() : 0.0);
+      continue;
+    }
+    // The strategy knows how much of its asynchronous traffic the loop waited
+    // for; any other communicator's calls block, so all their time is exposed.
+    const comm::CommStats stats = source.comm->stats();
+    const auto it = dpStats.exposedSecondsByComm.find(source.comm->name());
+    add(source.name, stats.totalBytesSent(),
+        it != dpStats.exposedSecondsByComm.end() ? it->second : stats.totalSeconds());
+  }
+}
+
 double Trainer::averageOverDp(double value) {
-  if (!parts_.dpComm || parts_.dpComm->size() == 1) return value;
+  if (!executor_->hasLoss()) return std::numeric_limits<double>::quiet_NaN();
+  if (!parts_.dataComm || parts_.dataComm->size() == 1) return value;
   at::Tensor t = at::tensor({value}, at::kDouble);
-  parts_.dpComm->allReduce(t, comm::ReduceOp::kAvg);
+  parts_.dataComm->allReduce(t, comm::ReduceOp::kAvg);
   return t.item<double>();
 }
 
@@ -149,6 +170,11 @@ void Trainer::writeMetrics(const StepReport& r) {
         .add("compute_s", r.computeSeconds)
         .add("comm_s", r.commSeconds)
         .add("comm_bytes", r.commBytes);
+    MetricsRecord perComm;
+    for (const auto& [name, traffic] : r.comm) {
+      perComm.add(name, MetricsRecord().add("bytes", traffic.bytesSent).add("exposed_s", traffic.exposedSeconds));
+    }
+    record.add("comm", perComm);
     parts_.metrics->write(record);
   }
   windowTokens_ = 0;
@@ -156,7 +182,7 @@ void Trainer::writeMetrics(const StepReport& r) {
 }
 
 void Trainer::printProgress(const StepReport& r, bool last) const {
-  if (!parts_.isRank0 || !config_.progress) return;
+  if (!parts_.reportsProgress || !config_.progress) return;
   // On a terminal: one line rewritten in place. Under tessera-run on a
   // terminal (TESSERA_PROGRESS=1, our stderr is its pipe): one line per
   // logged step, since the launcher forwards whole lines.

@@ -1,9 +1,12 @@
 // What the training loop needs from a model and from the data: a loss on a
 // batch, and batches from a sampler whose position is training state.
 //
-// The Trainer sees only these two interfaces, so a new model or dataset is an
-// adapter here, not a change to the loop. Adapters for the GPT (byte-level
-// fortunes) and the fashion-MNIST MLP are provided.
+// The training loop (train/trainer.h) and the step executors that run a step's
+// forward and backward across the mesh (parallel/step_executor.h) see only
+// these two interfaces, so a new model or dataset is an adapter here, not a
+// change to the loop. Adapters for the GPT (byte-level fortunes) and the
+// fashion-MNIST MLP are provided. This is the models' side of training and
+// lives in core/, below parallel/ and train/.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,6 +41,12 @@ class TrainableModel {
   virtual torch::nn::Module& module() = 0;
   // Mean loss over the batch: a differentiable scalar ().
   virtual at::Tensor loss(const Batch& batch) = 0;
+  // Keys the model's randomness (dropout) for the next forward: masks are a
+  // function of (model seed, step, micro-batch, site, element index), never of
+  // a generator's state, so every layout (FSDP recomputation, later TP/PP)
+  // draws the same masks as one process. Called by the step executor before
+  // every training forward. Default: the model has no randomness.
+  virtual void setRandomKey(int64_t step, int64_t microBatch) {}
 };
 
 // Next-byte cross-entropy of the GPT (plus its MoE aux loss). Shares `gpt`.

@@ -1,4 +1,4 @@
-#include "tessera/core/training/train_config.h"
+#include "tessera/train/train_config.h"
 
 #include "tessera/core/config.h"
 

@@ -8,7 +8,7 @@
 #include <fstream>
 #include <set>
 
-#include "tessera/core/training/trainer.h"
+#include "tessera/train/trainer.h"
 #include "tests/harness/multiprocess.h"
 
 namespace tessera {
@@ -68,7 +68,7 @@ struct Rig {
     p.schedule = optim::makeLrSchedule(lc, 8);
     p.train = train.get();
     p.val = val.get();
-    p.dpComm = dpComm;
+    p.dataComm = dpComm;
     p.metrics = metrics;
     return p;
   }
@@ -119,7 +119,7 @@ TEST(Trainer, MetricsLinesHaveExactlyTheDocumentedFields) {
   while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
   ASSERT_EQ(lines.size(), 3u);  // steps 2, 4, and the last (5)
   const std::set<std::string> base = {"step", "loss", "lr", "tokens", "tokens_per_s", "time_s",
-                                      "compute_s", "comm_s", "comm_bytes"};
+                                      "compute_s", "comm_s", "comm_bytes", "comm"};
   for (size_t i = 0; i < lines.size(); ++i) {
     std::set<std::string> keys;
     for (auto it = lines[i].begin(); it != lines[i].end(); ++it) keys.insert(it.key());
@@ -132,6 +132,7 @@ TEST(Trainer, MetricsLinesHaveExactlyTheDocumentedFields) {
   EXPECT_EQ(lines[2]["tokens"], 5 * 8);
   EXPECT_GT(lines[2]["time_s"].get<double>(), 0.0);
   EXPECT_EQ(lines[2]["comm_bytes"], 0);  // one replica: no communication
+  EXPECT_TRUE(lines[2]["comm"].is_object() && lines[2]["comm"].empty()) << lines[2].dump();
   std::remove(path.c_str());
 }
 
@@ -215,6 +216,47 @@ TESSERA_WORKER(trainer_ddp_matches_one_process) {
 
 TEST(Trainer, DdpOnTwoRanksMatchesOneProcessWithTheGlobalBatch) {
   auto result = testing::runWorkers("trainer_ddp_matches_one_process", {.ranks = 2});
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+// The per-communicator entries of a step report sum to its totals: DDP's
+// communicator (bytes from its stats, exposed time from the strategy), a
+// second communicator the loop does not drive (all its time is exposed), and
+// a group counted by a function (as the elastic group is).
+TESSERA_WORKER(trainer_traffic_entries_sum_to_totals) {
+  const comm::CommPtr world = ctx.world();
+  const comm::CommPtr other = world->split(0, world->rank(), "side");
+  Rig ddp(8, "adamw", 0.0, world);
+  TrainerParts parts = ddp.parts();
+  parts.traffic = {TrafficSource{"dp_replicate", world, {}, {}}, TrafficSource{"side", other, {}, {}},
+                   TrafficSource{"elastic", nullptr, [] { return uint64_t{1000}; }, [] { return 0.25; }}};
+  Trainer trainer(parts, smallConfig(3));
+  trainer.callbacks().beforeStep.push_back([&](int64_t) {
+    at::Tensor t = at::ones({256});
+    other->allReduce(t, comm::ReduceOp::kSum);  // traffic on "side" every step
+  });
+  const StepReport report = trainer.run();
+  TESSERA_CHECK(report.comm.size() == 3, "expected 3 entries, got " << report.comm.size());
+  uint64_t bytes = 0;
+  double seconds = 0;
+  for (const auto& [name, traffic] : report.comm) {
+    bytes += traffic.bytesSent;
+    seconds += traffic.exposedSeconds;
+  }
+  TESSERA_CHECK(bytes == report.commBytes, "entries sum to " << bytes << " bytes, total " << report.commBytes);
+  TESSERA_CHECK(std::abs(seconds - report.commSeconds) < 1e-9,
+                "entries sum to " << seconds << " s, total " << report.commSeconds);
+  TESSERA_CHECK(report.comm.at("elastic").bytesSent == 1000, "function-counted group");
+  TESSERA_CHECK(report.comm.at("side").bytesSent == other->stats().totalBytesSent(), "side bytes");
+  TESSERA_CHECK(report.comm.at("side").bytesSent > 0 && report.comm.at("dp_replicate").bytesSent > 0,
+                "both communicators carried traffic");
+  const double ddpExposed = ddp.dp->stats().exposedSecondsByComm.at(world->name());
+  TESSERA_CHECK(std::abs(report.comm.at("dp_replicate").exposedSeconds - ddpExposed) < 1e-9,
+                "DDP's communicator reports the strategy's exposed time");
+}
+
+TEST(Trainer, PerCommunicatorTrafficSumsToTheTotals) {
+  auto result = testing::runWorkers("trainer_traffic_entries_sum_to_totals", {.ranks = 2});
   ASSERT_TRUE(result.ok()) << result.report();
 }
 

@@ -1,4 +1,4 @@
-#include "tessera/core/training/trainable.h"
+#include "tessera/core/trainable.h"
 
 #include <torch/nn/functional/loss.h>
 
@@ -12,6 +12,7 @@ class GptTrainable final : public TrainableModel {
   explicit GptTrainable(models::Gpt gpt) : gpt_(std::move(gpt)) {}
   torch::nn::Module& module() override { return *gpt_; }
   at::Tensor loss(const Batch& batch) override { return gpt_->loss(batch.inputs, batch.targets); }
+  void setRandomKey(int64_t step, int64_t microBatch) override { gpt_->setRandomKey(step, microBatch); }
 
  private:
   models::Gpt gpt_;
@@ -22,6 +23,7 @@ class MlpTrainable final : public TrainableModel {
   explicit MlpTrainable(models::MlpClassifier mlp) : mlp_(std::move(mlp)) {}
   torch::nn::Module& module() override { return *mlp_; }
   at::Tensor loss(const Batch& batch) override { return mlp_->loss(batch.inputs, batch.targets); }
+  void setRandomKey(int64_t step, int64_t microBatch) override { mlp_->setRandomKey(step, microBatch); }
 
  private:
   models::MlpClassifier mlp_;

@@ -1,0 +1,187 @@
+// Trainer: the training loop, written once for every parallel layout (the
+// step's forward and backward go through a parallel::StepExecutor; gradients
+// are synced by a parallel::DataParallel strategy) and every optimizer
+// (optim::Optimizer, whose step may communicate). This is the training layer:
+// above core/, comm/, optim/ and parallel/, which know nothing of it.
+//
+// One optimizer step, on every rank:
+//   1. lr = schedule(step)
+//   2. the step's grad_accum micro-batches drawn from the train source, then
+//      executor.forwardBackward(micro-batches, step) (DDP's last backward
+//      all-reduces, FSDP gathers and reduce-scatters; a pipeline executor runs
+//      its schedule)
+//   3. finishGradientSync (collective), clip by the global norm of the logical
+//      parameters (collective when sharded), optimizer step (may be
+//      collective), zero the gradients
+//   4. every eval_every steps: validation loss averaged over the data ranks
+//   5. callbacks, a metrics line every log_every steps (on the rank given a
+//      writer: the one that has the loss), a progress line
+//
+// State that makes a run resumable -- step, sampler position, optimizer state,
+// torch's RNG -- is a TrainingState value: snapshot() after any step and
+// restore() into a fresh Trainer over the same model parameters continues
+// exactly as the uninterrupted run. The model parameters are not part of it
+// (they may be sharded; the checkpoint layer saves them).
+//
+// Not here: checkpoint files, mixed precision, pipeline schedules (executors).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tessera/comm/communicator.h"
+#include "tessera/core/data/distributed_sampler.h"
+#include "tessera/core/metrics.h"
+#include "tessera/core/timer.h"
+#include "tessera/core/trainable.h"
+#include "tessera/optim/lr_schedule.h"
+#include "tessera/optim/optimizer.h"
+#include "tessera/parallel/data_parallel.h"
+#include "tessera/parallel/step_executor.h"
+#include "tessera/train/train_config.h"
+
+namespace tessera {
+
+// One communicator's share of a step's traffic, cumulative since the
+// communicators were made.
+struct CommTraffic {
+  uint64_t bytesSent = 0;      // bytes this rank sent on it
+  double exposedSeconds = 0;   // time the training loop waited for it
+};
+
+// What one optimizer step did; the metrics line is made from it.
+struct StepReport {
+  int64_t step = 0;               // steps completed, counting this one (1 after the first)
+  int64_t totalSteps = 0;         // TrainConfig::steps
+  double loss = 0;                // training loss of the step, averaged over micro-batches and data ranks
+                                  // (NaN on ranks that do not compute the loss)
+  std::optional<double> valLoss;  // set when this step was followed by validation
+  double lr = 0;                  // learning rate the step used
+  double gradNorm = 0;            // global gradient norm before clipping (logical parameters, each once)
+  int64_t tokens = 0;             // tokens (examples for classifiers) consumed so far, all data ranks
+  double tokensPerSecond = 0;     // over the steps since the previous metrics line, all data ranks
+  double timeSeconds = 0;         // wall time since run() started (evaluation included)
+  double computeSeconds = 0;      // training-step time not spent waiting for communication
+  double commSeconds = 0;         // exposed communication time: the sum of comm[*].exposedSeconds
+  uint64_t commBytes = 0;         // bytes this rank sent, cumulative: the sum of comm[*].bytesSent
+  // Per communicator, keyed by its name: each mesh axis in use ("dp_shard",
+  // "dp_replicate"; "tp", "pp", "ep" when they exist), flattened groups
+  // ("dp"), and every other group a step uses (the elastic group, streaming
+  // DiLoCo's private group). The entries sum to commBytes and commSeconds.
+  std::map<std::string, CommTraffic> comm;
+  bool outerStep = false;         // the optimizer ran an outer step (DiLoCo)
+};
+
+// A communicator whose traffic the metrics count, under `name`.
+struct TrafficSource {
+  std::string name;
+  // Its stats() give the bytes sent; the exposed time is what the strategy
+  // reports for it (DataParallelStats::exposedSecondsByComm) or, for a
+  // communicator the strategy does not use (an optimizer's: blocking calls),
+  // its total operation time.
+  comm::CommPtr comm;
+  // Instead of `comm`, for groups that come and go (one elastic group per
+  // epoch): cumulative bytes sent and exposed seconds. `seconds` may be empty.
+  std::function<uint64_t()> bytesSent;
+  std::function<double()> seconds;
+};
+
+// Hooks at step boundaries, run on every rank in registration order. A hook
+// may run collectives only if it does so on every rank.
+struct TrainerCallbacks {
+  std::vector<std::function<void(int64_t step)>> beforeStep;    // step: steps completed so far
+  std::vector<std::function<void(const StepReport&)>> afterStep;
+  std::vector<std::function<void(int64_t step, double valLoss)>> afterEval;
+  std::vector<std::function<void(const StepReport&)>> afterOuterStep;
+};
+
+// Everything needed to continue a run (see the header comment).
+struct TrainingState {
+  int64_t step = 0;                // optimizer steps completed
+  int64_t tokens = 0;              // StepReport::tokens at that point
+  data::SamplerState trainSampler; // position of the training batches
+  optim::OptimizerState optimizer; // Optimizer::state(), cloned (no aliasing with the live buffers)
+  at::Tensor rng;                  // torch's default CPU generator state (uint8)
+};
+
+// The pieces a Trainer drives. It owns none of them: each must outlive it.
+struct TrainerParts {
+  TrainableModel* model = nullptr;
+  parallel::DataParallel* dp = nullptr;
+  // Runs each step's forward + backward. Null: the Trainer makes the local
+  // executor (parallel::makeLocalStepExecutor over model and dp).
+  parallel::StepExecutor* executor = nullptr;
+  optim::Optimizer* optimizer = nullptr;
+  optim::LrSchedule schedule;          // step -> lr
+  BatchSource* train = nullptr;
+  BatchSource* val = nullptr;          // null: no validation
+  // The data ranks (ranks reading different batches): averages the reported
+  // losses; its size scales the token count. Null: one data rank.
+  comm::CommPtr dataComm;
+  // The communicators whose traffic the metrics count (StepReport::comm).
+  // Empty: dataComm alone, as "dp".
+  std::vector<TrafficSource> traffic;
+  MetricsWriter* metrics = nullptr;    // the writer of the rank that reports (has the loss); null elsewhere
+  bool reportsProgress = true;         // prints the progress line (one rank per job)
+};
+
+class Trainer {
+ public:
+  // Validates config (ConfigError) and the parts (InvalidArgument naming a
+  // missing one); seeds torch's global generator with config.seed (the
+  // randomness left outside the models' keyed dropout; saved per rank).
+  Trainer(TrainerParts parts, TrainConfig config);
+
+  TrainerCallbacks& callbacks() { return callbacks_; }
+
+  // Collective over every rank of the job: trains until config.steps steps are done
+  // (from the current state) and returns the last step's report. Throws what
+  // the model, the communicators or the optimizer throw.
+  StepReport run();
+
+  // Not collective. See TrainingState.
+  TrainingState snapshot() const;
+  // As snapshot(), but the optimizer tensors alias the live buffers (valid
+  // until the next step): for callers that copy them anyway (checkpoints).
+  TrainingState snapshotView() const;
+  // Optimizer steps completed.
+  int64_t step() const { return state_.step; }
+  // Not collective. Throws InvalidArgument if the sampler or optimizer state
+  // does not fit; then nothing changed.
+  void restore(const TrainingState& state);
+
+  // Collective over the data ranks: mean validation loss over eval_batches
+  // batches per rank, the same batches every call (NaN on ranks without the loss).
+  double evaluate();
+
+ private:
+  double forwardBackward();  // this rank's mean loss of the step's micro-batches (NaN without the loss)
+  StepReport makeReport(double localLoss, double lr, double gradNorm, bool outerStep);
+  void countTraffic(StepReport& report) const;
+  bool isEvalStep() const;
+  bool isLogStep() const;
+  double averageOverDp(double value);
+  void writeMetrics(const StepReport& report);
+  void printProgress(const StepReport& report, bool last) const;
+
+  TrainerParts parts_;
+  std::unique_ptr<parallel::StepExecutor> ownExecutor_;  // when parts_.executor was null
+  parallel::StepExecutor* executor_ = nullptr;
+  TrainConfig config_;
+  TrainerCallbacks callbacks_;
+  TrainingState state_;
+  data::SamplerState valStart_;   // the val source rewinds here before each evaluation
+  double stepSeconds_ = 0;        // training-step wall time, summed (this run())
+  int64_t windowTokens_ = 0;      // tokens since the last metrics line
+  double windowSeconds_ = 0;      // step time since the last metrics line
+  Stopwatch sinceRunStart_;       // started with the Trainer; time_s reads it
+};
+
+}  // namespace tessera
