@@ -184,8 +184,8 @@ std::optional<LoadRequest> rngRequest(const TrainingParts& parts, const StateSum
   if (source.onePeer && !rows.count(row) && rows.size() == 1) row = *rows.begin();
   if (!rows.count(row)) {
     TESSERA_LOG(kInfo) << "rank " << parts.rank << ": the training state holds the generator states of "
-                       << rows.size() << " of " << t.shape[0]
-                       << " rank(s), none for this rank; its generator starts from the seed";
+                       << rows.size() << " rank(s) of a " << t.shape[0]
+                       << "-rank job, none for this rank; its generator starts from the seed";
     return std::nullopt;
   }
   return LoadRequest{kRng, t.shape, t.dtype, TensorSlice::box({row, 0}, {1, t.shape[1]})};

@@ -2,7 +2,7 @@
 //
 //   tessera-export --format safetensors CKPT OUT [--replica K] [--dtype f32|bf16|f16]
 //
-// CKPT is a checkpoint directory or a checkpoint root (its `latest` is
+// CKPT is a checkpoint directory (format 1 or 2) or a checkpoint root (its `latest` is
 // used). Every model tensor is gathered from all ranks' pieces, so a sharded
 // (FSDP) checkpoint exports the whole model; names drop the "model/" prefix,
 // so the file loads back with checkpoint::loadSafetensorsInto (the

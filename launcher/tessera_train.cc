@@ -103,6 +103,8 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
   state.dp = built->dp;
   state.optimizer = built->optimizer.get();
   state.replica = checkpoint::ReplicaInfo{built->replica, built->replicas};
+  state.rank = ctx.rank();             // each rank saves and restores its own generator row
+  state.worldSize = ctx.worldSize();
 
   // The step this run last saved: the final state is saved unless it was
   // just saved (a resumed run with nothing left to train saves the restored

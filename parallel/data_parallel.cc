@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "tessera/core/models/logical_parameters.h"
+
 namespace tessera::parallel {
 namespace {
 
@@ -16,18 +18,13 @@ std::vector<at::Tensor> trainableParameters(torch::nn::Module& model) {
   return out;
 }
 
-// One whole piece per trainable parameter, named as the module names it
-// (the first name of a tensor reachable under two, as parameters() keeps it).
+// One piece per trainable parameter: what it holds of its logical tensor
+// (the whole tensor for plain layers; a sharded layer's declared slice),
+// named as the module names it (a tied tensor once, under its first name).
 std::vector<std::vector<ParameterPiece>> wholeParameterLayout(torch::nn::Module& model) {
   std::vector<std::vector<ParameterPiece>> layout;
-  std::vector<const void*> seen;
-  for (const auto& item : model.named_parameters()) {
-    const at::Tensor& p = item.value();
-    if (!p.requires_grad()) continue;
-    const void* id = p.unsafeGetTensorImpl();
-    if (std::find(seen.begin(), seen.end(), id) != seen.end()) continue;
-    seen.push_back(id);
-    layout.push_back({ParameterPiece{item.key(), p.sizes().vec(), TensorSlice::whole(p.sizes().vec()), 0}});
+  for (const models::LogicalParameter& p : models::logicalParameters(model)) {
+    layout.push_back({ParameterPiece{p.name, p.globalShape, p.slice, 0}});
   }
   return layout;
 }

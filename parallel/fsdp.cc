@@ -26,6 +26,7 @@
 
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
+#include "tessera/core/models/logical_parameters.h"
 #include "tessera/core/timer.h"
 
 namespace tessera::parallel {
@@ -39,7 +40,11 @@ struct Unit {
   comm::CommPtr replicateComm;               // null unless replicated over > 1 rank
   std::vector<std::string> paramNames;
   std::vector<at::Tensor> params;            // the module's parameter tensors
-  std::vector<std::vector<int64_t>> shapes;  // their full shapes
+  std::vector<std::vector<int64_t>> shapes;  // their full (local) shapes
+  // Each parameter's place in its logical tensor (models::logicalParameters):
+  // the whole tensor for plain layers, a slice for a sharded layer's (a TP
+  // slice); FSDP's flat shard of it is a flat range of that slice.
+  std::vector<models::ParameterLayout> logical;
   std::vector<int64_t> offsets;              // into the flat buffer
   int64_t numel = 0;                         // P
   int64_t paddedNumel = 0;                   // P' = ceil(P / N) * N
@@ -318,6 +323,10 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
   // A parameter reachable under two names (tied) is used by two parts of the
   // model, so it cannot be freed after one unit: it joins the root.
   const auto named = module.named_parameters(/*recurse=*/true);
+  std::unordered_map<const void*, models::ParameterLayout> logicalOf;
+  for (const models::LogicalParameter& p : models::logicalParameters(module)) {
+    logicalOf[p.tensor.unsafeGetTensorImpl()] = models::ParameterLayout{p.globalShape, p.slice};
+  }
   std::unordered_map<const void*, int> uses;
   for (const auto& item : named) ++uses[item.value().unsafeGetTensorImpl()];
 
@@ -351,6 +360,7 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
     }
     owner->paramNames.push_back(item.key());
     owner->params.push_back(param);
+    owner->logical.push_back(logicalOf.at(param.unsafeGetTensorImpl()));
   }
   for (const Unit& unit : s.units) {
     TESSERA_CHECK_ARG(!unit.params.empty(), "FSDP unit '" << unit.name << "' matches no trainable parameter "
@@ -557,9 +567,9 @@ std::vector<FullyShardedDataParallel::UnitLayout> FullyShardedDataParallel::layo
 
 std::vector<std::vector<ParameterPiece>> FullyShardedDataParallel::shardLayout() const {
   const State& s = *state_;
-  const int64_t rank = s.shardComm->rank();
   std::vector<std::vector<ParameterPiece>> out;
   for (const Unit& unit : s.units) {
+    const int64_t rank = unit.shardComm->rank();
     // This rank's shard covers [begin, end) of the unit's flat buffer;
     // parameter i covers [offsets[i], offsets[i] + numel_i).
     const int64_t begin = rank * unit.shardNumel;
@@ -571,10 +581,11 @@ std::vector<std::vector<ParameterPiece>> FullyShardedDataParallel::shardLayout()
       const int64_t from = std::max(begin, paramBegin);
       const int64_t to = std::min(end, paramEnd);
       if (from >= to) continue;
-      // FSDP's flat shard is a flat range of the whole-parameter box.
-      pieces.push_back(ParameterPiece{unit.paramNames[i], unit.shapes[i],
-                                      TensorSlice::flatRange(unit.shapes[i], from - paramBegin, to - from),
-                                      from - begin});
+      // FSDP's flat shard is a flat range of the parameter's slice of its
+      // logical tensor (the whole box for an unsharded parameter).
+      const models::ParameterLayout& logical = unit.logical[i];
+      pieces.push_back(ParameterPiece{unit.paramNames[i], logical.globalShape,
+                                      logical.slice.narrowFlat(from - paramBegin, to - from), from - begin});
     }
     out.push_back(std::move(pieces));
   }

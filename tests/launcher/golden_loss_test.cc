@@ -32,10 +32,7 @@ namespace {
 using testing::ProcessResult;
 using testing::runProcess;
 
-const std::vector<std::string> kForeignLaunchVars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                     "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TESSERA_BACKEND",
-                                                     "TESSERA_LAUNCHER", "TESSERA_STORE_HOSTED",
-                                                     "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"};
+const std::vector<std::string>& kForeignLaunchVars = testing::foreignLaunchVariables();
 
 constexpr int kSteps = 20;
 constexpr double kSamePlatformTolerance = 1e-5;

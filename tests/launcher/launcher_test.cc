@@ -19,24 +19,7 @@ const std::string kRun = TESSERA_RUN_PATH;
 const std::string kWorker = LAUNCHER_TEST_WORKER_PATH;
 const std::string kSmoke = ALLREDUCE_SMOKE_PATH;
 
-// Launch variables the test process may have inherited (a CI job under
-// Slurm or mpirun) would change what the workers detect.
-const std::vector<std::string> kForeignLaunchVars = {"RANK",
-                                                     "WORLD_SIZE",
-                                                     "LOCAL_RANK",
-                                                     "LOCAL_WORLD_SIZE",
-                                                     "GROUP_RANK",
-                                                     "MASTER_ADDR",
-                                                     "MASTER_PORT",
-                                                     "TESSERA_BACKEND",
-                                                     "TESSERA_LAUNCHER",
-                                                     "TESSERA_STORE_HOSTED",
-                                                     "TESSERA_RESTART_COUNT",
-                                                     "SLURM_PROCID",
-                                                     "SLURM_NTASKS",
-                                                     "OMPI_COMM_WORLD_SIZE",
-                                                     "OMPI_COMM_WORLD_RANK",
-                                                     "OMP_NUM_THREADS"};
+const std::vector<std::string>& kForeignLaunchVars = testing::foreignLaunchVariables();
 
 std::vector<std::string> runArgs(std::vector<std::string> flagsAndCommand) {
   flagsAndCommand.insert(flagsAndCommand.begin(), kRun);

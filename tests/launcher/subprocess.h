@@ -54,6 +54,11 @@ ProcessResult runProcess(const std::vector<std::string>& argv, std::chrono::mill
                          const std::map<std::string, std::string>& setEnv = {},
                          const std::vector<std::string>& unsetEnv = {});
 
+// Launch variables the test process may have inherited (a CI job under Slurm
+// or mpirun): unset them for launched jobs, or they would change what the
+// workers detect.
+const std::vector<std::string>& foreignLaunchVariables();
+
 // A loopback TCP port that was free a moment ago (bind to port 0, then close).
 int pickFreePort();
 

@@ -21,11 +21,7 @@ namespace {
 using testing::ProcessResult;
 using testing::runProcess;
 
-// Launch variables the test process may have inherited would change what the workers detect.
-const std::vector<std::string> kForeignLaunchVars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                     "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TESSERA_BACKEND",
-                                                     "TESSERA_LAUNCHER", "TESSERA_STORE_HOSTED",
-                                                     "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"};
+const std::vector<std::string>& kForeignLaunchVars = testing::foreignLaunchVariables();
 
 std::string tempPath(const std::string& name) {
   return ::testing::TempDir() + name + "_" + std::to_string(getpid()) + ".jsonl";

@@ -3,9 +3,12 @@
 #include <gtest/gtest.h>
 
 #include "launcher/train_config.h"
+#include "tests/harness/checks.h"
 
 namespace tessera::launcher {
 namespace {
+
+using testing::configErrorOf;
 
 const std::string kMinimalGpt = R"(
 [model]
@@ -17,17 +20,6 @@ seq_len = 32
 steps = 10
 )";
 
-// The ConfigError `fn` throws (fails the test if it throws none).
-template <typename Fn>
-ConfigError configErrorOf(Fn&& fn) {
-  try {
-    fn();
-  } catch (const ConfigError& e) {
-    return e;
-  }
-  ADD_FAILURE() << "no ConfigError thrown";
-  return ConfigError("<none>", "");
-}
 
 ConfigError parseError(const std::string& toml, const std::vector<std::string>& overrides = {}) {
   return configErrorOf([&] { parseTrainJobConfig(toml, overrides); });

@@ -20,9 +20,12 @@
 #include "tessera/core/error.h"
 #include "tessera/parallel/ddp.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/checks.h"
 
 namespace tessera::parallel {
 namespace {
+
+using testing::expectPerCommSumsToTotal;
 
 constexpr int64_t kIn = 8;
 constexpr int64_t kOut = 4;
@@ -74,16 +77,6 @@ void expectReplicasIdentical(torch::nn::Module& model, const comm::CommPtr& comm
   }
 }
 
-// The per-communicator split of bytes and exposed seconds sums to the totals.
-void expectPerCommSumsToTotal(const DdpSyncStats& stats) {
-  int64_t bytes = 0;
-  double exposed = 0;
-  for (const auto& entry : stats.bytesByComm) bytes += entry.second;
-  for (const auto& entry : stats.exposedSecondsByComm) exposed += entry.second;
-  TESSERA_CHECK_EQ(bytes, stats.bytes);
-  TESSERA_CHECK(std::abs(exposed - stats.exposedSeconds) <= 1e-9 * std::max(1.0, stats.exposedSeconds),
-                "per-comm exposed " << exposed << " s vs total " << stats.exposedSeconds << " s");
-}
 
 // The mean-squared-error gradients of `model` on rows [begin, begin + rows)
 // of (x, y), one tensor per parameter in registration order. No communication.

@@ -27,9 +27,12 @@
 #include "tessera/parallel/device_mesh.h"
 #include "tessera/parallel/fsdp.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/checks.h"
 
 namespace tessera::parallel {
 namespace {
+
+using testing::expectPerCommSumsToTotal;
 
 constexpr double kRelTolerance = 1e-5;
 
@@ -139,16 +142,6 @@ void expectRelNear(double actual, double expected, const std::string& what) {
                 what << ": " << actual << " vs " << expected);
 }
 
-// The per-communicator split of bytes and exposed seconds sums to the totals.
-void expectPerCommSumsToTotal(const DataParallelStats& stats) {
-  int64_t bytes = 0;
-  double exposed = 0;
-  for (const auto& entry : stats.bytesByComm) bytes += entry.second;
-  for (const auto& entry : stats.exposedSecondsByComm) exposed += entry.second;
-  TESSERA_CHECK_EQ(bytes, stats.bytes);
-  TESSERA_CHECK(std::abs(exposed - stats.exposedSeconds) <= 1e-9 * std::max(1.0, stats.exposedSeconds),
-                "per-comm exposed " << exposed << " s vs total " << stats.exposedSeconds << " s");
-}
 
 // `reference`'s parameters grouped as FSDP groups them into units (prefix
 // match; the rest is the root, last; empty groups dropped), in registration order.

@@ -10,9 +10,12 @@
 #include "tessera/core/error.h"
 #include "tessera/parallel/parallelize.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/checks.h"
 
 namespace tessera::parallel {
 namespace {
+
+using testing::configErrorOf;
 
 ParallelConfig configOf(int dpReplicate, int dpShard, const std::string& strategy) {
   ParallelConfig c;
@@ -22,17 +25,6 @@ ParallelConfig configOf(int dpReplicate, int dpShard, const std::string& strateg
   return c;
 }
 
-// The ConfigError `fn` throws (fails the test if it throws none).
-template <typename Fn>
-ConfigError configErrorOf(Fn&& fn) {
-  try {
-    fn();
-  } catch (const ConfigError& e) {
-    return e;
-  }
-  ADD_FAILURE() << "no ConfigError thrown";
-  return ConfigError("<none>", "");
-}
 
 bool mentions(const ConfigError& e, const std::string& text) {
   return std::string(e.what()).find(text) != std::string::npos;

@@ -1,0 +1,42 @@
+// Small checks several test files share (header-only templates).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "tessera/core/config.h"
+#include "tessera/core/error.h"
+
+namespace tessera::testing {
+
+// The ConfigError `fn` throws (fails the test if it throws none).
+template <typename Fn>
+ConfigError configErrorOf(Fn&& fn) {
+  try {
+    fn();
+  } catch (const ConfigError& e) {
+    return e;
+  }
+  ADD_FAILURE() << "no ConfigError thrown";
+  return ConfigError("<none>", "");
+}
+
+// A strategy's per-communicator split (bytesByComm, exposedSecondsByComm)
+// sums to its totals (bytes, exposedSeconds). Stats: DdpSyncStats or
+// DataParallelStats. Throws (TESSERA_CHECK) otherwise, so it works in workers.
+template <typename Stats>
+void expectPerCommSumsToTotal(const Stats& stats) {
+  int64_t bytes = 0;
+  double exposed = 0;
+  for (const auto& entry : stats.bytesByComm) bytes += entry.second;
+  for (const auto& entry : stats.exposedSecondsByComm) exposed += entry.second;
+  TESSERA_CHECK_EQ(bytes, stats.bytes);
+  TESSERA_CHECK(std::abs(exposed - stats.exposedSeconds) <= 1e-9 * std::max(1.0, stats.exposedSeconds),
+                "per-comm exposed " << exposed << " s vs total " << stats.exposedSeconds << " s");
+}
+
+}  // namespace tessera::testing
