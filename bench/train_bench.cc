@@ -76,9 +76,11 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
   double secondsAtWarmup = 0, computeAtWarmup = 0, commAtWarmup = 0;
   parallel::DataParallelStats dpAtWarmup;
   std::map<std::string, CommTraffic> perCommAtWarmup;
+  uint64_t bytesAtWarmup = 0;
   trainer.callbacks().afterStep.push_back([&](const StepReport& r) {
     if (r.step != 1) return;
     perCommAtWarmup = r.comm;
+    bytesAtWarmup = r.commBytes;
     tokensAtWarmup = r.tokens;
     secondsAtWarmup = r.timeSeconds;
     computeAtWarmup = r.computeSeconds;
@@ -118,7 +120,7 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
       .add("comm_total_s", commTotal)
       // Below a millisecond of communication (a world of 1) the fraction is noise.
       .add("overlap_fraction", commTotal > 1e-3 ? std::max(0.0, 1.0 - commExposed / commTotal) : 0.0)
-      .add("comm_bytes", static_cast<int64_t>(last.commBytes))
+      .add("comm_bytes", static_cast<int64_t>(last.commBytes - bytesAtWarmup))  // over the timed steps, like comm
       .add("comm", perComm)
       .add("model_flops_per_s", modelFlops)
       .add("sgemm_peak_flops_per_s", peak)

@@ -5,6 +5,7 @@
 #include "tessera/optim/demo.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard: <ATen/ATen.h> stops including it in libtorch 2.x
 
 #include <algorithm>
 #include <cmath>

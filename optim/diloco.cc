@@ -9,6 +9,7 @@
 #include "tessera/optim/diloco.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard: <ATen/ATen.h> stops including it in libtorch 2.x
 
 #include <algorithm>
 #include <cmath>

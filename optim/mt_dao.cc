@@ -9,6 +9,7 @@
 #include "tessera/optim/mt_dao.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard: <ATen/ATen.h> stops including it in libtorch 2.x
 
 #include <cmath>
 #include <map>

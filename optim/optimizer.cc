@@ -1,6 +1,7 @@
 #include "tessera/optim/optimizer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard: <ATen/ATen.h> stops including it in libtorch 2.x
 
 #include <cmath>
 #include <cstdio>

@@ -1,6 +1,6 @@
 // FullyShardedDataParallel: unit layout, the gather/run/free autograd
-// function with recomputation in backward, the gradient reduce-scatter
-// pipeline, and the DataParallel adapter.
+// function with recomputation in backward, and the gradient reduce-scatter
+// pipeline. (The DataParallel adapter is fsdp_data_parallel.cc.)
 //
 // How a module parameter points at gathered storage: Tensor::set_data (C++'s
 // `param.data = ...`) swaps the parameter's storage and shape while keeping
@@ -598,45 +598,5 @@ DataParallelStats FullyShardedDataParallel::stats() const {
 }
 
 const comm::CommPtr& FullyShardedDataParallel::shardComm() const { return state_->shardComm; }
-
-namespace {
-
-class FsdpDataParallel final : public DataParallel {
- public:
-  template <typename... Args>
-  explicit FsdpDataParallel(bool hybrid, Args&&... args)
-      : hybrid_(hybrid), fsdp_(std::forward<Args>(args)...), shards_(fsdp_.shards()) {}
-  std::string name() const override { return hybrid_ ? "hybrid" : "fsdp"; }
-  std::vector<at::Tensor> optimizerParameters() override { return shards_; }
-  void beforeForward() override { fsdp_.beforeForward(); }
-  void finishGradientSync() override { fsdp_.finishGradientSync(); }
-  double gradNorm() override { return fsdp_.gradNorm(); }
-  std::unique_ptr<NoSyncScope> noSync() override { return fsdp_.noSync(); }
-  DataParallelStats stats() const override { return fsdp_.stats(); }
-  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return fsdp_.shardLayout(); }
-  bool sharded() const override { return true; }
-
- private:
-  bool hybrid_;
-  FullyShardedDataParallel fsdp_;
-  std::vector<at::Tensor> shards_;
-};
-
-bool isHybrid(const comm::CommPtr& replicateComm) { return replicateComm && replicateComm->size() > 1; }
-
-}  // namespace
-
-std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
-                                                   comm::CommPtr replicateComm) {
-  const bool hybrid = isHybrid(replicateComm);
-  return std::make_unique<FsdpDataParallel>(hybrid, gpt, std::move(shardComm), std::move(replicateComm));
-}
-
-std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,
-                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm) {
-  const bool hybrid = isHybrid(replicateComm);
-  return std::make_unique<FsdpDataParallel>(hybrid, module, std::move(units), std::move(shardComm),
-                                            std::move(replicateComm));
-}
 
 }  // namespace tessera::parallel

@@ -198,7 +198,8 @@ start=$(date +%s)
 generator=(-G Ninja)
 [ -f "$root/build/CMakeCache.txt" ] && generator=()
 in_root nice -n 19 cmake -S /src -B /build "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
-in_root nice -n 19 cmake --build /build -j "$jobs"
+# -k 0: one run names every file that fails to compile on this platform, not just the first.
+in_root nice -n 19 cmake --build /build -j "$jobs" -- -k 0
 built=$(date +%s)
 say "build took $((built - start)) s"
 [ "$mode" = build ] && exit 0

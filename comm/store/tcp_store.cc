@@ -1,10 +1,30 @@
 // TcpStore: libtorch's c10d::TCPStore behind tessera's Store interface.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <type_traits>
+
 #include "comm/store/c10d_store.h"
 #include "tessera/core/error.h"
 
 namespace tessera::comm {
+namespace {
+
+// libtorch >= 2.4 defaults TCPStoreOptions::useLibUV to true, and a libtorch
+// built without libuv (Debian 13's 2.6) then refuses to host the store. Pick
+// the classic server everywhere: it exists in every version, and it is the one
+// tessera's store semantics were tested against on 1.13. Detected by member,
+// not by version number, since the field's age differs between builds.
+template <typename Options, typename = void>
+struct HasUseLibUV : std::false_type {};
+template <typename Options>
+struct HasUseLibUV<Options, std::void_t<decltype(std::declval<Options&>().useLibUV)>> : std::true_type {};
+
+template <typename Options>
+void useClassicServer(Options& opts) {
+  if constexpr (HasUseLibUV<Options>::value) opts.useLibUV = false;
+}
+
+}  // namespace
 
 struct TcpStore::Impl {
   std::unique_ptr<detail::C10dStore> store;
@@ -18,6 +38,7 @@ TcpStore::TcpStore(const TcpStoreOptions& options) : impl_(std::make_unique<Impl
   opts.isServer = options.isServer;
   opts.waitWorkers = false;
   opts.timeout = options.timeout;
+  useClassicServer(opts);
   c10::intrusive_ptr<c10d::TCPStore> store;
   const std::string where = options.host + ":" + std::to_string(options.port);
   try {

@@ -135,8 +135,9 @@ TESSERA_WORKER(slices_save_four_ranks) {
   CheckpointOptions options;
   options.dir = ctx.arg("dir");
   options.compressionThreads = 1;
-  Checkpointer ckpt(options, ctx.world());
-  TESSERA_CHECK(ckpt.save(4, savedState(ctx.world()->rank())), "save skipped");
+  const comm::CommPtr world = ctx.world();  // once: each call forms a new group (WorkerContext::world)
+  Checkpointer ckpt(options, world);
+  TESSERA_CHECK(ckpt.save(4, savedState(world->rank())), "save skipped");
   ckpt.wait();
 }
 

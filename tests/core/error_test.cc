@@ -1,6 +1,9 @@
 // core/: checks print both operands and file:line; config errors name the field.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/core/logging.h"

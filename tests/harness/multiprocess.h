@@ -36,7 +36,10 @@ struct WorkerContext {
   std::map<std::string, std::string> args;    // RunOptions::args
   comm::StorePtr store;                       // TCP store client (gloo runs only)
 
-  // The world communicator of the run's backend (collective).
+  // The world communicator of the run's backend (collective). Call it once
+  // per worker and keep the result: every call forms a NEW group under the
+  // same store prefix, and a second one can wait forever for peers that
+  // called it once.
   comm::CommPtr world(comm::Timeout timeout = std::chrono::seconds(60)) const;
   // args[key], or fallback when absent.
   std::string arg(const std::string& key, const std::string& fallback = "") const;

@@ -3,6 +3,7 @@
 // and dropout masks against the same slice of the whole tensor, against
 // values recomputed from the Philox words, and their statistics.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard: <ATen/ATen.h> stops including it in libtorch 2.x
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <gtest/gtest.h>
 
