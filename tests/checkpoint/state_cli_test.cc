@@ -30,19 +30,7 @@ namespace {
 using testing::ProcessResult;
 using testing::runProcess;
 
-const std::vector<std::string> kForeignLaunchVars = {"RANK",
-                                                     "WORLD_SIZE",
-                                                     "LOCAL_RANK",
-                                                     "LOCAL_WORLD_SIZE",
-                                                     "GROUP_RANK",
-                                                     "MASTER_ADDR",
-                                                     "MASTER_PORT",
-                                                     "TESSERA_BACKEND",
-                                                     "TESSERA_LAUNCHER",
-                                                     "TESSERA_STORE_HOSTED",
-                                                     "OMPI_COMM_WORLD_SIZE",
-                                                     "SLURM_PROCID",
-                                                     "SLURM_NTASKS"};
+const std::vector<std::string>& kForeignLaunchVars = testing::foreignLaunchVariables();
 
 // gpt-tiny with 2 layers of width 48 and 4 sequences per rank: seconds per run.
 const std::vector<std::string> kSmallGpt = {"--set", "model.n_layer=2",     "--set", "model.d_model=48",

@@ -162,21 +162,9 @@ int pickFreePort() {
 
 const std::vector<std::string>& foreignLaunchVariables() {
   static const std::vector<std::string> names = {
-      "RANK",
-      "WORLD_SIZE",
-      "LOCAL_RANK",
-      "LOCAL_WORLD_SIZE",
-      "GROUP_RANK",
-      "MASTER_ADDR",
-      "MASTER_PORT",
-      "TESSERA_BACKEND",
-      "TESSERA_LAUNCHER",
-      "TESSERA_STORE_HOSTED",
-      "TESSERA_RESTART_COUNT",
-      "SLURM_PROCID",
-      "SLURM_NTASKS",
-      "OMPI_COMM_WORLD_SIZE",
-      "OMPI_COMM_WORLD_RANK",
+      "RANK",         "WORLD_SIZE",           "LOCAL_RANK",           "LOCAL_WORLD_SIZE",     "GROUP_RANK",
+      "MASTER_ADDR",  "MASTER_PORT",          "TESSERA_BACKEND",      "TESSERA_LAUNCHER",     "TESSERA_STORE_HOSTED",
+      "TESSERA_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS",        "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
       "OMP_NUM_THREADS"};
   return names;
 }
