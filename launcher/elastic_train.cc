@@ -229,7 +229,8 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
   elastic.nodes = std::max(identity.maxNodes, identity.slot + 1);
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath, &elastic);  // collective over the node
   // comm_bytes: the node's own groups plus every epoch's elastic group.
-  built->parts.traffic.push_back(TrafficSource{"elastic", nullptr, [&mesh] { return mesh.bytesSent(); }, {}});
+  built->parts.traffic.push_back(TrafficSource{"elastic", nullptr, [&mesh] { return mesh.bytesSent(); },
+                                               [&mesh] { return mesh.secondsInGroups(); }});
   MetricsWriter* metrics = built->metrics.get();
   mesh.onEvent = [metrics](const std::string& line) { writeEvent(metrics, line); };
 

@@ -30,8 +30,15 @@ uint64_t ElasticMesh::bytesSent() const {
   return retiredBytes_ + (group_ ? group_->stats().totalBytesSent() : 0);
 }
 
+double ElasticMesh::secondsInGroups() const {
+  return retiredSeconds_ + (group_ ? group_->stats().totalSeconds() : 0.0);
+}
+
 void ElasticMesh::dropGroup() {
-  if (group_) retiredBytes_ += group_->stats().totalBytesSent();
+  if (group_) {
+    retiredBytes_ += group_->stats().totalBytesSent();
+    retiredSeconds_ += group_->stats().totalSeconds();
+  }
   group_.reset();
   groupEpoch_ = -1;
 }

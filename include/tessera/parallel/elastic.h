@@ -221,6 +221,10 @@ class ElasticMesh {
   std::function<comm::CommPtr(comm::CommPtr)> wrapGroup;
   // Bytes this process sent on its elastic groups (every epoch's), cumulative.
   uint64_t bytesSent() const;
+  // Seconds this process spent in operations on its elastic groups (every
+  // epoch's), cumulative. The outer all-reduce blocks the training loop, so
+  // all of it is exposed time.
+  double secondsInGroups() const;
   // Attempts the last committed outer step took (1 = no retry).
   int lastAttempts() const { return lastAttempts_; }
 
@@ -251,6 +255,7 @@ class ElasticMesh {
   std::optional<std::chrono::steady_clock::time_point> belowMinSince_;
   int lastAttempts_ = 1;
   uint64_t retiredBytes_ = 0;  // sent on groups already dropped
+  double retiredSeconds_ = 0;  // spent on groups already dropped
 };
 
 }  // namespace tessera::parallel
