@@ -75,8 +75,8 @@ host_security_mirror() {
 # ---- Mounts: every mount under the root is undone on exit --------------------------------
 cleanup() {
   local rc=$? m
-  # Deepest first; also catches mounts the tests made inside (tmpfs, /run/netns).
-  for m in $(awk -v r="$root" '$5 == r || index($5, r "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
+  # Newest first; also catches mounts the tests made inside (tmpfs, /run/netns).
+  for m in $(awk -v r="$root" '$5 == r || index($5, r "/") == 1 { print $5 }' /proc/self/mountinfo | tac); do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || echo "test-debian13: could not unmount $m" >&2
   done
   exit $rc
@@ -97,6 +97,9 @@ mount_ro_bind() {   # source target
   mount -o remount,bind,ro "$2"
 }
 mount_all() {
+  # The root itself becomes a mount point: `ip netns exec` (the namespace tests) remounts "/"
+  # as a slave, which fails with EINVAL in a chroot whose "/" is a plain folder.
+  mount_bind "$root" "$root"
   mount -t proc proc "$root/proc"
   mount -t sysfs sysfs "$root/sys"
   mount_bind /dev "$root/dev"
@@ -106,6 +109,9 @@ mount_all() {
   if [ -d /usr/local/cuda ]; then mount_ro_bind "$(readlink -f /usr/local/cuda)" "$root/usr/local/cuda"; fi
 }
 
+# mpirun as root, oversubscribed (the tests pass --allow-run-as-root --oversubscribe themselves;
+# these cover a bare mpirun in --shell). Checked on OpenMPI 5.0.7: PRTE_MCA_..._mapping_policy
+# is what oversubscribes; OMPI_MCA_rmaps_base_oversubscribe (OpenMPI 4's) is ignored there.
 in_root() {   # command... : runs in the chroot with a clean environment
   local passenv=() v
   for v in $(compgen -e | grep '^TESSERA_' || true); do passenv+=("$v=${!v}"); done
@@ -153,7 +159,10 @@ if [ ! -f "$root/.tessera-root-ready" ]; then
   touch "$root/.tessera-root-ready"
   say "root ready in $(( $(date +%s) - start )) s"
 fi
+# Name resolution as on the host: tessera-run across "nodes" advertises this machine's host
+# name to Gloo, which must resolve (Gloo crashes on a name getaddrinfo does not know).
 cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+cp -L /etc/hosts "$root/etc/hosts" 2>/dev/null || true
 mkdir -p "$root/src" "$root/build" "$root/usr/local/cuda"
 mount_all
 
