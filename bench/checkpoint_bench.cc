@@ -185,7 +185,7 @@ StateDict weightsOfCheckpoint(const std::string& path) {
     else if (t.dtype == "float16") dtype = at::kHalf;
     else if (t.dtype == "float64") dtype = at::kDouble;
     else if (t.dtype != "float32") continue;  // floating-point state only
-    requests.push_back(checkpoint::LoadRequest{name, t.globalShape, dtype});
+    requests.push_back(checkpoint::LoadRequest{name, t.globalShape, dtype, std::nullopt});  // whole tensors
   }
   return checkpoint::load(path, requests, {});
 }
