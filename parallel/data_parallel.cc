@@ -18,13 +18,19 @@ std::vector<at::Tensor> trainableParameters(torch::nn::Module& model) {
   return out;
 }
 
-// One piece per trainable parameter: what it holds of its logical tensor
-// (the whole tensor for plain layers; a sharded layer's declared slice),
-// named as the module names it (a tied tensor once, under its first name).
+// Per trainable parameter what it holds of its logical tensor (the whole
+// tensor for plain layers; a sharded layer's declared pieces, one after the
+// other), named as the module names it (a tied tensor once, under its first name).
 std::vector<std::vector<ParameterPiece>> wholeParameterLayout(torch::nn::Module& model) {
   std::vector<std::vector<ParameterPiece>> layout;
   for (const models::LogicalParameter& p : models::logicalParameters(model)) {
-    layout.push_back({ParameterPiece{p.name, p.globalShape, p.slice, 0}});
+    std::vector<ParameterPiece> pieces;
+    int64_t offset = 0;
+    for (const TensorSlice& slice : p.pieces) {
+      pieces.push_back(ParameterPiece{p.name, p.globalShape, slice, offset});
+      offset += slice.numel;
+    }
+    layout.push_back(std::move(pieces));
   }
   return layout;
 }

@@ -325,7 +325,7 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
   const auto named = module.named_parameters(/*recurse=*/true);
   std::unordered_map<const void*, models::ParameterLayout> logicalOf;
   for (const models::LogicalParameter& p : models::logicalParameters(module)) {
-    logicalOf[p.tensor.unsafeGetTensorImpl()] = models::ParameterLayout{p.globalShape, p.slice};
+    logicalOf[p.tensor.unsafeGetTensorImpl()] = models::ParameterLayout{p.globalShape, p.pieces};
   }
   std::unordered_map<const void*, int> uses;
   for (const auto& item : named) ++uses[item.value().unsafeGetTensorImpl()];
@@ -581,11 +581,14 @@ std::vector<std::vector<ParameterPiece>> FullyShardedDataParallel::shardLayout()
       const int64_t from = std::max(begin, paramBegin);
       const int64_t to = std::min(end, paramEnd);
       if (from >= to) continue;
-      // FSDP's flat shard is a flat range of the parameter's slice of its
-      // logical tensor (the whole box for an unsharded parameter).
+      // FSDP's flat shard is a flat range of the parameter's pieces of its
+      // logical tensor (the whole box for an unsharded parameter; one range
+      // of each of qkv's row blocks under tensor parallelism).
       const models::ParameterLayout& logical = unit.logical[i];
-      pieces.push_back(ParameterPiece{unit.paramNames[i], logical.globalShape,
-                                      logical.slice.narrowFlat(from - paramBegin, to - from), from - begin});
+      for (const models::PlacedSlice& placed : models::slicesOfRange(logical.pieces, from - paramBegin, to - from)) {
+        pieces.push_back(ParameterPiece{unit.paramNames[i], logical.globalShape, placed.slice,
+                                        from - begin + placed.offset});
+      }
     }
     out.push_back(std::move(pieces));
   }

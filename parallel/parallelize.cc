@@ -10,6 +10,7 @@
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
 #include "tessera/parallel/fsdp.h"
+#include "tessera/parallel/tensor_parallel.h"
 
 namespace tessera::parallel {
 
@@ -20,12 +21,11 @@ DataParallelPlan ParallelConfig::resolve(int worldSize, bool localUpdates, const
                        "got '" << backend << "' (valid: auto, gloo, mpi)");
   TESSERA_CHECK_CONFIG(bucket_mb > 0, prefix + "bucket_mb", "must be > 0, got " << bucket_mb);
   mesh.validate(worldSize, prefix);
-  for (MeshAxis axis : {MeshAxis::kPp, MeshAxis::kEp, MeshAxis::kTp}) {
+  for (MeshAxis axis : {MeshAxis::kPp, MeshAxis::kEp}) {
     TESSERA_CHECK_CONFIG(mesh.degree(axis) == 1, prefix + toString(axis),
                          "axis " << toString(axis) << " has degree " << mesh.degree(axis) << " in "
                                  << mesh.describe() << ", but tessera does not run "
-                                 << (axis == MeshAxis::kPp ? "pipeline" : axis == MeshAxis::kEp ? "expert" : "tensor")
-                                 << " parallelism yet (valid: 1)");
+                                 << (axis == MeshAxis::kPp ? "pipeline" : "expert") << " parallelism yet (valid: 1)");
   }
   DataParallelPlan plan;
   plan.strategy = strategy;
@@ -117,13 +117,25 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
   out.plan = config.resolve(mesh.world()->size(), localUpdates);  // the same error on every rank, before any collective
   const DataParallelPlan& plan = out.plan;
 
-  // Steps 1-3 (pipeline split, tensor and expert parallelism) are refused by resolve() until they exist.
+  // Steps 1 and 3 (pipeline split, expert parallelism) are refused by resolve() until they exist.
+  // Step 2: tensor parallelism, before any strategy sees the parameters.
+  const comm::CommPtr tpComm = config.mesh.tp > 1 ? mesh.comm(MeshAxis::kTp) : nullptr;
+  std::set<std::string> tpSharded;
+  if (tpComm) {
+    applyTensorParallel(model, tpComm, config.sequence_parallel);
+    tpSharded = tensorParallelParameters(model.module());
+  }
   // Step 4: data parallelism inside a replica.
   std::string dataGroupName;
   out.dataComm = groupOver(mesh, plan.dataAxes, "dp", &dataGroupName);  // collective when both dp axes are split
   out.dataRank = out.dataComm ? out.dataComm->rank() : 0;
   out.dataRanks = out.dataComm ? out.dataComm->size() : 1;
   out.dp = makeStrategy(plan, config, model.module(), mesh);  // collective: broadcasts rank 0's parameters
+  if (tpComm) {
+    const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+    out.dp = withTensorParallelNorm(std::move(out.dp), std::move(tpSharded), tpComm,
+                                    fsdp ? mesh.comm(MeshAxis::kDpShard) : nullptr);
+  }
   out.executor = makeLocalStepExecutor(model, *out.dp, out.dataRank);
 
   // Step 5 happens in the optimizer; it reduces over the replicas.
@@ -138,6 +150,7 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
   }
   if (out.replicaComm && out.replicas > 1) addTraffic(out.traffic, toString(MeshAxis::kDpReplicate), out.replicaComm);
   addTraffic(out.traffic, dataGroupName, out.dataComm);  // the loop averages losses over it
+  if (tpComm) addTraffic(out.traffic, toString(MeshAxis::kTp), tpComm);
 
   out.reportsMetrics = out.executor->hasLoss();
   for (MeshAxis axis : kMeshAxes) {

@@ -6,6 +6,7 @@
 
 #include "tessera/core/config.h"
 #include "tessera/core/models/init.h"
+#include "tessera/core/models/vocab_parallel_loss.h"
 
 namespace tessera::models {
 
@@ -48,6 +49,19 @@ DropoutKey dropoutKey(const GptConfig& config, GptDropout where, int64_t block) 
 
 }  // namespace
 
+torch::Tensor sequenceDropout(const torch::Tensor& x, double p, bool training, const DropoutKey& key,
+                              ShardGroup* sequence) {
+  if (sequence == nullptr) return dropout(x, p, training, key);
+  // x is rank r's part [r T_r, (r + 1) T_r) of the sequence (dim 1) of a
+  // (B, T, C) activation: draw that part of the whole tensor's mask.
+  std::vector<int64_t> global = x.sizes().vec();
+  const int64_t local = global[1];
+  global[1] *= sequence->size();
+  std::vector<int64_t> offsets(global.size(), 0);
+  offsets[1] = sequence->rank() * local;
+  return dropout(x, p, training, key, global, TensorSlice::box(offsets, x.sizes().vec()));
+}
+
 // ---- Attention ----------------------------------------------------------------
 
 torch::Tensor applyRotary(const torch::Tensor& x, double base) {
@@ -65,6 +79,7 @@ torch::Tensor applyRotary(const torch::Tensor& x, double base) {
 
 CausalSelfAttentionImpl::CausalSelfAttentionImpl(const GptConfig& config, int64_t block)
     : n_head_(config.n_head),
+      head_dim_(config.headDim()),
       rotary_(config.positions == "rotary"),
       rope_base_(config.rope_base),
       dropout_(config.dropout),
@@ -78,23 +93,32 @@ void CausalSelfAttentionImpl::setRandomKey(int64_t step, int64_t microBatch) {
 }
 
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x) {
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
-  const int64_t D = C / n_head_;
-  // (B, T, 3C) -> three (B, T, C) -> (B, H, T, D)
-  const auto parts = qkv->forward(x).split(C, -1);
-  auto q = parts[0].view({B, T, n_head_, D}).transpose(1, 2);  // (B, H, T, D)
-  auto k = parts[1].view({B, T, n_head_, D}).transpose(1, 2);  // (B, H, T, D)
-  const auto v = parts[2].view({B, T, n_head_, D}).transpose(1, 2);  // (B, H, T, D)
+  // Under tensor parallelism qkv is column-parallel by whole heads (its
+  // output is this rank's [q; k; v] heads) and, with sequence parallelism,
+  // gathers the sequence; so widths and lengths are read from its output.
+  const auto qkv_out = qkv->forward(x);  // (B, T, 3 C_r), C_r = C / tp
+  const int64_t B = qkv_out.size(0), T = qkv_out.size(1), C_r = qkv_out.size(2) / 3;
+  const int64_t D = head_dim_;
+  const int64_t H_r = C_r / D;  // this rank's heads
+  // (B, T, 3C_r) -> three (B, T, C_r) -> (B, H_r, T, D)
+  const auto parts = qkv_out.split(C_r, -1);
+  auto q = parts[0].view({B, T, H_r, D}).transpose(1, 2);  // (B, H_r, T, D)
+  auto k = parts[1].view({B, T, H_r, D}).transpose(1, 2);  // (B, H_r, T, D)
+  const auto v = parts[2].view({B, T, H_r, D}).transpose(1, 2);  // (B, H_r, T, D)
   if (rotary_) {
     q = applyRotary(q, rope_base_);
     k = applyRotary(k, rope_base_);
   }
-  auto att = q.matmul(k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(D)));  // (B, H, T, T)
+  auto att = q.matmul(k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(D)));  // (B, H_r, T, T)
   const auto future = torch::ones({T, T}, x.options().dtype(torch::kBool)).triu(1);        // (T, T)
   att = torch::softmax(att.masked_fill(future, -std::numeric_limits<double>::infinity()), -1);
-  att = dropout(att, dropout_, is_training(), probs_key_);                                 // (B, H, T, T)
-  const auto y = att.matmul(v).transpose(1, 2).contiguous().view({B, T, C});  // (B, H, T, D) -> (B, T, C)
-  return proj->forward(y);                                                  // (B, T, C)
+  // The mask of this rank's heads of the (B, H, T, T) probabilities: the
+  // elements one process would draw for them (random.h), whatever tp is.
+  const int64_t h0 = qkv->outputRange().begin / D;
+  att = dropout(att, dropout_, is_training(), probs_key_, {B, n_head_, T, T},
+                TensorSlice::box({0, h0, 0, 0}, {B, H_r, T, T}));                    // (B, H_r, T, T)
+  const auto y = att.matmul(v).transpose(1, 2).contiguous().view({B, T, C_r});  // (B, H_r, T, D) -> (B, T, C_r)
+  return proj->forward(y);  // row-parallel under tp: (B, T, C), or (B, T/tp, C) with sequence parallelism
 }
 
 // ---- Block ------------------------------------------------------------------
@@ -104,9 +128,9 @@ BlockImpl::BlockImpl(const GptConfig& config, int64_t index)
       attn_key_(dropoutKey(config, GptDropout::kAttentionBranch, index)),
       ffn_key_(dropoutKey(config, GptDropout::kFeedForwardBranch, index)) {
   const int64_t C = config.d_model;
-  ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({C})));
+  ln1 = register_module("ln1", LayerNorm(C));
   attn = register_module("attn", CausalSelfAttention(config, index));
-  ln2 = register_module("ln2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({C})));
+  ln2 = register_module("ln2", LayerNorm(C));
   if (config.use_moe) {
     moe = register_module("moe", MoeFeedForward(C, config.mlp_ratio * C, config.moe));
   } else {
@@ -121,12 +145,38 @@ void BlockImpl::setRandomKey(int64_t step, int64_t microBatch) {
 }
 
 BlockOutput BlockImpl::forwardWithAux(const torch::Tensor& x) {
+  // With sequence parallelism x, h and the branches are this rank's
+  // sequence shard (B, T/tp, C); otherwise (B, T, C) on every rank.
   BlockOutput out;
-  auto branch = dropout(attn->forward(ln1->forward(x)), dropout_, is_training(), attn_key_);  // (B, T, C)
-  const auto h = x + branch;                                                                  // (B, T, C)
-  branch = moe ? moe->forward(ln2->forward(h), &out.aux) : mlp->forward(ln2->forward(h));    // (B, T, C)
-  out.x = h + dropout(branch, dropout_, is_training(), ffn_key_);                            // (B, T, C)
+  auto branch = residualDropout(attn->forward(ln1->forward(x)), attn_key_);  // (B, T, C)
+  const auto h = x + branch;                                                 // (B, T, C)
+  branch = moe ? moe->forward(ln2->forward(h), &out.aux) : mlp->forward(ln2->forward(h));  // (B, T, C)
+  out.x = h + residualDropout(branch, ffn_key_);                             // (B, T, C)
   return out;
+}
+
+torch::Tensor BlockImpl::residualDropout(const torch::Tensor& x, const DropoutKey& key) {
+  return sequenceDropout(x, dropout_, is_training(), key, sequence_group_.get());
+}
+
+void BlockImpl::applyTensorParallel(const std::shared_ptr<ShardGroup>& group, bool sequenceParallel) {
+  LayerOptions replicated;  // LayerNorm: whole; on sequence shards its gradients are summed over tp
+  replicated.group = group;
+  replicated.sequence_parallel = sequenceParallel;
+  ln1->shard(replicated);
+  ln2->shard(replicated);
+  LayerOptions column = replicated;
+  column.sharding = Sharding::kColumn;
+  LayerOptions row = replicated;
+  row.sharding = Sharding::kRow;
+  LayerOptions qkv = column;
+  qkv.fused_blocks = 3;  // rows [q; k; v]: every rank takes the same whole heads of each
+  attn->qkv->shard(qkv);
+  attn->proj->shard(row);
+  TESSERA_CHECK_ARG(mlp, "tensor parallelism of an MoE block comes with expert parallelism (issue 17)");
+  mlp->fc->shard(column);
+  mlp->proj->shard(row);
+  if (sequenceParallel) sequence_group_ = group;
 }
 
 // ---- Model ------------------------------------------------------------------
@@ -140,7 +190,7 @@ GptImpl::GptImpl(const GptConfig& config) : config_(config) {
   }
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < config_.n_layer; ++i) blocks->push_back(Block(config_, i));
-  ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({config_.d_model})));
+  ln_f = register_module("ln_f", LayerNorm(config_.d_model));
   if (!config_.tie_weights) {
     head = register_module("head", Linear(config_.d_model, config_.vocab_size, /*bias=*/false));
   }
@@ -170,35 +220,101 @@ void GptImpl::initParameters() {
   });
 }
 
+void GptImpl::applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequenceParallel) {
+  TESSERA_CHECK_ARG(group != nullptr, "Gpt::applyTensorParallel needs a group");
+  TESSERA_CHECK_ARG(!tp_group_, "Gpt::applyTensorParallel: the model is already split over " << tp_group_->name());
+  const int64_t tp = group->size();
+  const std::string axis = "parallel." + group->name();
+  TESSERA_CHECK_CONFIG(config_.n_head % tp == 0, "model.n_head",
+                       "tensor parallelism splits attention by whole heads: n_head (" << config_.n_head
+                           << ") must be divisible by " << axis << " (" << tp << ")");
+  TESSERA_CHECK_CONFIG(!config_.use_moe, "model.use_moe",
+                       "tensor parallelism inside experts (TED) comes with expert parallelism (issue 17); with "
+                           << axis << " = " << tp << " use a dense model");
+  const int64_t chunk = (config_.vocab_size + tp - 1) / tp;
+  TESSERA_CHECK_CONFIG(config_.vocab_size > (tp - 1) * chunk, "model.vocab_size",
+                       "the vocabulary (" << config_.vocab_size << ") padded to a multiple of " << axis << " ("
+                           << tp << ") leaves the last rank no row; use a smaller " << axis);
+  if (tp == 1 && !sequenceParallel) return;  // nothing to split
+
+  LayerOptions replicated;  // whole parameters; on sequence shards their gradients are summed over tp
+  replicated.group = group;
+  replicated.sequence_parallel = sequenceParallel;
+  LayerOptions vocabulary = replicated;
+  vocabulary.sharding = Sharding::kVocabulary;
+  wte->shard(vocabulary);
+  if (wpe && sequenceParallel) wpe->shard(replicated);
+  for (size_t i = 0; i < blocks->size(); ++i) blocks[i]->as<BlockImpl>()->applyTensorParallel(group, sequenceParallel);
+  ln_f->shard(replicated);
+  if (head) {
+    LayerOptions column = replicated;
+    column.sharding = Sharding::kColumn;  // the vocabulary split as wte's (shardRange)
+    head->shard(column);
+  }
+  tp_group_ = std::move(group);
+  sequence_parallel_ = sequenceParallel;
+}
+
 GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
   TESSERA_CHECK_ARG(idx.dim() == 2 && idx.scalar_type() == torch::kLong,
                     "Gpt::forward wants (B, T) int64 token ids, got " << idx.sizes() << " " << idx.scalar_type());
   const int64_t T = idx.size(1);
   TESSERA_CHECK_ARG(T <= config_.block_size, "sequence length " << T << " exceeds block_size " << config_.block_size);
-  auto x = wte->forward(idx);  // (B, T, C)
-  if (wpe) x = x + wpe->forward(torch::arange(T, idx.options()));  // (B, T, C) + (T, C)
-  x = dropout(x, config_.dropout, is_training(), embedding_key_);  // (B, T, C)
+  ShardGroup* sequence = sequence_parallel_ ? tp_group_.get() : nullptr;
+  int64_t t0 = 0, T_r = T;  // this rank's positions [t0, t0 + T_r)
+  if (sequence != nullptr) {
+    TESSERA_CHECK_ARG(T % sequence->size() == 0, "sequence parallelism splits the sequence over "
+                                                     << sequence->name() << " (" << sequence->size()
+                                                     << " ranks): length " << T << " is not divisible");
+    T_r = T / sequence->size();
+    t0 = sequence->rank() * T_r;
+  }
+  auto x = wte->forward(idx);  // (B, T_r, C): under tp summed (or reduce-scattered) over the vocabulary shards
+  if (wpe) x = x + wpe->forward(torch::arange(t0, t0 + T_r, idx.options()));  // (B, T_r, C) + (T_r, C)
+  x = sequenceDropout(x, config_.dropout, is_training(), embedding_key_, sequence);  // (B, T_r, C)
   GptOutput out;
   for (size_t i = 0; i < blocks->size(); ++i) {
     BlockOutput block = block_runner_ ? block_runner_(static_cast<int64_t>(i), x)
                                       : blocks[i]->as<BlockImpl>()->forwardWithAux(x);
-    x = block.x;  // (B, T, C)
+    x = block.x;  // (B, T_r, C)
     if (block.aux.defined()) out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux : block.aux;
   }
-  x = ln_f->forward(x);                                     // (B, T, C)
-  out.logits = head ? head->forward(x) : wte->attend(x);   // (B, T, V)
+  x = ln_f->forward(x);                                    // (B, T_r, C)
+  out.logits = head ? head->forward(x) : wte->attend(x);   // (B, T, V), or this rank's (B, T, V_r)
+  out.vocab_begin = head ? head->outputRange().begin : wte->vocabRange().begin;
   if (!out.aux_loss.defined()) out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat));
   return out;
 }
 
-torch::Tensor GptImpl::forward(const torch::Tensor& idx) { return forwardWithAux(idx).logits; }
+torch::Tensor GptImpl::forward(const torch::Tensor& idx) {
+  GptOutput out = forwardWithAux(idx);
+  if (!tp_group_ || tp_group_->size() == 1) return out.logits;
+  // Every rank's columns padded to the common chunk (the last may hold
+  // fewer, shardRange), gathered in rank order, then the padding cut.
+  const int64_t V = config_.vocab_size;
+  const int64_t chunk = (V + tp_group_->size() - 1) / tp_group_->size();
+  const int64_t held = out.logits.size(-1);
+  at::Tensor local = out.logits;
+  if (held < chunk) {
+    local = at::cat({local, at::zeros({local.size(0), local.size(1), chunk - held}, local.options())}, -1);
+  }
+  return tp_group_->gatherFromShards(local, -1).narrow(-1, 0, V);  // (B, T, V)
+}
 
 torch::Tensor GptImpl::loss(const torch::Tensor& idx, const torch::Tensor& targets) {
   TESSERA_CHECK_ARG(targets.sizes() == idx.sizes(),
                     "targets " << targets.sizes() << " must have the shape of idx " << idx.sizes());
   const auto out = forwardWithAux(idx);
-  const auto ce = torch::cross_entropy_loss(out.logits.reshape({-1, config_.vocab_size}),  // (B*T, V)
-                                            targets.reshape({-1}));                     // (B*T)
+  torch::Tensor ce;
+  if (tp_group_ && tp_group_->size() > 1) {
+    const int64_t held = out.logits.size(-1);
+    ce = vocabParallelCrossEntropy(out.logits.reshape({-1, held}), targets.reshape({-1}), out.vocab_begin,
+                                   *tp_group_)
+             .mean();
+  } else {
+    ce = torch::cross_entropy_loss(out.logits.reshape({-1, config_.vocab_size}),  // (B*T, V)
+                                   targets.reshape({-1}));                     // (B*T)
+  }
   if (!config_.use_moe) return ce;
   return ce + config_.moe.aux_loss_weight * out.aux_loss;
 }

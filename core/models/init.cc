@@ -83,11 +83,20 @@ void initializeParameters(torch::nn::Module& root, uint64_t seed, const InitRule
         target.fill_(init.a);
         break;
       case ParameterInit::Kind::kNormal:
-        target.copy_(initNormalSlice(seed, p.name, p.globalShape, p.slice, init.b, init.a).view(target.sizes()));
+      case ParameterInit::Kind::kUniform: {
+        // Piece by piece into the parameter's flat memory (ParameterLayout's order).
+        at::Tensor flat = target.view({-1});
+        int64_t offset = 0;
+        for (const TensorSlice& slice : p.pieces) {
+          const at::Tensor values =
+              init.kind == ParameterInit::Kind::kNormal
+                  ? initNormalSlice(seed, p.name, p.globalShape, slice, init.b, init.a)
+                  : initUniformSlice(seed, p.name, p.globalShape, slice, init.a, init.b);
+          flat.narrow(0, offset, slice.numel).copy_(values.reshape({-1}));
+          offset += slice.numel;
+        }
         break;
-      case ParameterInit::Kind::kUniform:
-        target.copy_(initUniformSlice(seed, p.name, p.globalShape, p.slice, init.a, init.b).view(target.sizes()));
-        break;
+      }
     }
   }
 }

@@ -1,6 +1,8 @@
 // Validation of LayerOptions: which modes this build implements.
 #include "tessera/core/models/layer_options.h"
 
+#include <algorithm>
+
 #include "tessera/core/error.h"
 
 namespace tessera::models {
@@ -25,23 +27,36 @@ const char* toString(Precision precision) {
   return "?";
 }
 
-void LayerOptions::validate(const std::string& layer, bool embedding) const {
+ShardRange shardRange(int64_t n, int64_t parts, int64_t index) {
+  TESSERA_CHECK_ARG(n >= 1 && parts >= 1 && index >= 0 && index < parts,
+                    "shardRange: need n >= 1, parts >= 1 and 0 <= index < parts, got n = "
+                        << n << ", parts = " << parts << ", index = " << index);
+  const int64_t chunk = (n + parts - 1) / parts;  // Megatron: pad n to a multiple of parts
+  const int64_t begin = index * chunk;
+  TESSERA_CHECK_ARG(begin < n, "shardRange: " << n << " rows padded to " << chunk * parts << " for " << parts
+                                              << " ranks leave rank " << index << " no row (use fewer ranks, "
+                                              << "or at least " << (parts - 1) * chunk + 1 << " rows)");
+  return ShardRange{begin, std::min(chunk, n - begin)};
+}
+
+void LayerOptions::validate(const std::string& layer, Kind kind) const {
   const bool linearSharding = sharding == Sharding::kColumn || sharding == Sharding::kRow;
-  TESSERA_CHECK_ARG(!(embedding && linearSharding),
-                    layer << ": an embedding can be sharded along the vocabulary only, not by "
-                          << toString(sharding));
-  TESSERA_CHECK_ARG(!(!embedding && sharding == Sharding::kVocabulary),
+  TESSERA_CHECK_ARG(!(kind != Kind::kLinear && linearSharding),
+                    layer << ": column and row sharding are for linear layers, not " << toString(sharding));
+  TESSERA_CHECK_ARG(!(kind != Kind::kEmbedding && sharding == Sharding::kVocabulary),
                     layer << ": vocabulary sharding is for embeddings; a linear layer is sharded by column or row");
   TESSERA_CHECK_ARG(sharding == Sharding::kNone || group != nullptr,
                     layer << ": " << toString(sharding) << " sharding needs the ShardGroup it is split over");
+  TESSERA_CHECK_ARG(!sequence_parallel || group != nullptr,
+                    layer << ": sequence parallelism needs the ShardGroup the sequence is split over");
+  TESSERA_CHECK_ARG(fused_blocks >= 1, layer << ": fused_blocks must be >= 1, got " << fused_blocks);
+  TESSERA_CHECK_ARG(fused_blocks == 1 || sharding == Sharding::kColumn,
+                    layer << ": fused_blocks (" << fused_blocks << ") needs column sharding, got "
+                          << toString(sharding));
   TESSERA_CHECK_ARG(weight_grad != WeightGrad::kDeferred || weight_grad_store != nullptr,
                     layer << ": a deferred weight gradient needs the WeightGradStore that runs it");
   // Modes whose implementation arrives with a later issue. Each fails here
   // rather than computing the plain layer under a name that promises more.
-  if (sharding != Sharding::kNone) {
-    throw NotSupported(layer + ": " + toString(sharding) +
-                       " sharding is not implemented yet (tensor parallelism, issue 14); use Sharding::kNone");
-  }
   if (precision == Precision::kBf16 || precision == Precision::kFp8) {
     throw NotSupported(layer + ": " + toString(precision) +
                        " precision is not implemented yet (mixed precision, issue 18); use kDefault or kFp32");

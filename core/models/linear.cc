@@ -1,4 +1,4 @@
-// tessera's Linear: the plain (unsharded, ordinary autograd) implementation.
+// tessera's Linear: the plain layer and its column- and row-parallel modes.
 #include "tessera/core/models/linear.h"
 
 #include <ATen/ATen.h>
@@ -20,28 +20,105 @@ at::Tensor applyLinear(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias, LayerOptions options)
-    : in_features_(in_features), out_features_(out_features), options_(std::move(options)) {
+    : in_features_(in_features), out_features_(out_features) {
   TESSERA_CHECK_ARG(in_features >= 1 && out_features >= 1,
                     "Linear needs in_features and out_features >= 1, got " << in_features << " and "
                                                                            << out_features);
-  options_.validate("Linear(" + std::to_string(in_features) + ", " + std::to_string(out_features) + ")",
-                    /*embedding=*/false);
   // torch::nn::Linear's default (kaiming_uniform with a = sqrt(5), which is
   // U(-1/sqrt(in), 1/sqrt(in))), so a layer used alone behaves like torch's.
   const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
   weight = register_parameter("weight", at::empty({out_features, in_features}).uniform_(-bound, bound));
-  weight_layout_ = {{out_features, in_features}, TensorSlice::whole({out_features, in_features})};
-  if (with_bias) {
-    bias = register_parameter("bias", at::empty({out_features}).uniform_(-bound, bound));
-    bias_layout_ = {{out_features}, TensorSlice::whole({out_features})};
+  if (with_bias) bias = register_parameter("bias", at::empty({out_features}).uniform_(-bound, bound));
+  options.validate("Linear(" + std::to_string(in_features) + ", " + std::to_string(out_features) + ")",
+                   LayerOptions::Kind::kLinear);
+  setLayouts();
+  if (options.sharding != Sharding::kNone) {
+    shard(std::move(options));
+  } else {
+    options_ = std::move(options);
+  }
+}
+
+ShardRange LinearImpl::outputRange() const {
+  if (options_.sharding != Sharding::kColumn) return {0, out_features_};
+  return shardRange(out_features_ / options_.fused_blocks, options_.group->size(), options_.group->rank());
+}
+
+ShardRange LinearImpl::inputRange() const {
+  if (options_.sharding != Sharding::kRow) return {0, in_features_};
+  return shardRange(in_features_, options_.group->size(), options_.group->rank());
+}
+
+void LinearImpl::setLayouts() {
+  const int64_t blocks = options_.fused_blocks;
+  const int64_t blockRows = out_features_ / blocks;
+  const ShardRange out = outputRange();
+  const ShardRange in = inputRange();
+  weight_layout_ = {{out_features_, in_features_}, {}};
+  bias_layout_ = {{out_features_}, {}};
+  for (int64_t k = 0; k < blocks; ++k) {
+    weight_layout_.pieces.push_back(TensorSlice::box({k * blockRows + out.begin, in.begin}, {out.size, in.size}));
+    bias_layout_.pieces.push_back(TensorSlice::box({k * blockRows + out.begin}, {out.size}));
+  }
+}
+
+void LinearImpl::shard(LayerOptions options) {
+  const std::string layer = "Linear(" + std::to_string(in_features_) + ", " + std::to_string(out_features_) + ")";
+  TESSERA_CHECK_ARG(options_.sharding == Sharding::kNone,
+                    layer << " is already " << toString(options_.sharding) << "-sharded; shard() takes a whole layer");
+  options.validate(layer, LayerOptions::Kind::kLinear);
+  TESSERA_CHECK_ARG(out_features_ % options.fused_blocks == 0,
+                    layer << ": " << out_features_ << " outputs do not split into " << options.fused_blocks
+                          << " fused blocks");
+  options_ = std::move(options);
+  const ShardRange out = outputRange();  // throws when a rank would hold nothing
+  const ShardRange in = inputRange();
+  setLayouts();
+  at::NoGradGuard no_grad;
+  if (options_.sharding == Sharding::kColumn) {
+    const int64_t blockRows = out_features_ / options_.fused_blocks;
+    std::vector<at::Tensor> rows, biasRows;
+    for (int64_t k = 0; k < options_.fused_blocks; ++k) {
+      rows.push_back(weight.narrow(0, k * blockRows + out.begin, out.size));
+      if (bias.defined()) biasRows.push_back(bias.narrow(0, k * blockRows + out.begin, out.size));
+    }
+    weight.set_data(at::cat(rows, 0).contiguous());  // (blocks * out_r, in)
+    if (bias.defined()) bias.set_data(at::cat(biasRows, 0).contiguous());
+  } else if (options_.sharding == Sharding::kRow) {
+    weight.set_data(weight.narrow(1, in.begin, in.size).contiguous());  // (out, in_r); bias stays whole
   }
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  TESSERA_CHECK_ARG(x.dim() >= 1 && x.size(-1) == in_features_,
-                    "Linear(" << in_features_ << ", " << out_features_ << ") wants (..., " << in_features_
-                              << ") inputs, got " << x.sizes());
-  return applyLinear(x, weight, bias, options_);  // (..., out)
+  const int64_t in = inputRange().size;
+  TESSERA_CHECK_ARG(x.dim() >= 1 && x.size(-1) == in,
+                    "Linear(" << in_features_ << ", " << out_features_ << ")"
+                              << (options_.sharding == Sharding::kRow ? " row-parallel" : "") << " wants (..., "
+                              << in << ") inputs, got " << x.sizes());
+  ShardGroup* group = options_.group.get();
+  const bool sequence = options_.sequence_parallel;
+  const int64_t seqDim = x.dim() - 2;  // (..., T, C)
+  switch (options_.sharding) {
+    case Sharding::kColumn: {
+      // f (or the sequence gather) at the block's entry; no communication after.
+      const at::Tensor whole = sequence ? group->gatherFromSequence(x, seqDim) : group->copyToShards(x);
+      return applyLinear(whole, weight, bias, options_);  // (..., blocks * out_r)
+    }
+    case Sharding::kRow: {
+      // Partial products over this rank's inputs, summed (or reduce-scattered
+      // along the sequence) at the block's exit; the bias once, after the sum.
+      const at::Tensor partial = applyLinear(x, weight, at::Tensor(), options_);  // (..., out)
+      at::Tensor y = sequence ? group->reduceScatterToSequence(partial, seqDim) : group->reduceFromShards(partial);
+      if (bias.defined()) y = y + (sequence ? group->copyToShards(bias) : bias);
+      return y;
+    }
+    default: {
+      if (!sequence) return applyLinear(x, weight, bias, options_);  // (..., out)
+      // A replicated layer on this rank's sequence shard: its gradients are partial sums.
+      return applyLinear(x, group->copyToShards(weight), bias.defined() ? group->copyToShards(bias) : bias,
+                         options_);
+    }
+  }
 }
 
 const ParameterLayout* LinearImpl::parameterLayout(const std::string& local_name) const {

@@ -3,6 +3,7 @@
 
 #include <torch/nn/module.h>
 
+#include <algorithm>
 #include <unordered_set>
 
 #include "tessera/core/error.h"
@@ -24,15 +25,22 @@ void collect(torch::nn::Module& module, const std::string& prefix, std::unordere
     const ParameterLayout* layout = declared != nullptr ? declared->parameterLayout(item.key()) : nullptr;
     if (layout == nullptr) {
       p.globalShape = tensor.sizes().vec();
-      p.slice = TensorSlice::whole(p.globalShape);
+      p.pieces = {TensorSlice::whole(p.globalShape)};
     } else {
       p.globalShape = layout->globalShape;
-      p.slice = layout->slice;
-      p.slice.check(p.globalShape, "parameter '" + p.name + "'");
-      const bool fits = p.slice.isWholeBox() ? tensor.sizes().vec() == p.slice.sizes
-                                             : tensor.dim() == 1 && tensor.numel() == p.slice.numel;
+      p.pieces = layout->pieces;
+      TESSERA_CHECK_ARG(!p.pieces.empty(), "parameter '" << p.name << "': its layer declares no slice");
+      std::string text;
+      for (const TensorSlice& slice : p.pieces) {
+        slice.check(p.globalShape, "parameter '" + p.name + "'");
+        text += (text.empty() ? "" : " + ") + slice.text();
+      }
+      const TensorSlice& first = p.pieces.front();
+      const bool fits = p.pieces.size() == 1 && first.isWholeBox() ? tensor.sizes().vec() == first.sizes
+                        : p.pieces.size() == 1 ? tensor.dim() == 1 && tensor.numel() == first.numel
+                                               : tensor.numel() == layout->numel();
       TESSERA_CHECK_ARG(fits, "parameter '" << p.name << "' has shape " << tensor.sizes()
-                                            << " but its layer declares the slice " << p.slice.text() << " of "
+                                            << " but its layer declares the slice " << text << " of "
                                             << shapeText(p.globalShape));
     }
     out.push_back(std::move(p));
@@ -43,6 +51,31 @@ void collect(torch::nn::Module& module, const std::string& prefix, std::unordere
 }
 
 }  // namespace
+
+ParameterLayout ParameterLayout::whole(const std::vector<int64_t>& shape) {
+  return ParameterLayout{shape, {TensorSlice::whole(shape)}};
+}
+
+int64_t ParameterLayout::numel() const {
+  int64_t total = 0;
+  for (const TensorSlice& slice : pieces) total += slice.numel;
+  return total;
+}
+
+std::vector<PlacedSlice> slicesOfRange(const std::vector<TensorSlice>& pieces, int64_t offset, int64_t numel) {
+  std::vector<PlacedSlice> out;
+  int64_t begin = 0;  // of the current piece, in the parameter's flat memory
+  const int64_t end = offset + numel;
+  for (const TensorSlice& slice : pieces) {
+    const int64_t from = std::max(offset, begin), to = std::min(end, begin + slice.numel);
+    if (from < to) out.push_back(PlacedSlice{slice.narrowFlat(from - begin, to - from), from - offset});
+    begin += slice.numel;
+  }
+  TESSERA_CHECK_ARG(offset >= 0 && numel >= 0 && end <= begin,
+                    "slicesOfRange: elements [" << offset << ", " << end << ") exceed the " << begin
+                                                << " elements of the pieces");
+  return out;
+}
 
 std::vector<LogicalParameter> logicalParameters(torch::nn::Module& root) {
   std::vector<LogicalParameter> out;

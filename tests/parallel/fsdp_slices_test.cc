@@ -22,7 +22,7 @@ at::Tensor globalWeight() { return (torch::arange(4).unsqueeze(1) * 10 + torch::
 // split in two would, and says so through DeclaresParameterLayout.
 class ColumnHalf : public torch::nn::Module, public models::DeclaresParameterLayout {
  public:
-  ColumnHalf() : layout_{{4, 6}, TensorSlice::box({0, 3}, {4, 3})} {
+  ColumnHalf() : layout_{{4, 6}, {TensorSlice::box({0, 3}, {4, 3})}} {
     weight = register_parameter("weight", globalWeight().narrow(1, 3, 3).contiguous());
     bias = register_parameter("bias", torch::zeros({4}));
   }

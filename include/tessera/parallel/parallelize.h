@@ -11,8 +11,8 @@
 //                           dp_replicate)  or replicate over dp_replicate (DDP, hybrid)
 //   5. DiLoCo / elastic    (dp_replicate)  across replicas: the communication-light optimizers
 //                                          (optim/) average over replicaComm, built after this
-// Steps 1-3 are not built yet: validate() refuses pp, tp, ep > 1 with an
-// error naming the axis. Step 5 is the optimizer's (it needs the strategy's
+// Steps 1 and 3 are not built yet: validate() refuses pp, ep > 1 with an
+// error naming the axis. Step 2 is tensor_parallel.h. Step 5 is the optimizer's (it needs the strategy's
 // tensors): parallelize() hands it replicaComm.
 //
 // The strategy string and the degrees are reconciled once, in
@@ -52,6 +52,10 @@ struct ParallelConfig {
   std::string strategy = "ddp";
   double bucket_mb = 25;              // DDP gradient bucket size in MiB; > 0
   std::string backend = "auto";       // communicator: "auto", "gloo" or "mpi" (see InitOptions::backend)
+  // With tp > 1: split the activations between TP blocks along the sequence
+  // (Megatron's sequence parallelism); the sequence length must divide by tp.
+  // No effect with tp = 1.
+  bool sequence_parallel = false;
 
   // The single validation of the section: keys, degrees against worldSize
   // (MeshShape::validate with this prefix), and the strategy against the

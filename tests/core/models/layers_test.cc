@@ -11,6 +11,7 @@
 #include "tessera/core/error.h"
 #include "tessera/core/models/embedding.h"
 #include "tessera/core/models/init.h"
+#include "tessera/core/models/layer_norm.h"
 #include "tessera/core/models/linear.h"
 #include "tessera/core/models/logical_parameters.h"
 
@@ -71,15 +72,27 @@ TEST(LinearTest, Fp32PrecisionCastsOperandsUp) {
   EXPECT_EQ(plain->forward(x).scalar_type(), at::kDouble);
 }
 
-// A group that is never called: these modes are rejected before any collective.
-class UnusedGroup : public ShardGroup {
+// A group of `size` ranks seen from rank `rank` whose regions are never
+// called: these tests look at the slices layers take, before any collective
+// (tests/parallel/tensor_parallel_test.cc runs the real ones).
+class NoCommGroup : public ShardGroup {
  public:
-  int64_t rank() const override { return 0; }
-  int64_t size() const override { return 2; }
+  NoCommGroup(int64_t rank, int64_t size) : rank_(rank), size_(size) {}
+  int64_t rank() const override { return rank_; }
+  int64_t size() const override { return size_; }
   std::string name() const override { return "tp"; }
-  at::Tensor copyToShards(const at::Tensor& x) override { return x; }
-  at::Tensor reduceFromShards(const at::Tensor& x) override { return x; }
-  at::Tensor gatherFromShards(const at::Tensor& x, int64_t) override { return x; }
+  at::Tensor copyToShards(const at::Tensor&) override { return fail(); }
+  at::Tensor reduceFromShards(const at::Tensor&) override { return fail(); }
+  at::Tensor scatterToShards(const at::Tensor&, int64_t) override { return fail(); }
+  at::Tensor gatherFromShards(const at::Tensor&, int64_t) override { return fail(); }
+  at::Tensor gatherFromSequence(const at::Tensor&, int64_t) override { return fail(); }
+  at::Tensor reduceScatterToSequence(const at::Tensor&, int64_t) override { return fail(); }
+  at::Tensor allReduceSum(const at::Tensor&) override { return fail(); }
+  at::Tensor allReduceMax(const at::Tensor&) override { return fail(); }
+
+ private:
+  static at::Tensor fail() { throw std::logic_error("NoCommGroup: no collective expected"); }
+  int64_t rank_, size_;
 };
 
 class UnusedStore : public WeightGradStore {
@@ -96,21 +109,27 @@ void expectNotSupportedNaming(const std::function<void()>& build, const std::str
   }
 }
 
-TEST(LayerOptionsTest, LaterModesFailNamingTheirIssue) {
+TEST(LayerOptionsTest, ShardingNeedsAGroupAndTheRightLayerKind) {
   LayerOptions column;
   column.sharding = Sharding::kColumn;
   EXPECT_THROW(Linear(4, 4, true, column), InvalidArgument);  // no group
-  column.group = std::make_shared<UnusedGroup>();
-  expectNotSupportedNaming([&] { Linear(4, 4, true, column); }, "issue 14");
+  column.group = std::make_shared<NoCommGroup>(0, 2);
   LayerOptions row = column;
   row.sharding = Sharding::kRow;
-  expectNotSupportedNaming([&] { Linear(4, 4, true, row); }, "issue 14");
   EXPECT_THROW(Embedding(8, 4, row), InvalidArgument);  // an embedding is split by vocabulary only
   LayerOptions vocabulary = column;
   vocabulary.sharding = Sharding::kVocabulary;
-  expectNotSupportedNaming([&] { Embedding(8, 4, vocabulary); }, "issue 14");
   EXPECT_THROW(Linear(4, 4, true, vocabulary), InvalidArgument);
+  LayerOptions fusedRow = row;
+  fusedRow.fused_blocks = 3;
+  EXPECT_THROW(Linear(4, 6, true, fusedRow), InvalidArgument);  // fused blocks are a column split
+  Linear twice(4, 4, true, column);
+  EXPECT_THROW(twice->shard(column), InvalidArgument);
+  LayerOptions norm = column;
+  EXPECT_THROW(LayerNorm(4, norm), InvalidArgument);  // a LayerNorm is replicated
+}
 
+TEST(LayerOptionsTest, LaterModesFailNamingTheirIssue) {
   for (Precision precision : {Precision::kBf16, Precision::kFp8}) {
     LayerOptions options;
     options.precision = precision;
@@ -121,6 +140,70 @@ TEST(LayerOptionsTest, LaterModesFailNamingTheirIssue) {
   EXPECT_THROW(Linear(4, 4, true, deferred), InvalidArgument);  // no store
   deferred.weight_grad_store = std::make_shared<UnusedStore>();
   expectNotSupportedNaming([&] { Linear(4, 4, true, deferred); }, "issue 16");
+}
+
+TEST(ShardRangeTest, MegatronPaddedPartition) {
+  // Divisible: equal parts.
+  EXPECT_EQ(shardRange(12, 3, 1).begin, 4);
+  EXPECT_EQ(shardRange(12, 3, 1).size, 4);
+  // 11 rows over 3: padded to 12, chunks of 4; the last holds 3.
+  EXPECT_EQ(shardRange(11, 3, 2).begin, 8);
+  EXPECT_EQ(shardRange(11, 3, 2).size, 3);
+  // 5 rows over 4: chunks of 2 leave rank 3 nothing.
+  EXPECT_THROW(shardRange(5, 4, 3), InvalidArgument);
+  EXPECT_THROW(shardRange(5, 0, 0), InvalidArgument);
+}
+
+TEST(ShardedLayersTest, EachRankHoldsItsSliceOfTheWholeValues) {
+  torch::manual_seed(3);
+  Linear whole(4, 6);
+  const at::Tensor W = whole->weight.detach().clone(), b = whole->bias.detach().clone();
+  // qkv-like: 3 fused blocks of 2 rows over 2 ranks; rank 1 holds row 1 of each block.
+  Linear qkv(4, 6);
+  qkv->weight.detach().copy_(W);
+  qkv->bias.detach().copy_(b);
+  const at::Tensor handle = qkv->weight;  // references stay valid: shard() changes the tensor in place
+  LayerOptions fused;
+  fused.sharding = Sharding::kColumn;
+  fused.group = std::make_shared<NoCommGroup>(1, 2);
+  fused.fused_blocks = 3;
+  qkv->shard(fused);
+  EXPECT_TRUE(handle.is_same(qkv->weight));
+  EXPECT_TRUE(at::equal(qkv->weight, at::cat({W.narrow(0, 1, 1), W.narrow(0, 3, 1), W.narrow(0, 5, 1)})));
+  EXPECT_TRUE(at::equal(qkv->bias, at::stack({b[1], b[3], b[5]})));
+  torch::nn::Module root;
+  root.register_module("qkv", qkv);
+  const auto params = logicalParameters(root);
+  ASSERT_EQ(params[0].pieces.size(), 3u);
+  EXPECT_EQ(params[0].globalShape, (std::vector<int64_t>{6, 4}));
+  EXPECT_EQ(params[0].pieces[2], TensorSlice::box({5, 0}, {1, 4}));
+  EXPECT_EQ(params[1].pieces[1], TensorSlice::box({3}, {1}));
+  // initializeParameters fills every piece with its part of the whole init.
+  initializeParameters(root, 5, [](const LogicalParameter&) { return ParameterInit::normal(1.0); });
+  const at::Tensor init = initNormalSlice(5, "qkv.weight", {6, 4}, TensorSlice::whole({6, 4}), 1.0);
+  EXPECT_TRUE(at::equal(qkv->weight, at::cat({init.narrow(0, 1, 1), init.narrow(0, 3, 1), init.narrow(0, 5, 1)})));
+
+  // Row-parallel: columns [2, 4) of W, the whole bias.
+  Linear row(4, 6);
+  row->weight.detach().copy_(W);
+  LayerOptions rowOptions = fused;
+  rowOptions.sharding = Sharding::kRow;
+  rowOptions.fused_blocks = 1;
+  row->shard(rowOptions);
+  EXPECT_TRUE(at::equal(row->weight, W.narrow(1, 2, 2)));
+  EXPECT_EQ(row->bias.numel(), 6);
+  EXPECT_EQ(row->inputRange().begin, 2);
+
+  // Vocabulary: 7 rows over 2 ranks (padded to 8): rank 1 holds rows [4, 7).
+  Embedding table(7, 3);
+  const at::Tensor E = table->weight.detach().clone();
+  LayerOptions vocabulary;
+  vocabulary.sharding = Sharding::kVocabulary;
+  vocabulary.group = std::make_shared<NoCommGroup>(1, 2);
+  table->shard(vocabulary);
+  EXPECT_TRUE(at::equal(table->weight, E.narrow(0, 4, 3)));
+  EXPECT_EQ(table->vocabRange().begin, 4);
+  EXPECT_EQ(*table->parameterLayout("weight")->pieces.data(), TensorSlice::box({4, 0}, {3, 3}));
 }
 
 TEST(EmbeddingTest, LookupAndAttend) {
@@ -150,7 +233,7 @@ class ColumnsOfAWeight : public torch::nn::Module, public DeclaresParameterLayou
  public:
   explicit ColumnsOfAWeight(std::vector<int64_t> local_shape) {
     weight = register_parameter("weight", at::zeros(local_shape));
-    layout_ = {{4, 8}, TensorSlice::box({0, 2}, {4, 3})};
+    layout_ = {{4, 8}, {TensorSlice::box({0, 2}, {4, 3})}};
   }
   const ParameterLayout* parameterLayout(const std::string& local_name) const override {
     return local_name == "weight" ? &layout_ : nullptr;
@@ -176,10 +259,10 @@ TEST(LogicalParametersTest, OrderTiesFrozenAndDeclaredSlices) {
   EXPECT_EQ(names, (std::vector<std::string>{"a.weight", "a.bias", "list.0.weight", "list.1.weight"}));
   EXPECT_TRUE(params[0].tensor.is_same(a->weight));
   EXPECT_EQ(params[0].globalShape, (std::vector<int64_t>{2, 3}));
-  EXPECT_EQ(params[0].slice, TensorSlice::whole({2, 3}));
+  EXPECT_EQ(params[0].pieces, std::vector<TensorSlice>{TensorSlice::whole({2, 3})});
   EXPECT_EQ(params[2].globalShape, (std::vector<int64_t>{5, 3}));
   EXPECT_EQ(params[3].globalShape, (std::vector<int64_t>{4, 8}));
-  EXPECT_EQ(params[3].slice, TensorSlice::box({0, 2}, {4, 3}));
+  EXPECT_EQ(params[3].pieces, std::vector<TensorSlice>{TensorSlice::box({0, 2}, {4, 3})});
 
   // initializeParameters fills a declared slice with that slice of the whole init.
   initializeParameters(root, 17, [](const LogicalParameter&) { return ParameterInit::normal(1.0); });

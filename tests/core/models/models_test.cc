@@ -123,7 +123,8 @@ TEST(GptTest, InitIsTheLayoutIndependentDrawOfEachName) {
     EXPECT_EQ(p.name, named[i].key());
     EXPECT_TRUE(p.tensor.is_same(named[i].value())) << p.name;
     EXPECT_EQ(p.globalShape, p.tensor.sizes().vec()) << p.name;
-    EXPECT_TRUE(p.slice.isWhole(p.globalShape)) << p.name;
+    ASSERT_EQ(p.pieces.size(), 1u) << p.name;
+    EXPECT_TRUE(p.pieces.front().isWhole(p.globalShape)) << p.name;
   }
   const auto whole = [](const at::Tensor& t) { return TensorSlice::whole(t.sizes().vec()); };
   for (const char* name : {"wte.weight", "wpe.weight", "blocks.0.attn.qkv.weight", "blocks.1.moe.router.weight",

@@ -8,6 +8,22 @@
 // declares its logical shape and slice (DeclaresParameterLayout); a plain
 // table holds the whole tensor.
 //
+// Vocabulary-parallel (Sharding::kVocabulary over p ranks, Megatron-LM's
+// VocabParallelEmbedding): rank r holds the rows vocabRange() =
+// shardRange(num_embeddings, p, r) (the vocabulary padded to a multiple of p
+// as Megatron pads it; the padding rows are never stored, so checkpoints and
+// export see the unpadded table). forward masks ids outside the range to a
+// zero row and sums the partial lookups over the group (reduceFromShards; or,
+// with sequence parallelism, reduce-scatters them along the sequence).
+// attend returns this rank's vocabulary columns of the logits, (..., rows_r):
+// the input enters through copyToShards (or gatherFromSequence), and the
+// vocab-parallel cross-entropy (vocab_parallel_loss.h) consumes them, so the
+// full logits never exist on one rank. Collective over the group.
+//
+// A whole table with a group and sequence_parallel (the position table) is
+// replicated but looked up for this rank's sequence shard: its gradient is
+// summed over the group.
+//
 // Initial values: construction draws N(0, 1) from torch's global generator,
 // as torch::nn::Embedding does; models overwrite it with init.h's
 // layout-independent init.
@@ -34,6 +50,14 @@ class EmbeddingImpl : public torch::nn::Module, public DeclaresParameterLayout {
 
   // ids: (...) int64 in [0, num_embeddings) -> (..., dim).
   at::Tensor forward(const at::Tensor& ids);
+
+  // Switches a whole table to `options` (vocabulary sharding, or a replicated
+  // table on sequence shards), keeping this rank's rows of the current values
+  // in place (set_data). Throws InvalidArgument when already sharded, for
+  // options LayerOptions::validate rejects, or a rank that would get no row.
+  void shard(LayerOptions options);
+  // The rows this rank holds: {0, num_embeddings} for a whole table.
+  ShardRange vocabRange() const;
 
   // The table as an output layer: x (..., dim) -> x W^T (..., num_embeddings),
   // through applyLinear (the same GEMM and precision as Linear).

@@ -29,21 +29,25 @@
 //   ln_f.{weight,bias}
 //   head.weight                     (V, C); absent when tie_weights (the head reuses wte.weight)
 //
-// Not here: parallelism and mixed precision (wrappers in parallel/ apply them
-// from outside, through the layers' modes and the block runner), KV cache.
+// Tensor parallelism is a mode of the layers (applyTensorParallel, called by
+// parallel/tensor_parallel.h); the names and logical shapes above do not
+// change under it. Not here: the other parallelisms and mixed precision
+// (wrappers in parallel/ apply them from outside, through the layers' modes
+// and the block runner), KV cache.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
 #include "tessera/core/models/embedding.h"
+#include "tessera/core/models/layer_norm.h"
 #include "tessera/core/models/linear.h"
 #include "tessera/core/models/moe.h"
 #include "tessera/core/models/random.h"
@@ -100,6 +104,7 @@ class CausalSelfAttentionImpl : public torch::nn::Module {
 
  private:
   int64_t n_head_;
+  int64_t head_dim_;
   bool rotary_;
   double rope_base_;
   double dropout_;
@@ -111,6 +116,13 @@ TORCH_MODULE(CausalSelfAttention);
 // the "rotate half" layout: dimension i pairs with i + D/2.
 // x: (B, H, T, D), D even -> (B, H, T, D).
 torch::Tensor applyRotary(const torch::Tensor& x, double base);
+
+// Dropout of a (B, T, C) activation that may be this rank's sequence shard:
+// with `sequence` (the group the sequence is split over, sequence
+// parallelism) x is rank r's part of dim 1 and gets that part of the whole
+// tensor's mask; without, dropout(x, p, training, key).
+torch::Tensor sequenceDropout(const torch::Tensor& x, double p, bool training, const DropoutKey& key,
+                              ShardGroup* sequence);
 
 // What a block returns.
 struct BlockOutput {
@@ -132,23 +144,32 @@ class BlockImpl : public torch::nn::Module {
   // The forward whose dropout masks the next forwards draw (see GptImpl::setRandomKey).
   void setRandomKey(int64_t step, int64_t microBatch);
 
-  torch::nn::LayerNorm ln1{nullptr};
+  // Megatron-LM's split of the block over `group` (see GptImpl::applyTensorParallel).
+  void applyTensorParallel(const std::shared_ptr<ShardGroup>& group, bool sequenceParallel);
+
+  LayerNorm ln1{nullptr};
   CausalSelfAttention attn{nullptr};
-  torch::nn::LayerNorm ln2{nullptr};
+  LayerNorm ln2{nullptr};
   FeedForward mlp{nullptr};      // set when !use_moe
   MoeFeedForward moe{nullptr};   // set when use_moe
 
  private:
+  torch::Tensor residualDropout(const torch::Tensor& x, const DropoutKey& key);
+
   double dropout_;
+  std::shared_ptr<ShardGroup> sequence_group_;  // set under sequence parallelism
   DropoutKey attn_key_;  // the attention branch (B, T, C)
   DropoutKey ffn_key_;   // the feed-forward branch (B, T, C)
 };
 TORCH_MODULE(Block);
 
 // Logits plus the summed MoE load-balancing loss (a zero scalar without MoE).
+// Under tensor parallelism the logits are this rank's vocabulary columns
+// [vocab_begin, vocab_begin + V_r): the full (B, T, V) never exists.
 struct GptOutput {
-  torch::Tensor logits;    // (B, T, V)
+  torch::Tensor logits;    // (B, T, V), or (B, T, V_r) under tensor parallelism
   torch::Tensor aux_loss;  // ()
+  int64_t vocab_begin = 0;
 };
 
 class GptImpl : public torch::nn::Module {
@@ -159,13 +180,37 @@ class GptImpl : public torch::nn::Module {
   // parameter drawn by init.h from (seed, its name, its logical shape).
   explicit GptImpl(const GptConfig& config);
 
-  // idx: (B, T) int64 token ids, T <= block_size -> logits (B, T, V).
+  // idx: (B, T) int64 token ids, T <= block_size -> logits (B, T, V). Under
+  // tensor parallelism collective: the vocabulary shards are gathered (for
+  // generation and tests; training uses loss(), which never gathers them).
   torch::Tensor forward(const torch::Tensor& idx);
+  // The logits as this rank computes them (see GptOutput).
   GptOutput forwardWithAux(const torch::Tensor& idx);
 
   // Mean cross-entropy of next-token prediction, plus moe.aux_loss_weight *
-  // aux loss when use_moe. idx, targets: (B, T) int64 -> ().
+  // aux loss when use_moe. idx, targets: (B, T) int64 -> (). Under tensor
+  // parallelism the vocab-parallel cross-entropy (vocab_parallel_loss.h), the
+  // same value on every tp rank.
   torch::Tensor loss(const torch::Tensor& idx, const torch::Tensor& targets);
+
+  // Splits the built model over `group` (tensor parallelism, REFERENCE.md §9,
+  // Megatron-LM): wte vocabulary-parallel (and the tied head with it, or the
+  // untied head column-parallel over the vocabulary); per block qkv
+  // column-parallel by whole heads (fused [q; k; v]), attn.proj row-parallel,
+  // mlp.fc column-, mlp.proj row-parallel; LayerNorms and wpe replicated.
+  // With `sequenceParallel` the activations between TP blocks (embedding
+  // output, LayerNorm, dropout, residual stream) are split along the
+  // sequence, which must then divide by the group size. Each rank keeps its
+  // slice of the current values in place; parameter names do not change and
+  // every parameter declares its slice of the logical tensor. Call once, on
+  // every rank of the group, before any wrapper or optimizer sees the model.
+  // Throws ConfigError naming the key for a model the group cannot split:
+  // model.n_head not divisible by the group size, a vocabulary too small for
+  // it, or model.use_moe (tensor parallelism inside experts comes with issue 17).
+  void applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequenceParallel);
+  // The group the model is split over; null when whole.
+  const std::shared_ptr<ShardGroup>& tensorParallelGroup() const { return tp_group_; }
+  bool sequenceParallel() const { return sequence_parallel_; }
 
   const GptConfig& config() const { return config_; }
 
@@ -186,7 +231,7 @@ class GptImpl : public torch::nn::Module {
   Embedding wte{nullptr};
   Embedding wpe{nullptr};    // null with rotary positions
   torch::nn::ModuleList blocks{nullptr};
-  torch::nn::LayerNorm ln_f{nullptr};
+  LayerNorm ln_f{nullptr};
   Linear head{nullptr};      // null when tie_weights: the logits are wte->attend(x)
 
  private:
@@ -194,6 +239,8 @@ class GptImpl : public torch::nn::Module {
 
   GptConfig config_;
   BlockRunner block_runner_;
+  std::shared_ptr<ShardGroup> tp_group_;
+  bool sequence_parallel_ = false;
   DropoutKey embedding_key_;  // the embedding output (B, T, C)
 };
 TORCH_MODULE(Gpt);

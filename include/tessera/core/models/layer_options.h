@@ -2,11 +2,10 @@
 // layer that tensor parallelism (issue 14), the pipeline's deferred weight
 // gradient (issue 16) and bf16 / FP8 (issue 18) extend.
 //
-// Today every layer is plain: unsharded, fp32 (or the dtype of its operands),
-// ordinary autograd. The options already carry the fields those issues fill,
-// and a layer validates them at construction, so a mode that does not exist
-// yet fails loudly (NotSupported naming the issue that adds it) rather than
-// silently computing the plain thing. Model code builds layers and calls
+// Sharding (tensor and sequence parallelism) is implemented; bf16 / FP8 and
+// the deferred weight gradient are not yet. A layer validates its options, so
+// a mode that does not exist yet fails loudly (NotSupported naming the issue
+// that adds it) rather than silently computing the plain thing. Model code builds layers and calls
 // forward(); a sharded or FP8 layer changes what happens inside forward() and
 // which slice the layer holds, never the model's calls.
 //
@@ -51,11 +50,16 @@ const char* toString(Sharding sharding);
 const char* toString(Precision precision);
 
 // The group a sharded layer is split over, seen from core/. Its methods are
-// Megatron-LM's region functions (mappings.py), each a paired autograd
-// function; parallel/ implements them over the communicator of a mesh axis
-// (issue 14). Every method is collective: each rank of the group calls it in
-// the same order with tensors of matching shape. Implementations throw
-// CommError / TimeoutError as their communicator does.
+// Megatron-LM's region functions (megatron/core/tensor_parallel/mappings.py),
+// each a paired autograd function; parallel/tensor_parallel.h implements them
+// over the communicator of the mesh's tp axis. Every method is collective:
+// each rank of the group calls it in the same order with tensors of matching
+// shape. Implementations throw CommError / TimeoutError as their communicator
+// does (a peer that never arrives fails within the communicator's timeout,
+// naming the operation).
+//
+// "Split along dim" always means p equal contiguous parts in rank order;
+// x.size(dim) must be divisible by p (InvalidArgument otherwise).
 class ShardGroup {
  public:
   virtual ~ShardGroup() = default;
@@ -63,13 +67,42 @@ class ShardGroup {
   virtual int64_t size() const = 0;
   // The axis name for messages and per-axis traffic ("tp").
   virtual std::string name() const = 0;
+
+  // Tensor-parallel regions (a TP block's entry and exit).
   // f: identity forward, all-reduce-sum of the gradient backward.
   virtual at::Tensor copyToShards(const at::Tensor& x) = 0;
   // g: all-reduce-sum forward, identity backward.
   virtual at::Tensor reduceFromShards(const at::Tensor& x) = 0;
+  // This rank's part of x split along `dim` forward; all-gather of the gradient backward.
+  virtual at::Tensor scatterToShards(const at::Tensor& x, int64_t dim) = 0;
   // All-gather along `dim` (rank order) forward, this rank's part of the gradient backward.
   virtual at::Tensor gatherFromShards(const at::Tensor& x, int64_t dim) = 0;
+
+  // Sequence-parallel regions (Korthikanti et al., arXiv 2205.05198): the
+  // all-reduce of a TP block becomes an all-gather at its entry and a
+  // reduce-scatter at its exit, the same bytes.
+  // All-gather along `dim` forward, reduce-scatter of the gradient along `dim` backward.
+  virtual at::Tensor gatherFromSequence(const at::Tensor& x, int64_t dim) = 0;
+  // Reduce-scatter (sum) along `dim` forward, all-gather of the gradient backward.
+  virtual at::Tensor reduceScatterToSequence(const at::Tensor& x, int64_t dim) = 0;
+
+  // Not differentiable (the vocab-parallel cross-entropy's own backward
+  // needs none): a reduced copy of x, x unchanged.
+  virtual at::Tensor allReduceSum(const at::Tensor& x) = 0;
+  virtual at::Tensor allReduceMax(const at::Tensor& x) = 0;
 };
+
+// The rows [begin, begin + size) of n that rank `index` of `parts` holds when
+// n is split as Megatron-LM splits a vocabulary: padded to a multiple of
+// parts (chunk = ceil(n / parts)), rank r covering padded rows
+// [r * chunk, (r + 1) * chunk), of which only those below n exist. Even when
+// parts divides n; the last ranks hold fewer rows otherwise. Throws
+// InvalidArgument when a rank would hold no row (n <= (parts - 1) * chunk).
+struct ShardRange {
+  int64_t begin = 0;
+  int64_t size = 0;
+};
+ShardRange shardRange(int64_t n, int64_t parts, int64_t index);
 
 // Where a deferred weight gradient waits (issue 16): the pipeline's per-stage
 // store, drained by the schedule's W action. The layer hands over a closure
@@ -82,19 +115,36 @@ class WeightGradStore {
   virtual void defer(std::function<void()> weight_grad_gemm) = 0;
 };
 
-// Options of a Linear or Embedding. The defaults are the plain layer.
+// Options of a Linear, Embedding or LayerNorm. The defaults are the plain layer.
 struct LayerOptions {
   Sharding sharding = Sharding::kNone;
-  std::shared_ptr<ShardGroup> group;                   // required when sharding != kNone
+  std::shared_ptr<ShardGroup> group;                   // required when sharding != kNone or sequence_parallel
+  // Sequence parallelism over `group`: activations outside TP blocks are
+  // split along the sequence (the second-to-last dim of (..., T, C)).
+  //   kColumn Linear / the vocabulary-parallel head (Embedding::attend): the
+  //     input arrives sequence-sharded and is gathered (gatherFromSequence)
+  //     instead of copied (copyToShards).
+  //   kRow Linear / kVocabulary Embedding::forward: the partial sums are
+  //     reduce-scattered along the sequence instead of all-reduced.
+  //   kNone with a group (LayerNorm, the position table, a row layer's bias):
+  //     a replicated parameter used on this rank's sequence shard, so its
+  //     gradient is summed over the group (copyToShards on the parameter).
+  bool sequence_parallel = false;
+  // kColumn only: the output is `fused_blocks` equal blocks, each split over
+  // the group on its own (qkv: 3 blocks [q; k; v], so every rank holds the
+  // same heads of q, k and v). This rank's weight rows are its part of each
+  // block, in block order: `fused_blocks` pieces of the logical weight.
+  int64_t fused_blocks = 1;
   Precision precision = Precision::kDefault;
   WeightGrad weight_grad = WeightGrad::kWithInput;
   std::shared_ptr<WeightGradStore> weight_grad_store;  // required when weight_grad == kDeferred
 
   // Throws NotSupported naming `layer` and the issue that adds a mode this
-  // build does not implement yet (every sharding but kNone, bf16, FP8, the
-  // deferred weight gradient), InvalidArgument for a mode without its group or
-  // store, or a sharding the layer kind cannot have (`embedding` selects which).
-  void validate(const std::string& layer, bool embedding) const;
+  // build does not implement yet (bf16, FP8, the deferred weight gradient),
+  // InvalidArgument for a mode without its group or store, a sharding the
+  // layer kind cannot have, or fused blocks without column sharding.
+  enum class Kind { kLinear, kEmbedding, kNorm };
+  void validate(const std::string& layer, Kind kind) const;
 };
 
 }  // namespace tessera::models

@@ -8,6 +8,18 @@
 // A layer knows each parameter's logical shape and the slice it holds
 // (DeclaresParameterLayout); plain layers hold the whole tensor.
 //
+// Sharded over a ShardGroup of p ranks (REFERENCE.md §9, Megatron-LM), rank r:
+//   kColumn  Y = X A^T with A's rows (the outputs) split: rank r holds the rows
+//            shardRange(out, p, r) of W and b (with fused_blocks k: that part of
+//            each of the k blocks). forward: x (..., in) whole -> (..., out_r),
+//            the input entering through copyToShards (f) -- or, with sequence
+//            parallelism, gatherFromSequence from (..., T/p, in).
+//   kRow     W's columns (the inputs) split: rank r holds W[:, shardRange(in, p, r)]
+//            and the whole bias. forward: x (..., in_r) -> (..., out): the partial
+//            products summed by reduceFromShards (g) -- or reduce-scattered along
+//            the sequence to (..., T/p, out) -- then the bias added once.
+// Every sharded forward is collective over the group (see ShardGroup).
+//
 // Initial values: construction draws PyTorch's default (U(-1/sqrt(in),
 // 1/sqrt(in)) for weight and bias, from torch's global generator) so a layer
 // used on its own behaves like torch::nn::Linear. A model overwrites every
@@ -42,18 +54,34 @@ class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
   // LayerOptions::validate throws for a mode this build lacks.
   LinearImpl(int64_t in_features, int64_t out_features, bool bias = true, LayerOptions options = {});
 
-  // x: (..., in) -> (..., out).
+  // x: (..., in) -> (..., out); sharded layers: see the file comment.
   at::Tensor forward(const at::Tensor& x);
+
+  // Switches a whole (kNone) layer to `options`, keeping this rank's slice of
+  // the current values (the parameters change shape in place, through
+  // set_data, so references to them stay valid). For parallelize() applying
+  // tensor parallelism to a built model, before any optimizer or wrapper sees
+  // it. Throws InvalidArgument when the layer is already sharded, or for
+  // options LayerOptions::validate rejects, or sizes the group cannot split
+  // (fused blocks: out must divide by fused_blocks).
+  void shard(LayerOptions options);
+
+  // The part of the logical dimension this rank holds: the output rows
+  // (kColumn, per fused block), the input columns (kRow); {0, full} when whole.
+  ShardRange outputRange() const;
+  ShardRange inputRange() const;
 
   const ParameterLayout* parameterLayout(const std::string& local_name) const override;
   const LayerOptions& options() const { return options_; }
-  int64_t inFeatures() const { return in_features_; }
+  int64_t inFeatures() const { return in_features_; }    // logical (whole-layer) sizes
   int64_t outFeatures() const { return out_features_; }
 
   at::Tensor weight;  // (out, in)
   at::Tensor bias;    // (out); undefined without bias
 
  private:
+  void setLayouts();
+
   int64_t in_features_;
   int64_t out_features_;
   LayerOptions options_;
