@@ -51,7 +51,7 @@ const char* toString(Precision precision);
 
 // The group a sharded layer is split over, seen from core/. Its methods are
 // Megatron-LM's region functions (megatron/core/tensor_parallel/mappings.py),
-// each a paired autograd function; parallel/tensor_parallel.h implements them
+// each a paired autograd function; parallel/tp_regions.h implements them
 // over the communicator of the mesh's tp axis. Every method is collective:
 // each rank of the group calls it in the same order with tensors of matching
 // shape. Implementations throw CommError / TimeoutError as their communicator
