@@ -9,6 +9,7 @@
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
 #include "bench/bench_command.h"
+#include "bench/tp_traffic_model.h"
 #include "tessera/core/config.h"
 #include "tessera/core/metrics.h"
 #include "tessera/core/timer.h"
@@ -125,6 +126,22 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
       .add("model_flops_per_s", modelFlops)
       .add("sgemm_peak_flops_per_s", peak)
       .add("mfu", modelFlops / peak);
+  if (job.parallel.mesh.tp > 1 && job.model.kind == "gpt") {
+    // The tp communicator's measured bytes per step beside the analytic model (tp_traffic_model.h).
+    const TpTrafficModel model = tensorParallelTrafficPerStep(job);
+    const auto it = last.comm.find("tp");
+    const double before = perCommAtWarmup.count("tp") ? static_cast<double>(perCommAtWarmup.at("tp").bytesSent) : 0;
+    const double measured = it == last.comm.end() ? 0 : (static_cast<double>(it->second.bytesSent) - before) / config.steps;
+    MetricsRecord terms;
+    for (const auto& [name, bytes] : model.termBytes) terms.add(name, bytes);
+    record.add("tp", MetricsRecord()
+                         .add("degree", job.parallel.mesh.tp)
+                         .add("sequence_parallel", job.parallel.sequence_parallel)
+                         .add("bytes_per_step", measured)
+                         .add("model_bytes_per_step", model.totalBytes)
+                         .add("measured_over_model", model.totalBytes > 0 ? measured / model.totalBytes : 0.0)
+                         .add("model_terms", terms));
+  }
   std::printf("%s\n", record.toJson().c_str());
   std::fflush(stdout);
 }

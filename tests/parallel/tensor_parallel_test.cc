@@ -103,8 +103,9 @@ TESSERA_WORKER(tp_gpt_matches_one_process) {
   TESSERA_CHECK(gradErr < 1e-10, "gradients differ by " << gradErr << " at " << worst);
 }
 
-void runTp(int ranks, std::map<std::string, std::string> args) {
-  auto result = testing::runWorkers("tp_gpt_matches_one_process", {.ranks = ranks, .args = std::move(args)});
+void runTp(int ranks, std::map<std::string, std::string> args, const std::string& backend = "gloo") {
+  auto result = testing::runWorkers("tp_gpt_matches_one_process",
+                                    {.ranks = ranks, .backend = backend, .args = std::move(args)});
   ASSERT_TRUE(result.ok()) << result.report();
 }
 
@@ -113,6 +114,10 @@ TEST(TensorParallelGpt, Tp4UntiedRotary) { runTp(4, {{"tie", "0"}, {"positions",
 TEST(TensorParallelGpt, Tp3UnevenVocabulary) { runTp(3, {{"tie", "1"}, {"positions", "rotary"}}); }
 TEST(TensorParallelGpt, SequenceParallelTp2) {
   runTp(2, {{"tie", "0"}, {"positions", "learned"}, {"sequence", "1"}});
+}
+TEST(TensorParallelGpt, SequenceParallelTp2Mpi) {
+  if (!testing::mpiAvailable()) GTEST_SKIP() << "this build has no MPI (or mpirun is not on PATH)";
+  runTp(2, {{"tie", "1"}, {"positions", "rotary"}, {"sequence", "1"}}, "mpi");
 }
 TEST(TensorParallelGpt, SequenceParallelTp3) {
   runTp(3, {{"tie", "1"}, {"positions", "learned"}, {"sequence", "1"}});
