@@ -205,16 +205,21 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
   checkParts(parts, "collectTrainingState");
   const std::string prefix = replicaPrefix(parts.replica);
   const Layout layout = layoutOf(*parts.dp);
-  const bool replicated = !parts.dp->sharded();
+  const bool dpSharded = parts.dp->sharded();
   StateDict out;
 
   // Adds tensor i's layout ranges of `values` (shaped like params[i]) under `base` + parameter name.
+  // A tensor is replicated (every rank holding it holds the same whole value)
+  // only when the strategy does not shard it AND this rank's one piece is the
+  // whole logical tensor: a tensor-parallel shard (qkv's three row blocks, a
+  // vocabulary slice) differs between tp ranks under DDP too.
   const auto addPieces = [&](const std::string& base, size_t i, const at::Tensor& values) {
     const at::Tensor flat = values.detach().reshape({-1});
     for (const parallel::ParameterPiece& piece : layout.pieces[i]) {
       StateTensor& t = out.tensors[base + piece.name];
+      const bool whole = !dpSharded && t.pieces.empty() && piece.slice.isWhole(piece.shape);
       t.globalShape = piece.shape;
-      t.replicated = replicated;
+      t.replicated = whole;
       const at::Tensor local = flat.narrow(0, piece.tensorOffset, piece.slice.numel).view(piece.slice.localShape());
       t.pieces.push_back(StatePiece{local, piece.slice});
     }

@@ -4,7 +4,8 @@
 //
 // CKPT is a checkpoint directory (format 1 or 2) or a checkpoint root (its `latest` is
 // used). Every model tensor is gathered from all ranks' pieces, so a sharded
-// (FSDP) checkpoint exports the whole model; names drop the "model/" prefix,
+// checkpoint (FSDP, tensor-parallel slices such as qkv's three row blocks per
+// tp rank, or both) exports the whole, unpadded model; names drop the "model/" prefix,
 // so the file loads back with checkpoint::loadSafetensorsInto (the
 // `model.init_from` key of tessera-train). Runs alone: no launcher needed.
 // Exit codes: 0 done, 1 an unreadable checkpoint or unwritable output, 2 a bad command line.

@@ -84,7 +84,9 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
   if (ctx.rank() == 0) {
     TESSERA_LOG(kInfo) << "training " << job.model.kind << " (" << built->numParameters << " parameters) for "
                        << job.train.steps << " steps: " << job.parallel.strategy << " on "
-                       << job.parallel.mesh.describe() << ", " << built->threads << " threads per rank";
+                       << job.parallel.mesh.describe()
+                       << (job.parallel.mesh.tp > 1 && job.parallel.sequence_parallel ? " with sequence parallelism" : "")
+                       << ", " << built->threads << " threads per rank";
   }
   Trainer trainer(built->parts, job.train);
   comm::StepFaults stepFaults(plan, ctx.rank());

@@ -74,7 +74,7 @@ Schema schemaOf(TrainJobConfig& c) {
   auto& p = c.parallel;
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
-                   {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}};
+                   {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}, {"sequence_parallel", &p.sequence_parallel}};
   auto& e = c.elastic;
   s["elastic"] = {{"heartbeat_interval_s", &e.heartbeat_interval_s}, {"heartbeat_timeout_s", &e.heartbeat_timeout_s},
                   {"min_nodes", &e.min_nodes},       {"max_nodes", &e.max_nodes},
@@ -224,6 +224,24 @@ Override parseOverride(const std::string& text) {
   return o;
 }
 
+// The checks of parallel.tp against the other sections, before any process
+// builds a mesh: the same conditions GptImpl::applyTensorParallel enforces at
+// parallelize() time (heads, MoE, vocabulary), plus the sequence length that
+// sequence parallelism splits, each naming the key to change and both numbers.
+void validateTensorParallel(const TrainJobConfig& c) {
+  const int64_t tp = c.parallel.mesh.tp;
+  if (tp <= 1) return;  // tp < 1 is MeshShape::validate's error; sequence_parallel has no effect at tp = 1
+  TESSERA_CHECK_CONFIG(c.model.kind == "gpt", "parallel.tp",
+                       "tensor parallelism splits GPT layers; model.kind = \"" << c.model.kind
+                           << "\" runs with parallel.tp = 1, got " << tp);
+  c.model.gpt.validateTensorParallel(tp, "model.", "parallel.tp");
+  if (c.parallel.sequence_parallel) {
+    TESSERA_CHECK_CONFIG(c.data.seq_len % tp == 0, "data.seq_len",
+                         "sequence parallelism splits the sequence over tp ranks: data.seq_len (" << c.data.seq_len
+                             << ") must be divisible by parallel.tp (" << tp << ")");
+  }
+}
+
 }  // namespace
 
 void TrainJobConfig::validate() const {
@@ -243,6 +261,7 @@ void TrainJobConfig::validate() const {
   TESSERA_CHECK_CONFIG(model.kind == "gpt" || (parallel.strategy != "fsdp" && parallel.strategy != "hybrid"),
                        "parallel.strategy", "\"" << parallel.strategy << "\" shards GPT blocks; model.kind = \""
                                                   << model.kind << "\" supports none, ddp");
+  validateTensorParallel(*this);
   TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd" || localUpdates(), "optim.name",
                        "got '" << optimizer << "' (valid: adamw, sgd, diloco, demo, mt-dao)");
   if (optimizer == "diloco") {
@@ -253,7 +272,8 @@ void TrainJobConfig::validate() const {
   if (optimizer == "demo") {
     demo.validate("demo.");
     TESSERA_CHECK_CONFIG(parallel.strategy != "fsdp", "parallel.strategy",
-                         "DeMo compresses whole 1-D/2-D parameters; \"fsdp\" shards them (valid: none, ddp)");
+                         "DeMo compresses 1-D/2-D tensors (whole parameters, or tensor-parallel shards chunked "
+                         "on the logical tensor); \"fsdp\" flattens them into flat shards (valid: none, ddp)");
   }
   if (optimizer == "mt-dao") mt_dao.validate("mt_dao.");
   elastic.validate("elastic.");

@@ -57,7 +57,9 @@ std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config,
     auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
     return optim::makeDiloco(config.diloco, std::move(inner), parameters, replicas, layerGroups(dp));
   }
-  if (config.optimizer == "demo") return optim::makeDemo(config.demo, parameters, replicas, config.schedule.lr);
+  if (config.optimizer == "demo") {  // chunked on the logical tensors (TP shards: optim/demo.h)
+    return optim::makeDemo(config.demo, parameters, replicas, config.schedule.lr, dp.parameterLayout());
+  }
   if (config.optimizer == "mt-dao") return optim::makeMtDao(config.mt_dao, parameters, replicas, config.schedule.lr);
   return optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
 }
@@ -119,6 +121,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     TESSERA_CHECK_CONFIG(config.parallel.mesh.dp_replicate == 1, "parallel.dp_replicate",
                          "in an elastic run the nodes are the replicas and [parallel] describes one node: set "
                          "parallel.dp_replicate = 1 (got " << config.parallel.mesh.dp_replicate << ")");
+    TESSERA_CHECK_CONFIG(config.parallel.mesh.tp == 1, "parallel.tp",
+                         "elastic nodes whose local group is tensor-parallel come with the whole-mesh elastic "
+                         "work (issue 19); an elastic run needs parallel.tp = 1 (got " << config.parallel.mesh.tp << ")");
   }
   config.parallel.validate(ctx.worldSize(), localUpdates);  // every rank throws the same error before any collective
   auto job = std::make_unique<TrainJob>();

@@ -1,7 +1,8 @@
 // DeMo (see the header for the algorithm and the wire format). The transform
-// works on a per-parameter "chunk layout": the chunk size of each dimension,
-// the DCT matrices in the parameter's dtype (built once), and how many
-// components each chunk sends.
+// works on a per-parameter "chunk layout": the chunk size of each dimension
+// (of the logical tensor when the parameter is an aligned shard of it), the
+// boxes of the parameter's memory chunked one by one, the DCT matrices in the
+// parameter's dtype (built once), and how many components each chunk sends.
 #include "tessera/optim/demo.h"
 
 #include <ATen/ATen.h>
@@ -10,10 +11,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <sstream>
 
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
+#include "tessera/core/logging.h"
 
 namespace tessera::optim {
 
@@ -67,13 +70,25 @@ struct DctPair {
   at::Tensor cols;  // (n2, n2); undefined for 1-D
 };
 
+// The DCT matrices of chunks of `chunk` (one size per dimension, 1-D or 2-D).
+DctPair dctPairOfChunks(const std::vector<int64_t>& chunk, at::ScalarType dtype) {
+  DctPair pair;
+  pair.rows = dctMatrix(chunk[0]).to(dtype);
+  if (chunk.size() == 2) pair.cols = dctMatrix(chunk[1]).to(dtype);
+  return pair;
+}
+
+// The chunk sizes of a tensor of `shape`: chunkSize of each dimension.
+std::vector<int64_t> chunksOf(at::IntArrayRef shape, int64_t limit) {
+  std::vector<int64_t> chunk;
+  for (int64_t size : shape) chunk.push_back(chunkSize(size, limit));
+  return chunk;
+}
+
 DctPair dctPairFor(at::IntArrayRef shape, int64_t limit, at::ScalarType dtype) {
   TESSERA_CHECK_ARG(shape.size() == 1 || shape.size() == 2,
                     "DeMo transform: only 1-D and 2-D tensors are supported, got shape " << shape);
-  DctPair pair;
-  pair.rows = dctMatrix(chunkSize(shape[0], limit)).to(dtype);
-  if (shape.size() == 2) pair.cols = dctMatrix(chunkSize(shape[1], limit)).to(dtype);
-  return pair;
+  return dctPairOfChunks(chunksOf(shape, limit), dtype);
 }
 
 at::Tensor encodeWith(const at::Tensor& x, const DctPair& dct) {
@@ -113,52 +128,185 @@ at::Tensor decode(const at::Tensor& coefficients, const std::vector<int64_t>& sh
 
 namespace {
 
-// How one parameter is cut into chunks and how much of each chunk travels.
-struct ChunkLayout {
-  demo::DctPair dct;
-  std::vector<int64_t> coefficientShape;  // encode()'s output shape
-  int64_t chunks = 0;                     // number of chunks
-  int64_t chunkNumel = 0;                 // positions per chunk
-  int64_t keep = 0;                       // components sent per chunk: min(topk, chunkNumel)
-  int64_t offset = 0;                     // first component of this parameter in the payload
+// One box of a parameter's logical tensor, at [offset, offset + numel) of
+// the parameter's flat memory (row-major inside the box). A tensor chunked
+// by its own shape is one box: itself.
+struct ChunkedBox {
+  int64_t offset = 0;
+  std::vector<int64_t> shape;  // 1-D or 2-D; multiples of the layout's chunk sizes
+  int64_t chunks = 0;          // chunks in this box
 };
 
-ChunkLayout layoutFor(const at::Tensor& p, size_t index, const DemoConfig& config) {
-  TESSERA_CHECK_ARG(p.dim() == 1 || p.dim() == 2, "DeMo: parameter " << index << " has shape " << p.sizes()
-                                                                      << "; only 1-D and 2-D parameters are "
-                                                                         "supported (reshape it or optimize it "
-                                                                         "with another optimizer)");
+// How one parameter is cut into chunks and how much of each chunk travels.
+// Chunk c of the parameter is chunk c - (chunks of earlier boxes) of its box,
+// numbered as encode() numbers a tensor's chunks.
+struct ChunkLayout {
+  demo::DctPair dct;
+  std::vector<int64_t> chunk;       // chunk size per dimension
+  std::vector<ChunkedBox> boxes;    // in memory order
+  int64_t chunks = 0;               // number of chunks, all boxes
+  int64_t chunkNumel = 0;           // positions per chunk
+  int64_t keep = 0;                 // components sent per chunk: min(topk, chunkNumel)
+  int64_t offset = 0;               // first component of this parameter in the payload
+};
+
+// encode()'s output shape for one box.
+std::vector<int64_t> coefficientShape(const ChunkedBox& box, const std::vector<int64_t>& chunk) {
+  std::vector<int64_t> shape;
+  for (size_t d = 0; d < chunk.size(); ++d) shape.push_back(box.shape[d] / chunk[d]);
+  shape.insert(shape.end(), chunk.begin(), chunk.end());
+  return shape;
+}
+
+// The chunk sizes of the logical tensor when every piece of `pieces` is an
+// aligned box of it (the header's condition) covering the parameter's
+// `numel` elements; else nullopt and *why says what fails.
+std::optional<std::vector<int64_t>> logicalChunks(const std::vector<parallel::ParameterPiece>& pieces, int64_t numel,
+                                                  int64_t limit, std::string* why) {
+  std::ostringstream reason;
+  const parallel::ParameterPiece& first = pieces.front();
+  const size_t dims = first.shape.size();
+  int64_t covered = 0;
+  for (const parallel::ParameterPiece& piece : pieces) {
+    if (piece.name != first.name) {
+      reason << "it holds pieces of several parameters (" << first.name << ", " << piece.name
+             << ": an FSDP flat shard)";
+    } else if (dims != 1 && dims != 2) {
+      reason << "its logical tensor is " << dims << "-D (logical chunks are 1-D or 2-D)";
+    } else if (!piece.slice.isWholeBox()) {
+      reason << "it holds " << piece.slice.text() << ", a flat range rather than a box (an FSDP shard)";
+    } else if (piece.tensorOffset != covered) {
+      reason << "its pieces leave a gap before element " << piece.tensorOffset;
+    }
+    if (!reason.str().empty()) break;
+    covered += piece.slice.numel;
+  }
+  if (reason.str().empty() && covered != numel) {
+    reason << "its pieces cover " << covered << " of its " << numel << " elements (padding)";
+  }
+  if (!reason.str().empty()) {
+    *why = reason.str();
+    return std::nullopt;
+  }
+  const std::vector<int64_t> chunk = demo::chunksOf(first.shape, limit);
+  for (const parallel::ParameterPiece& piece : pieces) {
+    for (size_t d = 0; d < dims; ++d) {
+      if (piece.slice.offsets[d] % chunk[d] != 0 || piece.slice.sizes[d] % chunk[d] != 0) {
+        reason << "its piece " << piece.slice.text() << " of the " << at::IntArrayRef(first.shape)
+               << " tensor straddles the logical chunks of " << at::IntArrayRef(chunk) << " (compression_chunk "
+               << limit << ") in dimension " << d;
+        *why = reason.str();
+        return std::nullopt;
+      }
+    }
+  }
+  return chunk;
+}
+
+// `pieces`: what p holds of its logical tensor (empty: p is whole). When p is
+// chunked by its own shape although pieces were given, *fallback says why.
+ChunkLayout layoutFor(const at::Tensor& p, size_t index, const DemoConfig& config,
+                      const std::vector<parallel::ParameterPiece>& pieces, std::string* fallback) {
   TESSERA_CHECK_ARG(p.device().is_cpu(), "DeMo: parameter " << index << " is on " << p.device()
                                                              << "; DeMo runs on CPU tensors only in this version");
   TESSERA_CHECK_ARG(p.numel() > 0 && at::isFloatingType(p.scalar_type()),
                     "DeMo: parameter " << index << " (shape " << p.sizes() << ", dtype " << p.scalar_type()
                                        << ") must be a non-empty floating-point tensor");
   ChunkLayout layout;
-  layout.dct = demo::dctPairFor(p.sizes(), config.compression_chunk, p.scalar_type());
-  const int64_t n1 = layout.dct.rows.size(0);
-  if (p.dim() == 1) {
-    layout.coefficientShape = {p.size(0) / n1, n1};
-    layout.chunks = p.size(0) / n1;
-    layout.chunkNumel = n1;
+  std::optional<std::vector<int64_t>> logical;
+  if (!pieces.empty()) logical = logicalChunks(pieces, p.numel(), config.compression_chunk, fallback);
+  if (logical) {
+    layout.chunk = *logical;
+    for (const parallel::ParameterPiece& piece : pieces) {
+      layout.boxes.push_back(ChunkedBox{piece.tensorOffset, piece.slice.sizes, 0});
+    }
   } else {
-    const int64_t n2 = layout.dct.cols.size(0);
-    layout.coefficientShape = {p.size(0) / n1, p.size(1) / n2, n1, n2};
-    layout.chunks = (p.size(0) / n1) * (p.size(1) / n2);
-    layout.chunkNumel = n1 * n2;
+    TESSERA_CHECK_ARG(p.dim() == 1 || p.dim() == 2,
+                      "DeMo: parameter " << index << " has shape " << p.sizes()
+                                         << "; only 1-D and 2-D parameters are supported (reshape it or optimize "
+                                            "it with another optimizer)");
+    layout.chunk = demo::chunksOf(p.sizes(), config.compression_chunk);
+    layout.boxes.push_back(ChunkedBox{0, p.sizes().vec(), 0});
+  }
+  layout.dct = demo::dctPairOfChunks(layout.chunk, p.scalar_type());
+  layout.chunkNumel = 1;
+  for (int64_t c : layout.chunk) layout.chunkNumel *= c;
+  for (ChunkedBox& box : layout.boxes) {
+    box.chunks = 1;
+    for (size_t d = 0; d < layout.chunk.size(); ++d) box.chunks *= box.shape[d] / layout.chunk[d];
+    layout.chunks += box.chunks;
   }
   layout.keep = std::min(config.compression_topk, layout.chunkNumel);
   return layout;
 }
 
+// The chunked DCT of x (a tensor shaped like the parameter), as (chunks, chunkNumel).
+at::Tensor encodeChunks(const at::Tensor& x, const ChunkLayout& layout) {
+  const at::Tensor flat = x.reshape({-1});
+  std::vector<at::Tensor> parts;
+  for (const ChunkedBox& box : layout.boxes) {
+    const int64_t numel = box.chunks * layout.chunkNumel;
+    parts.push_back(demo::encodeWith(flat.narrow(0, box.offset, numel).view(box.shape), layout.dct)
+                        .reshape({box.chunks, layout.chunkNumel}));
+  }
+  return parts.size() == 1 ? parts.front() : at::cat(parts);
+}
+
+// The inverse: (chunks, chunkNumel) coefficients to a tensor of `shape`.
+at::Tensor decodeChunks(const at::Tensor& coefficients, const ChunkLayout& layout, at::IntArrayRef shape) {
+  if (layout.boxes.size() == 1) {
+    const ChunkedBox& box = layout.boxes.front();
+    return demo::decodeWith(coefficients.reshape(coefficientShape(box, layout.chunk)), box.shape, layout.dct)
+        .reshape(shape);
+  }
+  at::Tensor out = at::empty({layout.chunks * layout.chunkNumel}, coefficients.options());
+  int64_t chunk = 0;
+  for (const ChunkedBox& box : layout.boxes) {
+    const at::Tensor part = coefficients.narrow(0, chunk, box.chunks).reshape(coefficientShape(box, layout.chunk));
+    out.narrow(0, box.offset, box.chunks * layout.chunkNumel)
+        .copy_(demo::decodeWith(part, box.shape, layout.dct).reshape({-1}));
+    chunk += box.chunks;
+  }
+  return out.view(shape);
+}
+
+// The layout of every parameter; logs once which are chunked as shards although
+// a layout was given, and why.
+std::vector<ChunkLayout> layoutsFor(const std::vector<at::Tensor>& parameters, const DemoConfig& config,
+                                    const DemoLayout& pieces, bool log) {
+  TESSERA_CHECK_ARG(pieces.empty() || pieces.size() == parameters.size(),
+                    "DeMo: the layout describes " << pieces.size() << " tensors but there are " << parameters.size()
+                                                  << " parameters (pass DataParallel::parameterLayout() of the "
+                                                     "strategy whose optimizerParameters() these are, or none)");
+  std::vector<ChunkLayout> layouts;
+  std::ostringstream fallbacks;
+  int shards = 0;
+  static const std::vector<parallel::ParameterPiece> kWhole;
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    std::string why;
+    layouts.push_back(layoutFor(parameters[i], i, config, pieces.empty() ? kWhole : pieces[i], &why));
+    if (!why.empty()) {
+      fallbacks << (shards++ == 0 ? "" : "; ") << pieces[i].front().name << ": " << why;
+    }
+  }
+  if (log && shards > 0) {
+    TESSERA_LOG(kInfo) << "DeMo: " << shards << " of " << parameters.size()
+                       << " tensors are chunked as shards of their own shape, not on their logical tensor, so their "
+                          "steps differ from an unsharded run's (optim/demo.h): "
+                       << fallbacks.str();
+  }
+  return layouts;
+}
+
 class Demo final : public ParameterOptimizer {
  public:
-  Demo(const DemoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr)
+  Demo(const DemoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr,
+       const DemoLayout& pieces)
       : ParameterOptimizer(std::move(parameters), lr), config_(config), comm_(std::move(comm)) {
+    layouts_ = layoutsFor(parameters_, config_, pieces, /*log=*/true);
     for (size_t i = 0; i < parameters_.size(); ++i) {
-      ChunkLayout layout = layoutFor(parameters_[i], i, config_);
-      layout.offset = components_;
-      components_ += layout.chunks * layout.keep;
-      layouts_.push_back(std::move(layout));
+      layouts_[i].offset = components_;
+      components_ += layouts_[i].chunks * layouts_[i].keep;
       delta_.push_back(at::zeros_like(parameters_[i], at::MemoryFormat::Contiguous));
     }
   }
@@ -212,13 +360,13 @@ class Demo final : public ParameterOptimizer {
     delta.mul_(config_.compression_decay);
     if (p.grad().defined()) delta.add_(p.grad(), lr_);
 
-    const at::Tensor coefficients = demo::encodeWith(delta, layout.dct).reshape({layout.chunks, layout.chunkNumel});
+    const at::Tensor coefficients = encodeChunks(delta, layout);  // (chunks, chunkNumel)
     const at::Tensor index = std::get<1>(at::topk(coefficients.abs(), layout.keep, /*dim=*/1, /*largest=*/true,
                                                   /*sorted=*/false));  // (chunks, keep) int64
     // What really travels: the value rounded to float32.
     const at::Tensor wireValue = coefficients.gather(1, index).to(at::kFloat).contiguous();
     const at::Tensor sent = at::zeros_like(coefficients).scatter_(1, index, wireValue.to(delta.scalar_type()));
-    delta.sub_(demo::decodeWith(sent.reshape(layout.coefficientShape), p.sizes(), layout.dct));
+    delta.sub_(decodeChunks(sent, layout, p.sizes()));
 
     const int64_t count = layout.chunks * layout.keep;
     std::memcpy(payload + layout.offset * sizeof(float), wireValue.data_ptr<float>(), count * sizeof(float));
@@ -258,7 +406,7 @@ class Demo final : public ParameterOptimizer {
     at::Tensor sum = at::zeros({positions}, dtype).index_add_(0, position, value.to(dtype));
     at::Tensor hits = at::zeros({positions}, dtype).index_add_(0, position, at::ones({workers * count}, dtype));
     const at::Tensor mean = sum.div_(hits.clamp_min_(1));  // untouched positions: 0 / 1 = 0
-    const at::Tensor direction = demo::decodeWith(mean.reshape(layout.coefficientShape), p.sizes(), layout.dct);
+    const at::Tensor direction = decodeChunks(mean.reshape({layout.chunks, layout.chunkNumel}), layout, p.sizes());
     p.sub_(direction.sign(), lr_);
   }
 
@@ -271,22 +419,20 @@ class Demo final : public ParameterOptimizer {
 
 }  // namespace
 
-int64_t demo::payloadBytesPerStep(const DemoConfig& config, const std::vector<at::Tensor>& parameters) {
+int64_t demo::payloadBytesPerStep(const DemoConfig& config, const std::vector<at::Tensor>& parameters,
+                                  const DemoLayout& layout) {
   config.validate();
   int64_t components = 0;
-  for (size_t i = 0; i < parameters.size(); ++i) {
-    const ChunkLayout layout = layoutFor(parameters[i], i, config);
-    components += layout.chunks * layout.keep;
-  }
+  for (const ChunkLayout& l : layoutsFor(parameters, config, layout, /*log=*/false)) components += l.chunks * l.keep;
   return components * kBytesPerComponent;
 }
 
 std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm,
-                                    double lr) {
+                                    double lr, DemoLayout layout) {
   config.validate();
   TESSERA_CHECK_CONFIG(lr > 0 && std::isfinite(lr), "optim.lr", "must be > 0, got " << lr);
   TESSERA_CHECK_ARG(!parameters.empty(), "makeDemo: no parameters to optimize");
-  return std::make_unique<Demo>(config, std::move(parameters), std::move(comm), lr);
+  return std::make_unique<Demo>(config, std::move(parameters), std::move(comm), lr, layout);
 }
 
 }  // namespace tessera::optim

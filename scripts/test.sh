@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Sets up the machine, builds tessera (Release) and runs the whole test suite.
+# Sets up the machine, builds tessera (Release) and runs the default test suite
+# (every test but those labelled "long": the end-to-end equivalence matrices).
+#   scripts/test.sh           the default suite (what .ci/run runs)
+#   scripts/test.sh --long    the default suite and the long tests
+#   scripts/test.sh --only-long   the long tests alone
 # Exits non-zero on any failure. Build dir: $TESSERA_BUILD_DIR (default build/).
 set -euo pipefail
+labels=(-LE long)
+case "${1:-}" in
+  "") ;;
+  --long) labels=() ;;
+  --only-long) labels=(-L long) ;;
+  *) echo "usage: scripts/test.sh [--long | --only-long]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
@@ -20,5 +31,5 @@ echo "test.sh: build took $((built - start)) s"
 
 # Multi-process tests oversubscribe the cores on purpose; run them one by one
 # (tests mark the ones safe to overlap) so timeouts measure the code, not the queue.
-(cd "$build_dir" && ctest --output-on-failure --timeout 900 -j "${TESSERA_TEST_JOBS:-1}")
+(cd "$build_dir" && ctest --output-on-failure --timeout 900 -j "${TESSERA_TEST_JOBS:-1}" "${labels[@]}")
 echo "test.sh: tests took $(( $(date +%s) - built )) s"

@@ -31,6 +31,20 @@ void GptConfig::validate(const std::string& prefix) const {
   if (use_moe) moe.validate(prefix + "moe.");
 }
 
+void GptConfig::validateTensorParallel(int64_t tp, const std::string& prefix, const std::string& axis) const {
+  TESSERA_CHECK_ARG(tp >= 1, "validateTensorParallel: tp must be >= 1, got " << tp);
+  TESSERA_CHECK_CONFIG(n_head % tp == 0, prefix + "n_head",
+                       "tensor parallelism splits attention by whole heads: " << prefix << "n_head (" << n_head
+                           << ") must be divisible by " << axis << " (" << tp << ")");
+  TESSERA_CHECK_CONFIG(tp == 1 || !use_moe, prefix + "use_moe",
+                       "tensor parallelism inside experts (TED) comes with expert parallelism (issue 17); with "
+                           << axis << " = " << tp << " set " << prefix << "use_moe = false");
+  const int64_t rows = (vocab_size + tp - 1) / tp;  // per rank: the vocabulary padded to a multiple of tp
+  TESSERA_CHECK_CONFIG(vocab_size > (tp - 1) * rows, prefix + "vocab_size",
+                       prefix << "vocab_size (" << vocab_size << ") padded to a multiple of " << axis << " (" << tp
+                              << ") leaves the last rank no row; use a smaller " << axis);
+}
+
 uint64_t gptDropoutSite(GptDropout where, int64_t block) {
   if (where == GptDropout::kEmbedding) return 0;
   TESSERA_CHECK_ARG(block >= 0, "gptDropoutSite: block index must be >= 0, got " << block);
@@ -224,17 +238,7 @@ void GptImpl::applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequen
   TESSERA_CHECK_ARG(group != nullptr, "Gpt::applyTensorParallel needs a group");
   TESSERA_CHECK_ARG(!tp_group_, "Gpt::applyTensorParallel: the model is already split over " << tp_group_->name());
   const int64_t tp = group->size();
-  const std::string axis = "parallel." + group->name();
-  TESSERA_CHECK_CONFIG(config_.n_head % tp == 0, "model.n_head",
-                       "tensor parallelism splits attention by whole heads: n_head (" << config_.n_head
-                           << ") must be divisible by " << axis << " (" << tp << ")");
-  TESSERA_CHECK_CONFIG(!config_.use_moe, "model.use_moe",
-                       "tensor parallelism inside experts (TED) comes with expert parallelism (issue 17); with "
-                           << axis << " = " << tp << " use a dense model");
-  const int64_t chunk = (config_.vocab_size + tp - 1) / tp;
-  TESSERA_CHECK_CONFIG(config_.vocab_size > (tp - 1) * chunk, "model.vocab_size",
-                       "the vocabulary (" << config_.vocab_size << ") padded to a multiple of " << axis << " ("
-                           << tp << ") leaves the last rank no row; use a smaller " << axis);
+  config_.validateTensorParallel(tp, "model.", "parallel." + group->name());
   if (tp == 1 && !sequenceParallel) return;  // nothing to split
 
   LayerOptions replicated;  // whole parameters; on sequence shards their gradients are summed over tp

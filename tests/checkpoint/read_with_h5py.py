@@ -11,6 +11,13 @@ shape when the whole box is held, else 1-D. Each piece is placed by
 computing the global indices of its elements with numpy (not with tessera's
 code), and the dataset attributes are checked against the index.
 
+Arguments: the checkpoint directory, the plugin directory, the minimum
+number of tensors that must be checked, and optionally a safetensors file:
+then the expected values are that file's tensors by name instead of the
+formulas (tensors it lacks are not checked), for a checkpoint of a real
+training run, e.g. a tensor-parallel one whose qkv rows are stored as three
+row blocks per tp rank.
+
 The zstd filter (32015) comes from hdf5plugin when it has one (the PyPI
 wheel does; Debian's python3-hdf5plugin does not), else from tessera's own
 plugin directory (argv[2]). When the `zstandard` module is present, every
@@ -41,7 +48,31 @@ if decoder is None:
 print("zstd decoder:", decoder)
 
 
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path):
+    """name -> flat numpy array, parsed with struct/json (not tessera's reader)."""
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    body = data[8 + n:]
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = h["data_offsets"]
+        out[name] = np.frombuffer(body[begin:end], dtype=SAFETENSORS_DTYPES[h["dtype"]]).copy()
+    return out
+
+
+EXPECTED = read_safetensors(sys.argv[4]) if len(sys.argv) > 4 else None
+
+
 def values_of(name, n):
+    if EXPECTED is not None:
+        return EXPECTED.get(name)
     i = np.arange(n, dtype=np.float64)
     if name == "model/f32":
         return (i * 0.25 - 1.5).astype(np.float32)

@@ -20,3 +20,11 @@ add_dependencies(test_training_state_cli tessera-run tessera-train tessera-expor
 tessera_add_test(test_checkpoint_v1_fixture ${CMAKE_CURRENT_SOURCE_DIR}/v1_fixture_test.cc)
 target_compile_definitions(test_checkpoint_v1_fixture PRIVATE
   TESSERA_CHECKPOINT_FIXTURES="${CMAKE_CURRENT_SOURCE_DIR}/fixtures")
+
+# Checkpoints of tensor-parallel runs: tp = 2 with FSDP or DDP saved and
+# resumed at tp = 1 and back, export, h5py, live recovery, init_from (4 ranks at most).
+tessera_add_test(test_checkpoint_tp ${CMAKE_CURRENT_SOURCE_DIR}/tp_test.cc)
+add_dependencies(test_checkpoint_tp tessera_h5zstd)
+target_compile_definitions(test_checkpoint_tp PRIVATE
+  TESSERA_H5ZSTD_PLUGIN_DIR="${PROJECT_BINARY_DIR}/hdf5-plugins"
+  TESSERA_CHECKPOINT_H5PY_SCRIPT="${CMAKE_CURRENT_SOURCE_DIR}/read_with_h5py.py")

@@ -108,8 +108,11 @@ TEST(TrainConfig, DegreesMustMultiplyToTheWorldSize) {
 
   c = parseTrainJobConfig(kMinimalGpt, {"parallel.dp_replicate=0"});
   EXPECT_EQ(configErrorOf([&] { c.parallel.validate(1); }).field(), "parallel.dp_replicate");
-  c = parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2"});
-  EXPECT_EQ(configErrorOf([&] { c.parallel.validate(2); }).field(), "parallel.tp");
+  c = parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2"});  // tp x dp_replicate = 2 x 1
+  EXPECT_NO_THROW(c.parallel.validate(2));
+  e = configErrorOf([&] { c.parallel.validate(3); });  // 2 does not fill 3 ranks
+  EXPECT_EQ(e.field(), "parallel");
+  EXPECT_NE(std::string(e.what()).find("tp(2)"), std::string::npos) << e.what();
   c = parseTrainJobConfig(kMinimalGpt, {"parallel.dp_shard=2"});  // ddp does not shard
   EXPECT_EQ(configErrorOf([&] { c.parallel.validate(2); }).field(), "parallel.dp_shard");
   c = parseTrainJobConfig(kMinimalGpt, {"parallel.strategy=none", "parallel.dp_replicate=2"});
@@ -118,6 +121,62 @@ TEST(TrainConfig, DegreesMustMultiplyToTheWorldSize) {
   e = configErrorOf([&] { c.parallel.validate(1); });
   EXPECT_EQ(e.field(), "parallel.strategy");
   EXPECT_NE(std::string(e.what()).find("none, ddp, fsdp, hybrid"), std::string::npos) << e.what();
+}
+
+TEST(TrainConfig, TensorParallelKeysAreRead) {
+  const TrainJobConfig c = parseTrainJobConfig(kMinimalGpt + R"(
+[parallel]
+tp = 2
+dp_replicate = 2
+sequence_parallel = true
+)");
+  EXPECT_EQ(c.parallel.mesh.tp, 2);
+  EXPECT_TRUE(c.parallel.sequence_parallel);
+  EXPECT_NO_THROW(c.parallel.validate(4));
+  EXPECT_FALSE(parseTrainJobConfig(kMinimalGpt).parallel.sequence_parallel);  // off by default
+  // With tp = 1 sequence parallelism has nothing to split: accepted, no effect.
+  EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.sequence_parallel=true", "data.seq_len=31"}));
+  EXPECT_EQ(parseError(kMinimalGpt, {"parallel.sequence_parallel=1"}).field(), "parallel.sequence_parallel");
+  // Every strategy and optimizer composes with tp, on a GPT (DeMo: not fsdp, with or without tp).
+  for (const std::string& strategy : {"none", "ddp", "fsdp", "hybrid"}) {
+    EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2", "parallel.strategy=" + strategy})) << strategy;
+  }
+  for (const std::string& optimizer : {"sgd", "diloco", "demo", "mt-dao"}) {
+    EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2", "optim.name=" + optimizer})) << optimizer;
+  }
+  EXPECT_EQ(parseError(kMinimalGpt, {"parallel.tp=2", "optim.name=demo", "parallel.strategy=fsdp"}).field(),
+            "parallel.strategy");
+}
+
+// The errors name the key to change and both numbers, at parse time (before any process builds a mesh).
+TEST(TrainConfig, TensorParallelErrorsNameTheKeyAndBothNumbers) {
+  ConfigError e = parseError(kMinimalGpt, {"parallel.tp=3"});  // n_head = 4 by default
+  EXPECT_EQ(e.field(), "model.n_head");
+  EXPECT_NE(std::string(e.what()).find("model.n_head (4) must be divisible by parallel.tp (3)"), std::string::npos)
+      << e.what();
+  EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=3", "model.n_head=6", "model.d_model=96"}));
+
+  e = parseError(kMinimalGpt, {"parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=30"});
+  EXPECT_EQ(e.field(), "data.seq_len");
+  EXPECT_NE(std::string(e.what()).find("data.seq_len (30) must be divisible by parallel.tp (4)"), std::string::npos)
+      << e.what();
+  EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=4", "data.seq_len=30"}));  // no SP: any length
+
+  e = parseError("[model]\nkind = \"mlp\"\n[data]\ndataset = \"fashion-mnist\"\n[parallel]\ntp = 2\n");
+  EXPECT_EQ(e.field(), "parallel.tp");
+  EXPECT_NE(std::string(e.what()).find("model.kind = \"mlp\" runs with parallel.tp = 1, got 2"), std::string::npos)
+      << e.what();
+
+  e = parseError(kMinimalGpt, {"parallel.tp=2", "model.use_moe=true"});
+  EXPECT_EQ(e.field(), "model.use_moe");
+  EXPECT_NE(std::string(e.what()).find("parallel.tp = 2"), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("issue 17"), std::string::npos) << e.what();
+
+  // A vocabulary tp does not divide is padded (257 -> 2 x 129); one that leaves a rank no row is refused.
+  EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2", "model.vocab_size=257"}));
+  e = parseError(kMinimalGpt, {"parallel.tp=4", "model.vocab_size=5"});  // rows of 2: 2 + 2 + 1 + 0
+  EXPECT_EQ(e.field(), "model.vocab_size");
+  EXPECT_NE(std::string(e.what()).find("model.vocab_size (5)"), std::string::npos) << e.what();
 }
 
 TEST(TrainConfig, SyntaxErrorsAndBadOverridesAreInvalidArguments) {
@@ -132,6 +191,14 @@ TEST(TrainConfig, ShippedConfigsAreValidOnTwoRanks) {
     const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/" + name);
     EXPECT_NO_THROW(c.parallel.validate(2)) << name;
   }
+}
+
+TEST(TrainConfig, ShippedTensorParallelConfigIsValidOnFourRanks) {
+  const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-tp2.toml");
+  EXPECT_EQ(c.parallel.mesh.tp, 2);
+  EXPECT_NO_THROW(c.parallel.validate(4));
+  EXPECT_NO_THROW(loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-tp2.toml",
+                                     {"parallel.sequence_parallel=true"}));
 }
 
 TEST(TrainConfig, ShippedDilocoConfigIsValidOnFourRanks) {

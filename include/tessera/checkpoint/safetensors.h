@@ -46,7 +46,10 @@ SafetensorsFile readSafetensors(const std::string& path);
 // nothing the module lacks; all is checked first and one InvalidArgument
 // lists the missing and unexpected names and the shape mismatches; then the
 // values are copied (nothing is copied when anything does not fit). Local.
-// Call before wrapping the module in DDP/FSDP (they broadcast rank 0's values).
+// Call on the whole module, before parallelize(): tensor parallelism then
+// keeps each rank's slices of the loaded tensors (the layers' shard() narrows
+// the current values), and DDP/FSDP broadcast rank 0's values. A module
+// already split over tp reports its parameters' local shapes as mismatches.
 void loadSafetensorsInto(torch::nn::Module& module, const std::string& path);
 
 // Writes the whole model of the checkpoint at `checkpointPath` (see

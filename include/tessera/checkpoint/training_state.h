@@ -8,7 +8,11 @@
 //
 // Names (all tensors carry their global shape):
 //   model/<param>                 trainable parameters, float32, by the module's
-//                                 name (the first name of a tied tensor)
+//                                 name (the first name of a tied tensor); the
+//                                 logical (unsplit, unpadded) tensor, of which a
+//                                 rank holds its layout's pieces: under tensor
+//                                 parallelism a slice, and for qkv three pieces
+//                                 (one row block of each of q, k, v)
 //   optim/<kind>/<param>          per-parameter optimizer state (kind may hold
 //                                 '/': "optim/diloco/outer/<param>"), sharded
 //                                 like the parameter
@@ -100,11 +104,13 @@ struct TrainingParts {
 };
 
 // Local (not collective). This rank's part of the training state, with
-// `extraMeta` added to the meta. The model pieces alias the live parameters
-// (FSDP: views of the shards); the optimizer state is a copy
-// (Trainer::snapshot). Checkpointer::save copies what it gets; anyone else
-// keeping the result across a training step must clone() it. Call between
-// steps (e.g. in an afterStep callback). Throws InvalidArgument for a missing
+// `extraMeta` added to the meta. A model or optimizer tensor is marked
+// replicated only when the strategy does not shard (none, DDP) and this rank
+// holds it whole; tensor-parallel shards are pieces even under DDP. The
+// model pieces alias the live parameters (FSDP: views of the shards); the
+// optimizer state is a copy (Trainer::snapshot). Checkpointer::save copies
+// what it gets; anyone else keeping the result across a training step must
+// clone() it. Call between steps (e.g. in an afterStep callback). Throws InvalidArgument for a missing
 // part, NotSupported when the strategy has no parameter layout.
 StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::string, std::string>& extraMeta = {});
 

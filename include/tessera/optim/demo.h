@@ -27,6 +27,38 @@
 // step() is collective over the communicator (comm null or of size 1: one
 // worker, no communication). Only 1-D and 2-D parameters are supported
 // (others: InvalidArgument at construction, naming the index and shape).
+//
+// Sharded tensors (tensor parallelism; parallel/tensor_parallel.h). Chunks
+// are cut on the LOGICAL tensor: given each tensor's layout (what it holds
+// of its logical parameter, DataParallel::parameterLayout()), the chunk of
+// dimension d is chunkSize(logical size of d, compression_chunk), and each
+// piece the tensor holds (a box of the logical tensor; a tp shard of qkv
+// holds three) is chunked on its own. When every piece is aligned -- a
+// whole box whose offsets and sizes are multiples of those chunks -- the
+// shard's chunks ARE the logical tensor's chunks inside it, and the DCT,
+// the top-k and the scatter-mean of each chunk are exactly those of the
+// unsharded run. The replica group of a tp rank holds the same shard on
+// every member, so DeMo at tp = N equals DeMo at tp = 1 (each worker sends
+// the components of the chunks it holds: its share of a sharded tensor's,
+// all of a replicated one's). For the GPT split over tp = N this asks that
+// the logical chunk of each split dimension divide the rank's share of it:
+// C/N rows of each of q, k, v (the chunk of 3C), the MLP's hidden width / N,
+// and the first row and row count of each rank's vocabulary rows, which may
+// be uneven (e.g. d_model 768, tp 2, compression_chunk 64: chunkSize(2304,
+// 64) = 64 divides 384). For even splits the shard's own chunks would then
+// coincide with the logical ones; the layout matters for uneven splits and
+// to know when they do not. "Equals" holds up to rounding, which sign()
+// magnifies only where the decoded mean is rounding noise itself: a
+// gradient that is zero in exact arithmetic, such as attention's key bias
+// (softmax ignores a shift shared by all keys), steps +-lr either way.
+// Otherwise (a piece straddling a chunk boundary; a piece of a 3-D or more
+// logical tensor; an FSDP flat shard, which is not a box and may span
+// parameters; pieces not covering the tensor, i.e. padding) the tensor is
+// chunked as a tensor of its own shape, as without a layout: per-shard
+// semantics, where chunks, top-k and therefore the steps differ from an
+// unsharded run. Construction logs one line naming every
+// such tensor and why. With no layout (or whole-tensor layouts) every
+// tensor is chunked by its own shape, which is the logical one.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,6 +70,7 @@
 
 #include "tessera/comm/communicator.h"
 #include "tessera/optim/optimizer.h"
+#include "tessera/parallel/data_parallel.h"
 
 namespace tessera::optim {
 
@@ -52,13 +85,21 @@ struct DemoConfig {
   void validate(const std::string& prefix = "demo.") const;
 };
 
+// What each optimizer tensor holds of the model's logical parameters
+// (DataParallel::parameterLayout()): layout[i] for parameters[i]. Empty:
+// every tensor is a whole parameter.
+using DemoLayout = std::vector<std::vector<parallel::ParameterPiece>>;
+
 // DeMo over `parameters` (shared, not copied: they must outlive the
-// optimizer), starting at learning rate `lr`. State: per-parameter
-// "demo/delta" (created at construction, zeros). Throws ConfigError for a bad
-// config or lr, InvalidArgument for a parameter that is not 1-D or 2-D
-// floating point.
+// optimizer), starting at learning rate `lr`, chunked on the logical tensors
+// that `layout` describes (file comment; every replica must pass the same
+// layout for its tensors). State: per-parameter "demo/delta" (created at
+// construction, zeros). Throws ConfigError for a bad config or lr,
+// InvalidArgument for a parameter that is not floating point, a layout of
+// another length than `parameters`, or a tensor chunked by its own shape
+// that is not 1-D or 2-D.
 std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Tensor> parameters,
-                                    comm::CommPtr comm, double lr);
+                                    comm::CommPtr comm, double lr, DemoLayout layout = {});
 
 // --- The transform, exposed for tests and benchmarks -----------------------
 namespace demo {
@@ -79,7 +120,8 @@ at::Tensor decode(const at::Tensor& coefficients, const std::vector<int64_t>& sh
 // The bytes one worker contributes to a step's all-gather for these
 // parameters: 6 per kept component (float32 value + 16-bit index). With Gloo,
 // a rank sends (W - 1) times this per step (ring all-gather).
-int64_t payloadBytesPerStep(const DemoConfig& config, const std::vector<at::Tensor>& parameters);
+int64_t payloadBytesPerStep(const DemoConfig& config, const std::vector<at::Tensor>& parameters,
+                            const DemoLayout& layout = {});
 }  // namespace demo
 
 }  // namespace tessera::optim

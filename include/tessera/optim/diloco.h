@@ -67,6 +67,20 @@
 // reports outerStep = true when at least one fragment was applied, and
 // throws what the all-reduce throws (CommError, TimeoutError, NotSupported
 // for a compression the build lacks); theta_g is then unchanged.
+//
+// Sharded tensors (tensor parallelism, FSDP inside a replica): `parameters`
+// are this rank's shards and replicaComm (the mesh's dp_replicate axis)
+// joins the ranks of the same tp and dp_shard coordinates, which hold the
+// same shards. Pseudo-gradient, mean, theta_g and outer momentum are all
+// elementwise, so a shard's outer step is its part of the logical tensor's:
+// with an elementwise inner optimizer (AdamW, SGD) DiLoCo at tp = N equals
+// DiLoCo at tp = 1 up to rounding. Fragments go by parameter, not by bytes:
+// `groups` come from parameter names (the launcher's: the block index), the
+// same on every tp rank, so fragment f holds the same parameters' shards on
+// every tp rank and syncs at the same steps. Exception: compression =
+// "int8" quantizes chunks of the flat pseudo-gradient, whose contents depend
+// on the sharding, so there tp = N matches tp = 1 only up to the
+// quantization error.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -34,6 +34,17 @@
 // step() is collective over the communicator on calls where something syncs;
 // it reports outerStep = true on calls where the parameters were averaged
 // (T % sync_params == 0; also with no communicator).
+//
+// Sharded tensors (tensor parallelism, FSDP inside a replica): the tensors
+// are this rank's shards, and the group (the mesh's dp_replicate axis) joins
+// the ranks of the same tp and dp_shard coordinates, which hold the same
+// shard of every tensor. Averaging is elementwise over the replicas, so a
+// shard's average is exactly its part of the logical tensor's average; the
+// local update is elementwise too (the clip and eps act per element). So
+// MT-DAO on tp = N shards takes, shard by shard, the steps MT-DAO takes at
+// tp = 1, up to rounding. A tensor replicated over tp (LayerNorm, the bias of
+// a row-parallel layer) gets identical gradients on the tp ranks of a
+// replica (parallel/tensor_parallel.h) and so stays identical there.
 #pragma once
 
 #include <ATen/core/Tensor.h>

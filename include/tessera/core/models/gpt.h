@@ -75,6 +75,13 @@ struct GptConfig {
 
   // Throws ConfigError naming the field ("model.n_head") and the accepted values.
   void validate(const std::string& prefix = "model.") const;
+  // Whether tensor parallelism over `tp` ranks (named `axis` in messages,
+  // "parallel.tp") can split this model: n_head divisible by tp, a vocabulary
+  // whose padded split leaves every rank a row, no MoE (TED comes with issue
+  // 17). Throws ConfigError naming the field and both numbers. The one check,
+  // used by GptImpl::applyTensorParallel and tessera-train's config alike.
+  void validateTensorParallel(int64_t tp, const std::string& prefix = "model.",
+                              const std::string& axis = "parallel.tp") const;
 
   int64_t headDim() const { return d_model / n_head; }
 };
