@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "tessera/core/threads.h"
 #include "tessera/core/data/byte_corpus.h"
 #include "tessera/launcher/init.h"
 #include "tessera/optim/lr_schedule.h"
@@ -26,7 +27,7 @@
 
 int main(int argc, char** argv) {
   const int64_t steps = argc > 1 ? std::atoll(argv[1]) : 200;
-  at::set_num_threads(1);  // one thread per rank: ranks share the machine's cores
+  tessera::setComputeThreads(1);  // one thread per rank: ranks share the machine's cores
 
   // 1. Join the job (collective). A world of 1 when started alone.
   tessera::DistributedContext ctx = tessera::init();

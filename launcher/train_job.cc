@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <thread>
 
+#include "tessera/core/threads.h"
 #include "tessera/checkpoint/safetensors.h"
 #include "tessera/core/config.h"
 #include "tessera/core/data/byte_corpus.h"
@@ -130,7 +131,7 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   job->threads = config.train.threads > 0
                      ? config.train.threads
                      : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ctx.info.localWorldSize);
-  at::set_num_threads(job->threads);
+  setComputeThreads(job->threads);  // ATen and OpenBLAS alike
 
   job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
   job->model = buildModel(config);

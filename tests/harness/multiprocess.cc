@@ -13,6 +13,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tessera/core/threads.h"
 #include "tessera/comm/gloo.h"
 #include "tessera/comm/mpi.h"
 #include "tessera/core/error.h"
@@ -265,7 +266,7 @@ std::optional<int> maybeRunWorker(int argc, char** argv) {
   setLogRank(ctx.rank);
   // Several ranks share two cores: intra-op threads would only spin against
   // each other (seen: 10x slower tensor ops with the default thread count).
-  at::set_num_threads(1);
+  setComputeThreads(1);
   auto it = registry().find(name);
   if (it == registry().end()) {
     std::fprintf(stderr, "no worker '%s' in this binary\n", name);
