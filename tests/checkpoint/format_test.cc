@@ -25,6 +25,7 @@
 
 #include "tessera/checkpoint/checkpoint.h"
 #include "tessera/core/error.h"
+#include "tests/harness/checks.h"
 #include "tests/harness/multiprocess.h"
 
 namespace tessera::checkpoint {
@@ -657,15 +658,11 @@ TEST(CheckpointFormat, H5pyReadsTheFiles) {
   if (python.empty()) GTEST_SKIP() << "no python3: install python3 python3-h5py python3-numpy python3-hdf5plugin";
   const std::string command = python + " " + TESSERA_CHECKPOINT_H5PY_SCRIPT + " " + dir + "/step-00000003 " +
                               TESSERA_H5ZSTD_PLUGIN_DIR + " 11 2>&1";  // 8 dtypes + 3 format-2 tensors
-  FILE* pipe = ::popen(command.c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
-  const int status = ::pclose(pipe);
+  const testing::ShellResult run = testing::runShell(command);
+  const std::string& output = run.output;
   fs::remove_all(dir);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) GTEST_SKIP() << output;
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << "\n" << output;
+  if (run.exitedWith(77)) GTEST_SKIP() << output;
+  ASSERT_TRUE(run.exitedWith(0)) << command << "\n" << output;
   std::cout << output;
 }
 

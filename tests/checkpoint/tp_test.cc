@@ -36,6 +36,7 @@
 #include "tessera/parallel/device_mesh.h"
 #include "tessera/parallel/parallelize.h"
 #include "tessera/train/trainer.h"
+#include "tests/harness/checks.h"
 #include "tests/harness/multiprocess.h"
 
 namespace tessera {
@@ -376,14 +377,10 @@ void expectH5pyReads(const std::string& checkpointDir, const std::string& expect
   if (::access("/usr/bin/python3", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/python3";
   const std::string command = std::string("/usr/bin/python3 ") + TESSERA_CHECKPOINT_H5PY_SCRIPT + " " + checkpointDir +
                               " " + TESSERA_H5ZSTD_PLUGIN_DIR + " " + std::to_string(tensors) + " " + expected + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
-  const int status = ::pclose(pipe);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) GTEST_SKIP() << output;
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << command << "\n" << output;
+  const testing::ShellResult run = testing::runShell(command);
+  const std::string& output = run.output;
+  if (run.exitedWith(77)) GTEST_SKIP() << output;
+  ASSERT_TRUE(run.exitedWith(0)) << command << "\n" << output;
   std::cout << output;
 }
 

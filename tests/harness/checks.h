@@ -1,9 +1,11 @@
-// Small checks several test files share (header-only templates).
+// Small checks several test files share (header-only).
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <map>
 #include <string>
@@ -12,6 +14,24 @@
 #include "tessera/core/error.h"
 
 namespace tessera::testing {
+
+// A shell command's exit and everything it printed (stdout; add 2>&1 for stderr).
+struct ShellResult {
+  int status = -1;  // as pclose returns it
+  std::string output;
+  bool exitedWith(int code) const { return WIFEXITED(status) && WEXITSTATUS(status) == code; }
+};
+
+// Runs `command` through /bin/sh and waits for it. status stays -1 when it could not start.
+inline ShellResult runShell(const std::string& command) {
+  ShellResult result;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) return result;
+  char buffer[4096];
+  while (size_t n = std::fread(buffer, 1, sizeof buffer, pipe)) result.output.append(buffer, n);
+  result.status = ::pclose(pipe);
+  return result;
+}
 
 // The ConfigError `fn` throws (fails the test if it throws none).
 template <typename Fn>
