@@ -29,10 +29,17 @@ namespace {
 
 class TensorParallelNorm final : public DataParallel {
  public:
-  TensorParallelNorm(std::unique_ptr<DataParallel> inner, std::set<std::string> tpSharded, comm::CommPtr tpComm,
-                     comm::CommPtr shardComm)
-      : inner_(std::move(inner)), tpComm_(std::move(tpComm)), shardComm_(std::move(shardComm)),
-        tpSharded_(std::move(tpSharded)) {}
+  TensorParallelNorm(std::unique_ptr<DataParallel> inner, const std::set<std::string>& tpSharded,
+                     comm::CommPtr tpComm, comm::CommPtr shardComm)
+      : inner_(std::move(inner)), tpComm_(std::move(tpComm)), shardComm_(std::move(shardComm)) {
+    // The layout is fixed for the strategy's lifetime: classify its ranges once.
+    const auto layout = inner_->parameterLayout();
+    for (size_t i = 0; i < layout.size(); ++i) {
+      for (const ParameterPiece& piece : layout[i]) {
+        ranges_.push_back(Range{i, piece.tensorOffset, piece.slice.numel, tpSharded.count(piece.name) > 0});
+      }
+    }
+  }
 
   std::string name() const override { return inner_->name(); }
   std::vector<at::Tensor> optimizerParameters() override { return inner_->optimizerParameters(); }
@@ -44,20 +51,16 @@ class TensorParallelNorm final : public DataParallel {
   bool sharded() const override { return inner_->sharded(); }
 
   double gradNorm() override {
-    // [TP-sharded, replicated] squares over this rank's pieces (padding is in no piece).
+    // [TP-sharded, replicated] squares over this rank's pieces (padding is in no
+    // piece), summed where the gradients live; one host sync, after the reductions.
     const std::vector<at::Tensor> params = inner_->optimizerParameters();
-    const auto layout = inner_->parameterLayout();
-    double sharded = 0, replicated = 0;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const at::Tensor& grad = params[i].grad();
+    at::Tensor sums = at::zeros({2}, at::kDouble);
+    for (const Range& range : ranges_) {
+      const at::Tensor& grad = params[range.tensor].grad();
       if (!grad.defined()) continue;
-      const at::Tensor flat = grad.reshape({-1});
-      for (const ParameterPiece& piece : layout[i]) {
-        const double sq = flat.narrow(0, piece.tensorOffset, piece.slice.numel).to(at::kDouble).pow(2).sum().item<double>();
-        (tpSharded_.count(piece.name) ? sharded : replicated) += sq;
-      }
+      const at::Tensor part = grad.reshape({-1}).narrow(0, range.offset, range.numel).to(at::kDouble);
+      sums[range.tpSharded ? 0 : 1] += part.pow(2).sum().cpu();
     }
-    at::Tensor sums = at::tensor({sharded, replicated}, at::kDouble);
     if (shardComm_ && shardComm_->size() > 1) shardComm_->allReduce(sums, comm::ReduceOp::kSum);  // FSDP's shards
     at::Tensor tpSum = sums.narrow(0, 0, 1).clone();
     tpComm_->allReduce(tpSum, comm::ReduceOp::kSum);  // the tp shards of each split parameter
@@ -68,7 +71,13 @@ class TensorParallelNorm final : public DataParallel {
   std::unique_ptr<DataParallel> inner_;
   comm::CommPtr tpComm_;
   comm::CommPtr shardComm_;
-  std::set<std::string> tpSharded_;
+  struct Range {
+    size_t tensor;    // index into optimizerParameters()
+    int64_t offset;   // first element in that tensor's flat view
+    int64_t numel;
+    bool tpSharded;   // part of a parameter split over tp
+  };
+  std::vector<Range> ranges_;
 };
 
 }  // namespace
@@ -89,8 +98,7 @@ std::unique_ptr<DataParallel> withTensorParallelNorm(std::unique_ptr<DataParalle
                                                      std::set<std::string> tpSharded, comm::CommPtr tpComm,
                                                      comm::CommPtr shardComm) {
   TESSERA_CHECK_ARG(inner != nullptr && tpComm != nullptr, "withTensorParallelNorm needs a strategy and tp");
-  return std::make_unique<TensorParallelNorm>(std::move(inner), std::move(tpSharded), std::move(tpComm),
-                                              std::move(shardComm));
+  return std::make_unique<TensorParallelNorm>(std::move(inner), tpSharded, std::move(tpComm), std::move(shardComm));
 }
 
 }  // namespace tessera::parallel
