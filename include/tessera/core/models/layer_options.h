@@ -24,12 +24,13 @@
 namespace tessera::models {
 
 // How a layer's weight is split over a ShardGroup of p ranks (REFERENCE.md §9,
-// Megatron-LM arXiv 1909.08053). Rank r holds one box of each logical weight.
+// Megatron-LM arXiv 1909.08053). Rank r holds one box of each logical weight
+// (a fused column layer: one box per fused block). Splits follow shardRange.
 enum class Sharding {
   kNone,        // every rank holds the whole weight
   kColumn,      // Linear: W (out, in) split along out, A = [A_1 ... A_p]; output sharded along its last dim
   kRow,         // Linear: W split along in; input sharded, partial outputs summed over the group
-  kVocabulary,  // Embedding: rows [r*V/p, (r+1)*V/p); ids outside the shard masked, then summed
+  kVocabulary,  // Embedding: rows shardRange(V, p, r); ids outside the shard masked, then summed
 };
 
 // The arithmetic of the layer's GEMM.
