@@ -42,7 +42,7 @@ else
   where="3 nodes on loopback (run as root for network namespaces)"
 fi
 step "run: tessera-chaos --plan examples/chaos/demo.toml --out ${out} ${baseline[*]:-}"
-echo "  DiLoCo (H = 10, int8) on a tiny GPT over fortunes; ${where};"
+echo "  DiLoCo (H = 20, int8) on a tiny GPT over fortunes; ${where};"
 echo "  node 2 is killed at step 110 and restarted at step 150 (about a minute)"
 "${build_dir}/bench/tessera-chaos" --plan examples/chaos/demo.toml --out "${out}" "${baseline[@]}"
 
