@@ -35,5 +35,7 @@ std::unique_ptr<BenchCommand> addTrainCommand(CLI::App& app);        // train_be
 std::unique_ptr<BenchCommand> addQuantizeCommand(CLI::App& app);     // quantize_bench.cc
 std::unique_ptr<BenchCommand> addCheckpointCommand(CLI::App& app);   // checkpoint_bench.cc
 std::unique_ptr<BenchCommand> addConvergenceCommand(CLI::App& app);  // convergence_bench.cc
+std::unique_ptr<BenchCommand> addPipelineScheduleCommand(CLI::App& app);  // pipeline_schedule_bench.cc
+std::unique_ptr<BenchCommand> addPipelineCommand(CLI::App& app);          // pipeline_bench.cc
 
 }  // namespace tessera::bench

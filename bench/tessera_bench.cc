@@ -93,7 +93,7 @@ int run(int argc, char** argv) {
   app.require_subcommand(1);
   std::vector<std::unique_ptr<BenchCommand>> commands;
   for (auto add : {addAllreduceCommand, addTrainCommand, addQuantizeCommand, addCheckpointCommand,
-                   addConvergenceCommand}) {
+                   addConvergenceCommand, addPipelineScheduleCommand, addPipelineCommand}) {
     commands.push_back(add(app));
   }
   try {

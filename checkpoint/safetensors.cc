@@ -178,7 +178,8 @@ SafetensorsFile readSafetensors(const std::string& path) {
   return out;
 }
 
-void loadSafetensorsInto(torch::nn::Module& module, const std::string& path) {
+void loadSafetensorsInto(torch::nn::Module& module, const std::string& path,
+                         const std::map<std::string, std::vector<int64_t>>* wholeModel) {
   const SafetensorsFile file = readSafetensors(path);
 
   // Every name the module answers to, and the tensors that must be covered
@@ -196,7 +197,13 @@ void loadSafetensorsInto(torch::nn::Module& module, const std::string& path) {
   for (const auto& [name, value] : file.tensors) {
     auto it = targets.find(name);
     if (it == targets.end()) {
-      unexpected.push_back(name + " " + shapeText(value.sizes()));
+      // A pipeline stage: another stage's parameter is skipped when the whole model has it as stored.
+      const bool other = wholeModel != nullptr && wholeModel->count(name) != 0;
+      if (!other) {
+        unexpected.push_back(name + " " + shapeText(value.sizes()));
+      } else if (const auto& whole = *wholeModel->find(name); value.sizes() != at::IntArrayRef(whole.second)) {
+        mismatched.push_back(name + ": file " + shapeText(value.sizes()) + ", model " + shapeText(whole.second));
+      }
       continue;
     }
     if (it->second.sizes() != value.sizes()) {
@@ -224,7 +231,9 @@ void loadSafetensorsInto(torch::nn::Module& module, const std::string& path) {
     throw InvalidArgument(message.str());
   }
   at::NoGradGuard noGrad;
-  for (const auto& [name, value] : file.tensors) targets.at(name).copy_(value);
+  for (const auto& [name, value] : file.tensors) {
+    if (auto it = targets.find(name); it != targets.end()) it->second.copy_(value);
+  }
 }
 
 int64_t exportSafetensors(const std::string& checkpointPath, const std::string& outPath, int replica,

@@ -318,13 +318,24 @@ std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const
     if (!source.tensors.count(modelPrefix + name)) missing.push_back(name);
   }
   // Without the module a sharded rank knows only its own pieces' names: the
-  // others' are not unexpected.
-  const bool knowsAllNames = parts.model != nullptr || !parts.dp->sharded();
+  // others' are not unexpected. A pipeline stage knows the whole model's.
+  const bool knowsAllNames = parts.model != nullptr || parts.wholeModel != nullptr || !parts.dp->sharded();
   for (auto it = source.tensors.lower_bound(modelPrefix);
        knowsAllNames && it != source.tensors.end() && it->first.compare(0, modelPrefix.size(), modelPrefix) == 0;
        ++it) {
     const std::string name = it->first.substr(modelPrefix.size());
-    if (!expectedSet.count(name)) unexpected.push_back(name + " " + shapeText(it->second.shape));
+    if (expectedSet.count(name)) continue;
+    if (parts.wholeModel == nullptr) {
+      unexpected.push_back(name + " " + shapeText(it->second.shape));
+      continue;
+    }
+    // Another stage's parameter: fine when the whole model has it, as it is.
+    auto whole = parts.wholeModel->find(name);
+    if (whole == parts.wholeModel->end()) {
+      unexpected.push_back(name + " " + shapeText(it->second.shape));
+    } else if (whole->second != it->second.shape) {
+      mismatched.push_back(name + ": checkpoint " + shapeText(it->second.shape) + ", model " + shapeText(whole->second));
+    }
   }
   std::set<std::string> shapeChecked;
   for (const auto& pieces : layout.pieces) {
@@ -477,10 +488,11 @@ int64_t restoreTrainingStateFromCheckpoint(const TrainingParts& parts, const std
   const StateSummary summary = StateSummary::of(readIndex(dir));
   const std::vector<LoadRequest> requests = trainingStateRequests(parts, summary);
   // trainingStateRequests already checked the model's names against the
-  // whole index; a sharded rank requests only its own parameters, so the
-  // strict check of load() applies only when this rank holds them all.
+  // whole index; a sharded rank or a pipeline stage requests only its own
+  // parameters, so the strict check of load() applies only when this rank
+  // holds them all.
   std::vector<std::string> strict;
-  if (!parts.dp->sharded()) strict.push_back(sourcePrefix(parts.replica, summary.meta) + kModel);
+  if (!parts.dp->sharded() && parts.wholeModel == nullptr) strict.push_back(sourcePrefix(parts.replica, summary.meta) + kModel);
   const StateDict loaded = load(dir, requests, strict);
   restoreTrainingState(parts, loaded);
   return loaded.metaInt(kStep);

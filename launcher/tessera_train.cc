@@ -86,6 +86,10 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
                        << job.train.steps << " steps: " << job.parallel.strategy << " on "
                        << job.parallel.mesh.describe()
                        << (job.parallel.mesh.tp > 1 && job.parallel.sequence_parallel ? " with sequence parallelism" : "")
+                       << (job.parallel.mesh.pp > 1 ? ", pipeline schedule " + job.parallel.pipeline.schedule + " with " +
+                                                          std::to_string(job.parallel.pipeline.microBatchesFor(
+                                                              job.parallel.mesh.pp)) + " micro-batches"
+                                                    : std::string())
                        << ", " << built->threads << " threads per rank";
   }
   Trainer trainer(built->parts, job.train);
@@ -107,6 +111,7 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
   state.replica = checkpoint::ReplicaInfo{built->replica, built->replicas};
   state.rank = ctx.rank();             // each rank saves and restores its own generator row
   state.worldSize = ctx.worldSize();
+  if (!built->wholeModel.empty()) state.wholeModel = &built->wholeModel;  // a pipeline stage
 
   // The step this run last saved: the final state is saved unless it was
   // just saved (a resumed run with nothing left to train saves the restored

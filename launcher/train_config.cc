@@ -25,7 +25,7 @@ struct Field {
 // Dotted section name ("optim", "model.moe") -> its keys, in documentation order.
 using Schema = std::map<std::string, std::vector<Field>>;
 
-const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel, elastic, faults";
+const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel, pipeline, elastic, faults";
 
 // The keys of every section, pointing into `c`. [model] lists the keys of c.model.kind only.
 Schema schemaOf(TrainJobConfig& c) {
@@ -70,11 +70,17 @@ Schema schemaOf(TrainJobConfig& c) {
   auto& t = c.train;
   s["train"] = {{"steps", &t.steps},           {"grad_accum", &t.grad_accum}, {"clip", &t.clip},
                 {"eval_every", &t.eval_every}, {"eval_batches", &t.eval_batches}, {"log_every", &t.log_every},
-                {"seed", &t.seed},             {"threads", &t.threads},       {"progress", &t.progress}};
+                {"seed", &t.seed},             {"threads", &t.threads},       {"progress", &t.progress},
+                {"post_validation", &t.post_validation}};
   auto& p = c.parallel;
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
                    {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}, {"sequence_parallel", &p.sequence_parallel}};
+  auto& pl = c.parallel.pipeline;
+  s["pipeline"] = {{"schedule", &pl.schedule},         {"microbatches", &pl.microbatches},
+                   {"virtual_stages", &pl.virtual_stages}, {"layers_per_stage", &pl.layers_per_stage},
+                   {"auto_profile_steps", &pl.auto_profile_steps}, {"offload", &pl.offload},
+                   {"offload_budget_mb", &pl.offload_budget_mb}};
   auto& e = c.elastic;
   s["elastic"] = {{"heartbeat_interval_s", &e.heartbeat_interval_s}, {"heartbeat_timeout_s", &e.heartbeat_timeout_s},
                   {"min_nodes", &e.min_nodes},       {"max_nodes", &e.max_nodes},
@@ -242,6 +248,27 @@ void validateTensorParallel(const TrainJobConfig& c) {
   }
 }
 
+// The checks of parallel.pp against the other sections (PipelineConfig's own
+// keys are ParallelConfig::validate's): a GPT, no MoE yet, a batch that
+// splits into the micro-batches, blocks enough for the chunks.
+void validatePipeline(const TrainJobConfig& c) {
+  const int pp = c.parallel.mesh.pp;
+  if (pp <= 1) return;
+  TESSERA_CHECK_CONFIG(c.model.kind == "gpt", "parallel.pp",
+                       "pipeline stages cut GPT blocks; model.kind = \"" << c.model.kind
+                           << "\" runs with parallel.pp = 1, got " << pp);
+  TESSERA_CHECK_CONFIG(!c.model.gpt.use_moe, "parallel.pp",
+                       "pipeline stages of a mixture-of-experts model come with expert parallelism (issue 17); "
+                       "set parallel.pp = 1 or model.use_moe = false");
+  const auto& pipeline = c.parallel.pipeline;
+  pipeline.validate(pp);
+  const int M = pipeline.microBatchesFor(pp);
+  TESSERA_CHECK_CONFIG(c.data.batch_size % M == 0, "pipeline.microbatches",
+                       "data.batch_size (" << c.data.batch_size << ") must split into " << M
+                                           << " equal micro-batches (choose a divisor of the batch size)");
+  models::gptChunkBlocks(c.model.gpt.n_layer, pp * pipeline.chunksPerRank(), pipeline.layers_per_stage);
+}
+
 }  // namespace
 
 void TrainJobConfig::validate() const {
@@ -262,6 +289,7 @@ void TrainJobConfig::validate() const {
                        "parallel.strategy", "\"" << parallel.strategy << "\" shards GPT blocks; model.kind = \""
                                                   << model.kind << "\" supports none, ddp");
   validateTensorParallel(*this);
+  validatePipeline(*this);
   TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd" || localUpdates(), "optim.name",
                        "got '" << optimizer << "' (valid: adamw, sgd, diloco, demo, mt-dao)");
   if (optimizer == "diloco") {

@@ -105,8 +105,12 @@ JobData loadData(const TrainJobConfig& job, int dpRank, int dpSize) {
   return out;
 }
 
-std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job) {
-  if (job.model.kind == "gpt") return makeTrainable(models::Gpt(job.model.gpt));
+// The model, or under a pipeline this rank's part of it (parallelize.h, step 1).
+std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job, const parallel::DeviceMesh& mesh) {
+  if (job.model.kind == "gpt") {
+    return makeTrainable(models::Gpt(
+        job.model.gpt, parallel::pipelinePart(job.model.gpt, job.parallel, mesh.coordinate(parallel::MeshAxis::kPp))));
+  }
   return makeTrainable(models::MlpClassifier(job.model.mlp));
 }
 
@@ -125,6 +129,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     TESSERA_CHECK_CONFIG(config.parallel.mesh.tp == 1, "parallel.tp",
                          "elastic nodes whose local group is tensor-parallel come with the whole-mesh elastic "
                          "work (issue 19); an elastic run needs parallel.tp = 1 (got " << config.parallel.mesh.tp << ")");
+    TESSERA_CHECK_CONFIG(config.parallel.mesh.pp == 1, "parallel.pp",
+                         "elastic nodes whose local group is a pipeline come with the whole-mesh elastic work "
+                         "(issue 19); an elastic run needs parallel.pp = 1 (got " << config.parallel.mesh.pp << ")");
   }
   config.parallel.validate(ctx.worldSize(), localUpdates);  // every rank throws the same error before any collective
   auto job = std::make_unique<TrainJob>();
@@ -134,16 +141,29 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   setComputeThreads(job->threads);  // ATen and OpenBLAS alike
 
   job->mesh = std::make_unique<parallel::DeviceMesh>(ctx.world, config.parallel.mesh);  // collective
-  job->model = buildModel(config);
+  job->model = buildModel(config, *job->mesh);
   if (!config.model.init_from.empty()) {
     // Before parallelize(): FSDP empties the parameters, and DDP/FSDP/DiLoCo broadcast rank 0's values.
     try {
-      checkpoint::loadSafetensorsInto(job->model->module(), config.model.init_from);
+      // A pipeline stage loads its tensors of the whole model's file.
+      const auto whole = config.model.kind == "gpt" ? models::gptParameterShapes(config.model.gpt)
+                                                    : std::map<std::string, std::vector<int64_t>>{};
+      checkpoint::loadSafetensorsInto(job->model->module(), config.model.init_from,
+                                      config.parallel.mesh.pp > 1 ? &whole : nullptr);
     } catch (const Error& e) {
       throw ConfigError("model.init_from", e.what());
     }
   }
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
+  if (config.parallel.mesh.pp > 1) {  // a stage holds part of the model: count the whole one
+    job->wholeModel = models::gptParameterShapes(config.model.gpt);
+    job->numParameters = 0;
+    for (const auto& [name, shape] : job->wholeModel) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      job->numParameters += n;
+    }
+  }
   job->parallel = parallel::parallelize(*job->model, *job->mesh, config.parallel, localUpdates);  // collective
   job->dp = job->parallel.dp.get();
   job->dpComm = job->parallel.dataComm;
@@ -177,6 +197,7 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   }
   parts.metrics = job->metrics.get();
   parts.reportsProgress = job->parallel.reportsMetrics;
+  parts.stageNorm = job->parallel.stageNorm;
   return job;
 }
 

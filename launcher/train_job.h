@@ -5,6 +5,7 @@
 // benchmark measures exactly what the tool runs.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +25,9 @@ namespace tessera::launcher {
 struct TrainJob {
   int threads = 1;                                   // intra-op threads per rank
   int64_t numParameters = 0;                         // of the unsharded model
+  // Pipelines: every parameter of the WHOLE model with its shape, so a stage
+  // restores and checks a checkpoint of any layout (TrainingParts::wholeModel). Empty otherwise.
+  std::map<std::string, std::vector<int64_t>> wholeModel;
   std::unique_ptr<parallel::DeviceMesh> mesh;
   std::unique_ptr<TrainableModel> model;
   parallel::ParallelModel parallel;                  // strategy, executor, data ranks, named comms

@@ -11,14 +11,18 @@ double clipScale(double norm, double maxNorm) {
   return std::min(1.0, maxNorm / (norm + 1e-6));
 }
 
-double clipGradNorm(parallel::DataParallel& dp, double maxNorm) {
-  const double norm = dp.gradNorm();
+void clipGradients(parallel::DataParallel& dp, double norm, double maxNorm) {
   const double scale = clipScale(norm, maxNorm);
   if (scale < 1.0) {
     for (auto& p : dp.optimizerParameters()) {
       if (p.grad().defined()) p.mutable_grad().mul_(scale);
     }
   }
+}
+
+double clipGradNorm(parallel::DataParallel& dp, double maxNorm) {
+  const double norm = dp.gradNorm();
+  clipGradients(dp, norm, maxNorm);
   return norm;
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "tessera/core/models/logical_parameters.h"
 
@@ -47,6 +48,8 @@ class NoDataParallel final : public DataParallel {
   DataParallelStats stats() const override { return {}; }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
   bool sharded() const override { return false; }
+  // Nothing is reduced: every arrival just accumulates into .grad.
+  void setGradientArrivals(std::function<int(const std::string&)>) override {}
 
  private:
   std::vector<at::Tensor> parameters_;
@@ -77,6 +80,9 @@ class DdpDataParallel final : public DataParallel {
   }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
   bool sharded() const override { return false; }
+  void setGradientArrivals(std::function<int(const std::string&)> arrivals) override {
+    ddp_.setGradientArrivals(std::move(arrivals));
+  }
 
  private:
   std::vector<at::Tensor> parameters_;

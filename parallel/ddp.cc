@@ -64,6 +64,8 @@ struct Slot {
   int bucket = -1;
   at::Tensor view;       // param-shaped view into the bucket's flat buffer
   bool ready = false;    // slice written in the current step
+  int needed = 1;        // gradient arrivals that complete it in a synced step (setGradientArrivals)
+  int arrived = 0;       // arrivals counted in the current synced step
   unsigned hookHandle = 0;
 };
 
@@ -98,7 +100,10 @@ struct DistributedDataParallel::State {
   void beginStep() {
     stepActive = true;
     nextToLaunch = 0;
-    for (Slot& slot : slots) slot.ready = false;
+    for (Slot& slot : slots) {
+      slot.ready = false;
+      slot.arrived = 0;
+    }
     for (Bucket& bucket : buckets) {
       bucket.pending = static_cast<int>(bucket.slots.size());
       bucket.work.reset();
@@ -155,10 +160,14 @@ struct DistributedDataParallel::State {
     if (noSyncDepth > 0) return;  // accumulate locally; autograd adds grad into .grad
     if (!stepActive) beginStep();
     Slot& slot = slots[index];
-    TESSERA_CHECK_ARG(!slot.ready, "parameter '" << slot.name
-                                                 << "' received a second gradient before finishGradientSync(); "
-                                                    "call finishGradientSync() after every synced backward, or "
-                                                    "accumulate inside ddp.noSync()");
+    TESSERA_CHECK_ARG(!slot.ready, "parameter '" << slot.name << "' received gradient " << slot.arrived + 1
+                                                 << " but expected " << slot.needed
+                                                 << " per synced step before finishGradientSync(); call "
+                                                    "finishGradientSync() after every synced step, accumulate "
+                                                    "inside ddp.noSync(), or declare the pipeline's arrivals "
+                                                    "with setGradientArrivals()");
+    // Not the last arrival: autograd adds grad into .grad, the last one sends it all.
+    if (++slot.arrived < slot.needed) return;
     fillSlot(slot, grad);
     launchReadyBuckets();
     pollCompletions();
@@ -374,8 +383,10 @@ void DistributedDataParallel::finishGradientSync() {
   std::vector<std::string> unused;
   for (Slot& slot : s.slots) {
     if (slot.ready) continue;
-    unused.push_back(slot.name);
-    s.fillSlot(slot, at::Tensor());
+    unused.push_back(slot.name + (slot.arrived > 0 ? " (" + std::to_string(slot.arrived) + " of " +
+                                                         std::to_string(slot.needed) + " gradients)"
+                                                   : std::string()));
+    s.fillSlot(slot, at::Tensor());  // its .grad holds the arrivals so far
   }
   DdpSyncStats step;
   step.steps = 1;
@@ -425,6 +436,21 @@ void DistributedDataParallel::finishGradientSync() {
                           "peers did not hang; set DdpConfig::findUnusedParameters = true if this is expected, "
                           "or exclude frozen parameters from DDP");
   }
+}
+
+void DistributedDataParallel::setGradientArrivals(std::function<int(const std::string& name)> arrivals) {
+  TESSERA_CHECK_ARG(state_ != nullptr, "setGradientArrivals() on a moved-from DistributedDataParallel");
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  TESSERA_CHECK_ARG(!state_->stepActive, "setGradientArrivals() during a synced step; call it between steps "
+                                         "(after finishGradientSync())");
+  std::vector<int> needed;
+  for (const Slot& slot : state_->slots) {
+    const int n = arrivals ? arrivals(slot.name) : 1;
+    TESSERA_CHECK_ARG(n >= 1, "setGradientArrivals: parameter '" << slot.name << "' expects " << n
+                                                                 << " gradient arrivals per synced step; need >= 1");
+    needed.push_back(n);
+  }
+  for (size_t i = 0; i < needed.size(); ++i) state_->slots[i].needed = needed[i];
 }
 
 DistributedDataParallel::NoSyncGuard DistributedDataParallel::noSync() {

@@ -25,7 +25,9 @@
 #include <unordered_map>
 
 #include "tessera/core/error.h"
+#include "tessera/core/models/embedding.h"
 #include "tessera/core/models/gpt.h"
+#include "tessera/core/models/linear.h"
 #include "tessera/core/models/logical_parameters.h"
 #include "tessera/core/timer.h"
 
@@ -51,7 +53,13 @@ struct Unit {
   int64_t shardNumel = 0;                    // P' / N
   at::Tensor shard;                          // (P'/N,) fp32 leaf, requires_grad
   at::Tensor full;                           // (P',) while gathered, else undefined
-  at::Tensor accumulated;                    // (P',) noSync gradient sum, else undefined
+  at::Tensor accumulated;                    // (P',) noSync / earlier arrivals' gradient sum, else undefined
+  int needed = 1;                            // backward passes that complete it in a synced step (the root: 1)
+  int arrived = 0;                           // of those, counted so far in this synced step
+  // The unit's tessera Linear / Embedding layers: a deferred one (split
+  // backward) names the WeightGradStore the unit's post-backward waits in.
+  std::vector<torch::nn::Module*> gemmLayers;
+  int holds = 0;                             // post-backwards queued in that store: the unit stays gathered
   std::function<FsdpUnitOutput(const at::Tensor&)> forward;  // empty for the root
 };
 
@@ -146,10 +154,12 @@ struct FullyShardedDataParallel::State {
 
   // A unit's full flat gradient (P',) from its backward: accumulate it inside
   // noSync, otherwise (plus what noSync accumulated) reduce-scatter it.
+  // In a synced step the unit's first needed - 1 gradients (setGradientArrivals)
+  // accumulate the same way, and the last one launches the reduce-scatter of the sum.
   void reduceUnitGradient(size_t index, at::Tensor flat) {
     std::lock_guard<std::mutex> lock(mutex);
     Unit& unit = units[index];
-    if (noSyncDepth > 0) {
+    if (noSyncDepth > 0 || ++unit.arrived < unit.needed) {
       if (unit.accumulated.defined()) {
         unit.accumulated.add_(flat);
       } else {
@@ -157,6 +167,13 @@ struct FullyShardedDataParallel::State {
       }
       return;
     }
+    launchReduce(index, std::move(flat));
+  }
+
+  // Reduce-scatters flat plus what the unit accumulated. Caller holds the mutex.
+  void launchReduce(size_t index, at::Tensor flat) {
+    Unit& unit = units[index];
+    unit.arrived = 0;
     if (unit.accumulated.defined()) {
       flat.add_(unit.accumulated);
       unit.accumulated = at::Tensor();
@@ -170,6 +187,45 @@ struct FullyShardedDataParallel::State {
     countBytes(unit.shardComm, unit.paddedNumel * static_cast<int64_t>(sizeof(float)));
     pending.push_back(std::move(p));
     pollCompletions();
+  }
+
+  // The WeightGradStore the unit's deferred layers queue their dW in, or null
+  // when none is deferred. Local.
+  static std::shared_ptr<models::WeightGradStore> deferredStore(const Unit& unit) {
+    std::shared_ptr<models::WeightGradStore> store;
+    for (torch::nn::Module* layer : unit.gemmLayers) {
+      const models::LayerOptions* options = nullptr;
+      if (auto* linear = dynamic_cast<models::LinearImpl*>(layer)) options = &linear->options();
+      if (auto* embedding = dynamic_cast<models::EmbeddingImpl*>(layer)) options = &embedding->options();
+      if (options == nullptr || options->weight_grad != models::WeightGrad::kDeferred) continue;
+      TESSERA_CHECK_ARG(!store || store == options->weight_grad_store,
+                        "FSDP unit '" << unit.name << "' has layers deferring their weight gradients into two "
+                                      << "different stores; use one WeightGradStore per pipeline stage");
+      store = options->weight_grad_store;
+    }
+    return store;
+  }
+
+  // A unit's post-backward: its gradient from B (`grads`, per parameter,
+  // undefined where B produced none) plus what the deferred weight-gradient
+  // deliveries accumulated in the parameters' .grad, flattened and handed to
+  // reduceUnitGradient. `held`: the unit was kept gathered for W; free it
+  // after the last such post-backward.
+  void postBackward(size_t index, const std::vector<at::Tensor>& grads, bool held) {
+    Unit& unit = units[index];
+    at::Tensor flat = at::zeros({unit.paddedNumel}, at::kFloat);  // (P',), padding stays 0
+    {
+      at::NoGradGuard noGrad;
+      for (size_t i = 0; i < unit.params.size(); ++i) {
+        at::Tensor slot = flat.narrow(0, unit.offsets[i], c10::multiply_integers(unit.shapes[i]));
+        if (grads[i].defined()) slot.copy_(grads[i].reshape({-1}));
+        at::Tensor& delivered = unit.params[i].mutable_grad();  // W's dW (AccumulateGrad), else undefined
+        if (delivered.defined()) slot.add_(delivered.reshape({-1}));
+        delivered = at::Tensor();
+      }
+    }
+    if (held && --unit.holds == 0) release(unit);
+    reduceUnitGradient(index, std::move(flat));
   }
 
   // The root's full gradients (accumulated in .grad by autograd) go the same
@@ -193,11 +249,18 @@ struct FullyShardedDataParallel::State {
 namespace {
 
 // Collective: the unit is gathered while this object lives and freed after,
-// also when the unit's forward throws.
+// also when the unit's forward throws -- unless a backward of the unit awaits
+// its deferred weight gradients (holds > 0): then it is already gathered (the
+// parameters do not change within a step, so the gather is skipped on every
+// rank alike) and stays gathered for them.
 class GatheredUnit {
  public:
-  GatheredUnit(FullyShardedDataParallel::State& state, Unit& unit) : unit_(unit) { state.gather(unit); }
-  ~GatheredUnit() { FullyShardedDataParallel::State::release(unit_); }
+  GatheredUnit(FullyShardedDataParallel::State& state, Unit& unit) : unit_(unit) {
+    if (!unit.full.defined()) state.gather(unit);
+  }
+  ~GatheredUnit() {
+    if (unit_.holds == 0) FullyShardedDataParallel::State::release(unit_);
+  }
   GatheredUnit(const GatheredUnit&) = delete;
   GatheredUnit& operator=(const GatheredUnit&) = delete;
 
@@ -248,6 +311,10 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
     at::Tensor xd = x.detach().requires_grad_(needsX);
     if (needsX) inputs.push_back(xd);
     torch::autograd::variable_list grads(inputs.size());
+    // Split backward: the unit's deferred layers queue their dW closures in
+    // `store` during the recomputation's backward below; the post-backward
+    // queues behind them, and the unit stays gathered until it has run.
+    const std::shared_ptr<models::WeightGradStore> store = State::deferredStore(unit);
     {
       const GatheredUnit gathered(*state, unit);
       at::AutoGradMode enable(true);
@@ -273,14 +340,20 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
         grads = torch::autograd::grad(outputs, inputs, outputGrads, /*retain_graph=*/false,
                                       /*create_graph=*/false, /*allow_unused=*/true);
       }
+      if (store) ++unit.holds;  // before `gathered` would free the unit
     }
 
-    at::Tensor flat = at::zeros({unit.paddedNumel}, at::kFloat);  // (P',), padding stays 0
-    for (size_t i = 0; i < unit.params.size(); ++i) {
-      if (grads[i].defined()) flat.narrow(0, unit.offsets[i], grads[i].numel()).copy_(grads[i].reshape({-1}));
+    const at::Tensor gradX = needsX ? grads.back() : at::Tensor();
+    std::vector<at::Tensor> paramGrads(grads.begin(), grads.begin() + static_cast<std::ptrdiff_t>(unit.params.size()));
+    if (store) {
+      // FIFO within the key: runs after this unit's dW closures of this backward.
+      store->defer([state, index, paramGrads = std::move(paramGrads)]() {
+        state->postBackward(index, paramGrads, /*held=*/true);
+      });
+    } else {
+      state->postBackward(index, paramGrads, /*held=*/false);
     }
-    state->reduceUnitGradient(index, std::move(flat));
-    return {needsX ? grads.back() : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gradX, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -297,10 +370,10 @@ void broadcastFromFirstReplica(at::Tensor tensor, const comm::CommPtr& shardComm
 // recomputation sees unchanged (fsdp.h).
 std::vector<FsdpUnitSpec> gptUnits(models::GptImpl& gpt) {
   std::vector<FsdpUnitSpec> units;
-  for (size_t i = 0; i < gpt.blocks->size(); ++i) {
-    models::BlockImpl* block = gpt.blocks[i]->as<models::BlockImpl>();
+  for (size_t i = 0; i < gpt.blocks->size(); ++i) {  // the held blocks (a pipeline part: some), by global index
+    models::BlockImpl* block = &gpt.blocks->at(i);
     FsdpUnitSpec unit;
-    unit.prefix = "blocks." + std::to_string(i);
+    unit.prefix = "blocks." + std::to_string(gpt.blocks->globalIndex(i));
     unit.forward = [block](const at::Tensor& x) {
       models::BlockOutput out = block->forwardWithAux(x);
       return FsdpUnitOutput(std::move(out.x), std::move(out.aux));
@@ -366,6 +439,16 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
     TESSERA_CHECK_ARG(!unit.params.empty(), "FSDP unit '" << unit.name << "' matches no trainable parameter "
                                                           << "(names are like '" << named[0].key() << "')");
   }
+  // The units' GEMM layers, whose mode (deferred or not) is read at each backward.
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    torch::nn::Module* layer = item.value().get();
+    if (dynamic_cast<models::LinearImpl*>(layer) == nullptr && dynamic_cast<models::EmbeddingImpl*>(layer) == nullptr) {
+      continue;
+    }
+    for (Unit& unit : s.units) {
+      if (hasPrefix(item.key(), unit.name)) unit.gemmLayers.push_back(layer);
+    }
+  }
   s.hasRoot = !root.params.empty();
   if (s.hasRoot) s.units.push_back(std::move(root));
 
@@ -400,8 +483,9 @@ FullyShardedDataParallel::FullyShardedDataParallel(models::GptImpl& gpt, comm::C
                                                    comm::CommPtr replicateComm)
     : FullyShardedDataParallel(gpt, gptUnits(gpt), std::move(shardComm), std::move(replicateComm)) {
   gpt_ = &gpt;
-  gpt.setBlockRunner([this](int64_t index, const at::Tensor& x) {
-    FsdpUnitOutput out = forwardUnitWithAux(static_cast<size_t>(index), x);
+  // The runner gets the GLOBAL block index; units are the held blocks in order (gptUnits).
+  gpt.setBlockRunner([this, &gpt](int64_t index, const at::Tensor& x) {
+    FsdpUnitOutput out = forwardUnitWithAux(gpt.blocks->positionOf(index), x);
     return models::BlockOutput{std::move(out.x), std::move(out.aux)};
   });
 }
@@ -447,6 +531,26 @@ void FullyShardedDataParallel::finishGradientSync() {
     if (s.noSyncDepth > 0) return;
   }
   TESSERA_CHECK_ARG(!s.unsharded, "finishGradientSync() after unshard(): call reshard() before training");
+  for (const Unit& unit : s.units) {
+    TESSERA_CHECK_ARG(unit.holds == 0, "FSDP unit '" << unit.name << "' still awaits " << unit.holds
+                                                     << " deferred weight-gradient pass(es); drain the "
+                                                        "WeightGradStore (the pipeline's W) before finishGradientSync()");
+  }
+  // Units short of their declared arrivals: reduce what they have (so peers,
+  // which run the same schedule, do not hang), then report them.
+  std::vector<std::string> partial;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    for (size_t i = 0; i < s.units.size(); ++i) {
+      Unit& unit = s.units[i];
+      if (unit.arrived == 0) continue;
+      partial.push_back("'" + unit.name + "' (" + std::to_string(unit.arrived) + " of " +
+                        std::to_string(unit.needed) + ")");
+      at::Tensor flat = std::move(unit.accumulated);
+      unit.accumulated = at::Tensor();
+      s.launchReduce(i, std::move(flat));
+    }
+  }
   if (s.hasRoot && s.root().full.defined()) {
     const Stopwatch rootWatch;  // flattening and launching the root's reduce-scatter: nothing hides it
     s.reduceRootGradient();
@@ -492,6 +596,38 @@ void FullyShardedDataParallel::finishGradientSync() {
     }
   }
   s.pending.clear();
+  if (!partial.empty()) {
+    std::string names;
+    for (const std::string& name : partial) names += (names.empty() ? "" : ", ") + name;
+    throw InvalidArgument("FSDP: unit(s) " + names + " received fewer backward passes than setGradientArrivals "
+                          "declared in this synced step; their partial gradients were reduced so peers did not "
+                          "hang. Declare the arrivals the schedule produces, or run every micro-batch's backward");
+  }
+}
+
+void FullyShardedDataParallel::setGradientArrivals(std::function<int(const std::string& name)> arrivals) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (const Unit& unit : s.units) {
+    TESSERA_CHECK_ARG(unit.arrived == 0 && s.pending.empty(),
+                      "FSDP setGradientArrivals() during a synced step; call it between steps");
+  }
+  std::vector<int> needed;
+  for (size_t i = 0; i < s.units.size(); ++i) {
+    const Unit& unit = s.units[i];
+    int n = 1;
+    const bool isRoot = s.hasRoot && i + 1 == s.units.size();  // reduced once, by finishGradientSync()
+    if (arrivals && !isRoot) {
+      for (const std::string& name : unit.paramNames) {
+        const int k = arrivals(name);
+        TESSERA_CHECK_ARG(k >= 1, "setGradientArrivals: parameter '" << name << "' expects " << k
+                                                                     << " gradient arrivals per synced step; need >= 1");
+        n = std::max(n, k);
+      }
+    }
+    needed.push_back(n);
+  }
+  for (size_t i = 0; i < needed.size(); ++i) s.units[i].needed = needed[i];
 }
 
 double FullyShardedDataParallel::gradNorm() {

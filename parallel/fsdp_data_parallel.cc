@@ -22,6 +22,9 @@ class FsdpDataParallel final : public DataParallel {
   DataParallelStats stats() const override { return fsdp_.stats(); }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return fsdp_.shardLayout(); }
   bool sharded() const override { return true; }
+  void setGradientArrivals(std::function<int(const std::string&)> arrivals) override {
+    fsdp_.setGradientArrivals(std::move(arrivals));
+  }
 
  private:
   bool hybrid_;

@@ -10,6 +10,8 @@
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
 #include "tessera/parallel/fsdp.h"
+#include "tessera/parallel/pipeline/executor.h"
+#include "tessera/parallel/pipeline/schedule.h"
 #include "tessera/parallel/tensor_parallel.h"
 
 namespace tessera::parallel {
@@ -21,12 +23,10 @@ DataParallelPlan ParallelConfig::resolve(int worldSize, bool localUpdates, const
                        "got '" << backend << "' (valid: auto, gloo, mpi)");
   TESSERA_CHECK_CONFIG(bucket_mb > 0, prefix + "bucket_mb", "must be > 0, got " << bucket_mb);
   mesh.validate(worldSize, prefix);
-  for (MeshAxis axis : {MeshAxis::kPp, MeshAxis::kEp}) {
-    TESSERA_CHECK_CONFIG(mesh.degree(axis) == 1, prefix + toString(axis),
-                         "axis " << toString(axis) << " has degree " << mesh.degree(axis) << " in "
-                                 << mesh.describe() << ", but tessera does not run "
-                                 << (axis == MeshAxis::kPp ? "pipeline" : "expert") << " parallelism yet (valid: 1)");
-  }
+  TESSERA_CHECK_CONFIG(mesh.ep == 1, prefix + "ep",
+                       "axis ep has degree " << mesh.ep << " in " << mesh.describe()
+                                             << ", but tessera does not run expert parallelism yet (valid: 1)");
+  if (mesh.pp > 1) pipeline.validate(mesh.pp);
   DataParallelPlan plan;
   plan.strategy = strategy;
   plan.localUpdates = localUpdates;
@@ -63,7 +63,48 @@ DataParallelPlan ParallelConfig::resolve(int worldSize, bool localUpdates, const
   return plan;
 }
 
+int PipelineConfig::chunksPerRank() const {
+  if (schedule == "zb_v") return 2;
+  if (schedule == "interleaved_1f1b") return virtual_stages;
+  return 1;
+}
+
+void PipelineConfig::validate(int pp, const std::string& prefix) const {
+  const std::vector<std::string>& names = pipeline::scheduleNames();
+  if (std::find(names.begin(), names.end(), schedule) == names.end()) {
+    std::string valid;
+    for (const std::string& n : names) valid += (valid.empty() ? "" : ", ") + n;
+    throw ConfigError(prefix + "schedule", "got '" + schedule + "' (valid: " + valid + ")");
+  }
+  TESSERA_CHECK_CONFIG(microbatches >= 0, prefix + "microbatches",
+                       "must be >= 1 (or 0: one per stage), got " << microbatches);
+  TESSERA_CHECK_CONFIG(virtual_stages >= 1, prefix + "virtual_stages", "must be >= 1, got " << virtual_stages);
+  TESSERA_CHECK_CONFIG(schedule != "interleaved_1f1b" || virtual_stages >= 2, prefix + "virtual_stages",
+                       "interleaved_1f1b needs >= 2 chunks per rank, got " << virtual_stages
+                                                                           << " (or use schedule = \"1f1b\")");
+  TESSERA_CHECK_CONFIG(auto_profile_steps >= 1, prefix + "auto_profile_steps",
+                       "must be >= 1, got " << auto_profile_steps);
+  TESSERA_CHECK_CONFIG(offload == "none" || offload == "all" || offload == "selective", prefix + "offload",
+                       "got '" << offload << "' (valid: none, all, selective)");
+  TESSERA_CHECK_CONFIG(offload_budget_mb >= 0, prefix + "offload_budget_mb", "must be >= 0, got " << offload_budget_mb);
+  const int chunks = pp * chunksPerRank();
+  TESSERA_CHECK_CONFIG(layers_per_stage.empty() || static_cast<int>(layers_per_stage.size()) == chunks,
+                       prefix + "layers_per_stage",
+                       "has " << layers_per_stage.size() << " entries, but " << schedule << " over pp = " << pp
+                              << " cuts the model into " << chunks << " chunks (give one count per chunk)");
+  // The schedule's own limits (micro-batches it needs), as a ConfigError naming the key.
+  pipeline::makeSchedule(schedule == "auto" ? "zb_h1" : schedule, pp, microBatchesFor(pp), chunksPerRank(),
+                         pipeline::PipelineCosts{});
+}
+
 namespace {
+
+// The schedule the executor starts with ("auto" measures under zb_h1 first).
+pipeline::PipelineSchedule initialSchedule(const PipelineConfig& config, int pp) {
+  const std::string name = config.schedule == "auto" ? "zb_h1" : config.schedule;
+  return pipeline::withCommunication(
+      pipeline::makeSchedule(name, pp, config.microBatchesFor(pp), config.chunksPerRank(), pipeline::PipelineCosts{}));
+}
 
 // The group over `axes`: null when it has one rank, the axis's own
 // communicator when one axis is split, else a flattened group named `name`
@@ -117,7 +158,19 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
   out.plan = config.resolve(mesh.world()->size(), localUpdates);  // the same error on every rank, before any collective
   const DataParallelPlan& plan = out.plan;
 
-  // Steps 1 and 3 (pipeline split, expert parallelism) are refused by resolve() until they exist.
+  // Step 1: the pipeline split. The caller built this rank's part (pipelinePart).
+  const int pp = config.mesh.pp;
+  const comm::CommPtr ppComm = pp > 1 ? mesh.comm(MeshAxis::kPp) : nullptr;
+  pipeline::PipelineSchedule schedule;
+  if (ppComm) {
+    auto* gpt = dynamic_cast<models::GptImpl*>(&model.module());
+    TESSERA_CHECK_CONFIG(gpt != nullptr, "parallel.pp",
+                         "pipeline stages cut GPT blocks; model.kind = \"mlp\" runs with pp = 1");
+    schedule = initialSchedule(config.pipeline, pp);
+    out.stage = pipeline::makeGptStage(
+        model, pipeline::planStage(gpt->config(), schedule.chunkOwner, ppComm->rank(), config.pipeline.layers_per_stage));
+  }
+  // Step 3 (expert parallelism) is refused by resolve() until it exists.
   // Step 2: tensor parallelism, before any strategy sees the parameters.
   const comm::CommPtr tpComm = config.mesh.tp > 1 ? mesh.comm(MeshAxis::kTp) : nullptr;
   std::set<std::string> tpSharded;
@@ -136,7 +189,25 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     out.dp = withTensorParallelNorm(std::move(out.dp), std::move(tpSharded), tpComm,
                                     fsdp ? mesh.comm(MeshAxis::kDpShard) : nullptr);
   }
-  out.executor = makeLocalStepExecutor(model, *out.dp, out.dataRank);
+  if (ppComm) {
+    // Megatron's embedding group: the first and last ranks' copies of a tied wte.
+    auto* gpt = dynamic_cast<models::GptImpl*>(&model.module());
+    const bool tied = gpt->config().tie_weights && schedule.chunkOwner.front() != schedule.chunkOwner.back();
+    const bool end = gpt->part().embedding || gpt->part().head;
+    const comm::CommPtr embeddingComm =
+        tied ? ppComm->split(end ? 0 : comm::Communicator::kNoColor, ppComm->rank(), "embedding") : nullptr;  // collective over pp
+    const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+    out.dp = pipeline::withPipelineStage(std::move(out.dp), model.module(), gpt->holdsTiedCopy(), embeddingComm, tpComm,
+                                         fsdp ? mesh.comm(MeshAxis::kDpShard) : nullptr);
+    pipeline::ExecutorOptions options;
+    options.microBatches = config.pipeline.microBatchesFor(pp);
+    options.dataRank = out.dataRank;
+    if (config.pipeline.schedule == "auto") options.autoScheduleAfter = config.pipeline.auto_profile_steps;
+    out.executor = pipeline::makePipelineExecutor(*out.stage, *out.dp, ppComm, std::move(schedule), options);
+    out.stageNorm = pipeline::makeCrossStageNorm(ppComm);
+  } else {
+    out.executor = makeLocalStepExecutor(model, *out.dp, out.dataRank);
+  }
 
   // Step 5 happens in the optimizer; it reduces over the replicas.
   if (localUpdates) {
@@ -151,12 +222,21 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
   if (out.replicaComm && out.replicas > 1) addTraffic(out.traffic, toString(MeshAxis::kDpReplicate), out.replicaComm);
   addTraffic(out.traffic, dataGroupName, out.dataComm);  // the loop averages losses over it
   if (tpComm) addTraffic(out.traffic, toString(MeshAxis::kTp), tpComm);
+  if (ppComm) addTraffic(out.traffic, toString(MeshAxis::kPp), ppComm);
 
   out.reportsMetrics = out.executor->hasLoss();
   for (MeshAxis axis : kMeshAxes) {
     if (axis != MeshAxis::kPp && mesh.coordinate(axis) != 0) out.reportsMetrics = false;
   }
   return out;
+}
+
+models::GptPart pipelinePart(const models::GptConfig& model, const ParallelConfig& config, int ppRank) {
+  const int pp = config.mesh.pp;
+  if (pp <= 1) return models::GptPart::whole();
+  config.pipeline.validate(pp);
+  const pipeline::PipelineSchedule schedule = initialSchedule(config.pipeline, pp);
+  return pipeline::partOf(pipeline::planStage(model, schedule.chunkOwner, ppRank, config.pipeline.layers_per_stage));
 }
 
 }  // namespace tessera::parallel

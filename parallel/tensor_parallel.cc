@@ -49,6 +49,9 @@ class TensorParallelNorm final : public DataParallel {
   DataParallelStats stats() const override { return inner_->stats(); }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return inner_->parameterLayout(); }
   bool sharded() const override { return inner_->sharded(); }
+  void setGradientArrivals(std::function<int(const std::string&)> arrivals) override {
+    inner_->setGradientArrivals(std::move(arrivals));
+  }
 
   double gradNorm() override {
     // [TP-sharded, replicated] squares over this rank's pieces (padding is in no

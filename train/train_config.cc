@@ -12,6 +12,8 @@ void TrainConfig::validate(const std::string& prefix) const {
                                                                     << eval_every);
   TESSERA_CHECK_CONFIG(eval_batches >= 0, prefix + "eval_batches", "must be >= 0, got " << eval_batches);
   TESSERA_CHECK_CONFIG(log_every >= 1, prefix + "log_every", "must be >= 1, got " << log_every);
+  TESSERA_CHECK_CONFIG(post_validation == "auto" || post_validation == "off", prefix + "post_validation",
+                       "got '" << post_validation << "' (valid: auto, off)");
   TESSERA_CHECK_CONFIG(threads >= 0, prefix + "threads", "must be >= 0 (0: automatic), got " << threads);
 }
 

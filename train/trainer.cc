@@ -1,6 +1,8 @@
 #include "tessera/train/trainer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/tensor.h>
 #include <torch/nn/module.h>
 #include <torch/utils.h>
@@ -14,10 +16,79 @@
 #include <mutex>
 
 #include "tessera/core/error.h"
+#include "tessera/core/logging.h"
 #include "tessera/core/timer.h"
 #include "tessera/optim/grad_clip.h"
 
 namespace tessera {
+
+namespace {
+
+// Optimizers whose step() is local and changes nothing but the tensors it was
+// given (DataParallel::optimizerParameters()) and its state(), leaving the
+// gradients as they were: undoing a step is restoring those. The others
+// communicate inside step() or keep outer copies and counters (DiLoCo, DeMo,
+// MT-DAO); a rollback cannot take back their collectives.
+bool stepCanBeRolledBack(const optim::Optimizer& optimizer) {
+  const std::string name = optimizer.name();
+  return (name == "adamw" || name == "sgd") && optimizer.communicators().empty();
+}
+
+// dst (allocated like src on first use or when src changes shape) := src.
+void copyInto(at::Tensor& dst, const at::Tensor& src) {
+  if (!dst.defined() || dst.sizes() != src.sizes() || dst.scalar_type() != src.scalar_type() ||
+      dst.device() != src.device()) {
+    dst = at::empty_like(src, at::MemoryFormat::Preserve);
+  }
+  dst.copy_(src);
+}
+
+}  // namespace
+
+// What one optimizer step changes, copied just before it so that restore()
+// puts back the exact bits: the optimizer tensors' values and the optimizer's
+// state() (moments, step counter; a state tensor the step has not created yet
+// is restored as "not created"). The copies live in buffers allocated on first
+// use and reused every step. Local.
+class Trainer::StepRollback {
+ public:
+  StepRollback(std::vector<at::Tensor> parameters, optim::Optimizer& optimizer)
+      : parameters_(std::move(parameters)), savedParameters_(parameters_.size()), optimizer_(optimizer) {}
+
+  void save() {
+    at::NoGradGuard noGrad;
+    for (size_t i = 0; i < parameters_.size(); ++i) copyInto(savedParameters_[i], parameters_[i]);
+    const optim::OptimizerState live = optimizer_.state();  // aliases the live buffers
+    saved_.scalars = live.scalars;
+    saved_.perParameter.clear();
+    for (const auto& [kind, tensors] : live.perParameter) {
+      std::vector<at::Tensor>& buffers = buffers_[kind];
+      buffers.resize(tensors.size());
+      std::vector<at::Tensor>& out = saved_.perParameter[kind];
+      out.resize(tensors.size());
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        if (!tensors[i].defined()) continue;  // out[i] stays undefined: loadState() un-creates it
+        copyInto(buffers[i], tensors[i]);
+        out[i] = buffers[i];
+      }
+    }
+  }
+
+  void restore() {
+    at::NoGradGuard noGrad;
+    for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].copy_(savedParameters_[i]);
+    optimizer_.loadState(saved_);  // copies into the live buffers
+  }
+
+ private:
+  std::vector<at::Tensor> parameters_;       // the optimizer tensors (shared with the optimizer)
+  std::vector<at::Tensor> savedParameters_;  // their values before the step
+  optim::Optimizer& optimizer_;
+  optim::OptimizerState saved_;              // state() before the step; tensors are views of buffers_
+  std::map<std::string, std::vector<at::Tensor>> buffers_;
+};
+
+Trainer::~Trainer() = default;
 
 Trainer::Trainer(TrainerParts parts, TrainConfig config) : parts_(std::move(parts)), config_(config) {
   config_.validate();
@@ -31,6 +102,9 @@ Trainer::Trainer(TrainerParts parts, TrainConfig config) : parts_(std::move(part
   }
   torch::manual_seed(config_.seed);
   if (parts_.val) valStart_ = parts_.val->state();
+  if (parts_.stageNorm && config_.post_validation == "auto" && stepCanBeRolledBack(*parts_.optimizer)) {
+    rollback_ = std::make_unique<StepRollback>(parts_.dp->optimizerParameters(), *parts_.optimizer);
+  }
 }
 
 // The loop. Every rank runs it; the comments mark the collectives.
@@ -45,15 +119,13 @@ StepReport Trainer::run() {
     const double lr = parts_.schedule(state_.step);
     parts_.optimizer->setLearningRate(lr);
     const double loss = forwardBackward();                              // collective as the strategy is
-    parts_.dp->finishGradientSync();                                     // collective
-    const double gradNorm = optim::clipGradNorm(*parts_.dp, config_.clip);  // collective when sharded
-    const optim::OptimizerStepResult stepped = parts_.optimizer->step();     // may be collective (DiLoCo)
+    const Update updated = update();                                     // collective
     parts_.optimizer->zeroGrad();
     ++state_.step;
     stepSeconds_ += stepTimer.seconds();
     windowSeconds_ += stepTimer.seconds();
 
-    report = makeReport(loss, lr, gradNorm, stepped.outerStep);         // collective: averages the loss
+    report = makeReport(loss, lr, updated);                             // collective: averages the loss
     if (isEvalStep()) {
       report.valLoss = evaluate();                                       // collective
       for (auto& hook : callbacks_.afterEval) hook(state_.step, *report.valLoss);
@@ -62,7 +134,7 @@ StepReport Trainer::run() {
     if (report.outerStep) {
       for (auto& hook : callbacks_.afterOuterStep) hook(report);
     }
-    if (isLogStep()) writeMetrics(report);
+    if (isLogStep() || report.skipped) writeMetrics(report);
     printProgress(report, state_.step == config_.steps);
   }
   return report;
@@ -81,6 +153,41 @@ double Trainer::forwardBackward() {
   return loss.value_or(std::numeric_limits<double>::quiet_NaN());
 }
 
+// Step 3 of the header comment. Every rank reaches the same decision: the
+// norm it acts on is the same everywhere (gradNorm is collective over the
+// stage's dp/tp ranks, the stage norm's sum is the same bits on every stage).
+Trainer::Update Trainer::update() {
+  parts_.dp->finishGradientSync();                        // collective
+  if (!parts_.stageNorm) return clipAndStep(parts_.dp->gradNorm());  // collective when sharded
+  const double stageNorm = parts_.dp->gradNorm();         // collective over this stage's dp/tp
+  parts_.stageNorm->start(stageNorm * stageNorm);         // collective over pp, does not wait
+  // A non-finite stage norm makes the global one non-finite: nothing to try.
+  if (!rollback_ || !std::isfinite(stageNorm)) return clipAndStep(std::sqrt(parts_.stageNorm->finish()));
+
+  rollback_->save();
+  const optim::OptimizerStepResult stepped = parts_.optimizer->step();  // local (stepCanBeRolledBack)
+  const double norm = std::sqrt(parts_.stageNorm->finish());           // waits for the other stages
+  if (std::isfinite(norm) && optim::clipScale(norm, config_.clip) == 1.0) return {norm, false, stepped.outerStep};
+  rollback_->restore();
+  return clipAndStep(norm);  // the synchronous order from here: the same bits
+}
+
+Trainer::Update Trainer::clipAndStep(double globalNorm) {
+  if (!std::isfinite(globalNorm)) return skip(globalNorm);
+  optim::clipGradients(*parts_.dp, globalNorm, config_.clip);
+  return {globalNorm, false, parts_.optimizer->step().outerStep};  // may be collective (DiLoCo)
+}
+
+Trainer::Update Trainer::skip(double globalNorm) {
+  ++skippedSteps_;
+  if (parts_.reportsProgress) {
+    TESSERA_LOG(kWarn) << "step " << state_.step + 1 << ": the global gradient norm is " << globalNorm
+                       << "; skipping the optimizer update (gradients zeroed; the step and its batches still count; "
+                       << skippedSteps_ << " skipped so far)";
+  }
+  return {globalNorm, true, false};
+}
+
 double Trainer::evaluate() {
   if (!parts_.val || config_.eval_batches == 0) return std::numeric_limits<double>::quiet_NaN();
   parts_.val->loadState(valStart_);
@@ -95,19 +202,21 @@ double Trainer::evaluate() {
   return averageOverDp(sum / static_cast<double>(config_.eval_batches));
 }
 
-StepReport Trainer::makeReport(double localLoss, double lr, double gradNorm, bool outerStep) {
+StepReport Trainer::makeReport(double localLoss, double lr, const Update& update) {
   StepReport r;
   r.step = state_.step;
   r.totalSteps = config_.steps;
   r.loss = averageOverDp(localLoss);
   r.lr = lr;
-  r.gradNorm = gradNorm;
+  r.gradNorm = update.gradNorm;
+  r.skipped = update.skipped;
+  r.skippedSteps = skippedSteps_;
   r.tokens = state_.tokens;
   r.tokensPerSecond = windowSeconds_ > 0 ? static_cast<double>(windowTokens_) / windowSeconds_ : 0.0;
   countTraffic(r);
   r.computeSeconds = std::max(0.0, stepSeconds_ - r.commSeconds);
   r.timeSeconds = sinceRunStart_.seconds();
-  r.outerStep = outerStep;
+  r.outerStep = update.outerStep;
   return r;
 }
 
@@ -163,6 +272,8 @@ void Trainer::writeMetrics(const StepReport& r) {
     MetricsRecord record;
     record.add("step", r.step).add("loss", r.loss);
     if (r.valLoss) record.add("val_loss", *r.valLoss);
+    if (r.skipped) record.add("skipped", true);
+    if (r.skippedSteps > 0) record.add("skipped_steps", r.skippedSteps);
     record.add("lr", r.lr)
         .add("tokens", r.tokens)
         .add("tokens_per_s", r.tokensPerSecond)

@@ -68,6 +68,11 @@ at::Tensor EmbeddingImpl::attend(const at::Tensor& x) {
   return applyLinear(whole, weight, at::Tensor(), options_);  // (..., rows_r)
 }
 
+void EmbeddingImpl::setWeightGradStore(std::shared_ptr<WeightGradStore> store) {
+  options_.weight_grad = store ? WeightGrad::kDeferred : WeightGrad::kWithInput;
+  options_.weight_grad_store = std::move(store);
+}
+
 const ParameterLayout* EmbeddingImpl::parameterLayout(const std::string& local_name) const {
   return local_name == "weight" ? &weight_layout_ : nullptr;
 }

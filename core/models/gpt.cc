@@ -195,30 +195,55 @@ void BlockImpl::applyTensorParallel(const std::shared_ptr<ShardGroup>& group, bo
 
 // ---- Model ------------------------------------------------------------------
 
-GptImpl::GptImpl(const GptConfig& config) : config_(config) {
+GptImpl::GptImpl(const GptConfig& config, GptPart part) : config_(config), part_(std::move(part)) {
   config_.validate();
+  if (part_.all_blocks) {
+    part_.blocks.clear();
+    for (int64_t i = 0; i < config_.n_layer; ++i) part_.blocks.push_back(i);
+  }
+  for (size_t k = 0; k < part_.blocks.size(); ++k) {
+    const int64_t b = part_.blocks[k];
+    TESSERA_CHECK_ARG(b >= 0 && b < config_.n_layer, "GptPart: block " << b << " is not in [0, n_layer = "
+                                                                        << config_.n_layer << ")");
+    TESSERA_CHECK_ARG(k == 0 || b > part_.blocks[k - 1],
+                      "GptPart: block indices must be ascending and distinct, got " << part_.blocks[k - 1]
+                                                                                   << " before " << b);
+  }
+  TESSERA_CHECK_ARG(part_.embedding || part_.head || !part_.blocks.empty(),
+                    "GptPart holds nothing: no embedding, no block, no head");
   embedding_key_ = dropoutKey(config_, GptDropout::kEmbedding, 0);
-  wte = register_module("wte", Embedding(config_.vocab_size, config_.d_model));
-  if (config_.positions == "learned") {
+  // Registration order is the whole model's (wte, wpe, blocks, ln_f, head),
+  // so a part's parameters are a subsequence of the whole model's.
+  if (part_.embedding || holdsTiedCopy()) {
+    wte = register_module("wte", Embedding(config_.vocab_size, config_.d_model));
+  }
+  if (part_.embedding && config_.positions == "learned") {
     wpe = register_module("wpe", Embedding(config_.block_size, config_.d_model));
   }
-  blocks = register_module("blocks", torch::nn::ModuleList());
-  for (int64_t i = 0; i < config_.n_layer; ++i) blocks->push_back(Block(config_, i));
-  ln_f = register_module("ln_f", LayerNorm(config_.d_model));
-  if (!config_.tie_weights) {
-    head = register_module("head", Linear(config_.d_model, config_.vocab_size, /*bias=*/false));
+  blocks = register_module("blocks", BlockList());
+  for (int64_t i : part_.blocks) blocks->push(i, Block(config_, i));
+  if (part_.head) {
+    ln_f = register_module("ln_f", LayerNorm(config_.d_model));
+    if (!config_.tie_weights) {
+      head = register_module("head", Linear(config_.d_model, config_.vocab_size, /*bias=*/false));
+    }
   }
   initParameters();
 }
 
+bool GptImpl::holdsWholeModel() const {
+  return part_.embedding && part_.head && static_cast<int64_t>(blocks->size()) == config_.n_layer;
+}
+
 void GptImpl::setRandomKey(int64_t step, int64_t microBatch) {
   embedding_key_.setStep(step, microBatch);
-  for (size_t i = 0; i < blocks->size(); ++i) blocks[i]->as<BlockImpl>()->setRandomKey(step, microBatch);
+  for (size_t i = 0; i < blocks->size(); ++i) blocks->at(i).setRandomKey(step, microBatch);
 }
 
 void GptImpl::initParameters() {
   // Each parameter from (seed, name, logical shape) alone (init.h), so a
-  // process holding any slice of it computes the values one process would.
+  // process holding any slice of it -- or any pipeline part -- computes the
+  // values one process would.
   const double residual_std = config_.init_std / std::sqrt(2.0 * static_cast<double>(config_.n_layer));
   auto endsWith = [](const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -246,10 +271,10 @@ void GptImpl::applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequen
   replicated.sequence_parallel = sequenceParallel;
   LayerOptions vocabulary = replicated;
   vocabulary.sharding = Sharding::kVocabulary;
-  wte->shard(vocabulary);
+  if (wte) wte->shard(vocabulary);  // a tied copy splits as the first stage's wte does
   if (wpe && sequenceParallel) wpe->shard(replicated);
-  for (size_t i = 0; i < blocks->size(); ++i) blocks[i]->as<BlockImpl>()->applyTensorParallel(group, sequenceParallel);
-  ln_f->shard(replicated);
+  for (size_t i = 0; i < blocks->size(); ++i) blocks->at(i).applyTensorParallel(group, sequenceParallel);
+  if (ln_f) ln_f->shard(replicated);
   if (head) {
     LayerOptions column = replicated;
     column.sharding = Sharding::kColumn;  // the vocabulary split as wte's (shardRange)
@@ -259,7 +284,8 @@ void GptImpl::applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequen
   sequence_parallel_ = sequenceParallel;
 }
 
-GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
+torch::Tensor GptImpl::embed(const torch::Tensor& idx) {
+  TESSERA_CHECK_ARG(part_.embedding, "Gpt::embed: this part does not hold the embedding (GptPart::embedding)");
   TESSERA_CHECK_ARG(idx.dim() == 2 && idx.scalar_type() == torch::kLong,
                     "Gpt::forward wants (B, T) int64 token ids, got " << idx.sizes() << " " << idx.scalar_type());
   const int64_t T = idx.size(1);
@@ -275,18 +301,39 @@ GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
   }
   auto x = wte->forward(idx);  // (B, T_r, C): under tp summed (or reduce-scattered) over the vocabulary shards
   if (wpe) x = x + wpe->forward(torch::arange(t0, t0 + T_r, idx.options()));  // (B, T_r, C) + (T_r, C)
-  x = sequenceDropout(x, config_.dropout, is_training(), embedding_key_, sequence);  // (B, T_r, C)
-  GptOutput out;
+  return sequenceDropout(x, config_.dropout, is_training(), embedding_key_, sequence);  // (B, T_r, C)
+}
+
+BlockOutput GptImpl::runBlocks(torch::Tensor x, int64_t begin, int64_t end) {
+  TESSERA_CHECK_ARG(begin <= end, "Gpt::runBlocks: empty range [" << begin << ", " << end << ") is reversed");
+  BlockOutput out;
   for (size_t i = 0; i < blocks->size(); ++i) {
-    BlockOutput block = block_runner_ ? block_runner_(static_cast<int64_t>(i), x)
-                                      : blocks[i]->as<BlockImpl>()->forwardWithAux(x);
+    const int64_t index = blocks->globalIndex(i);
+    if (index < begin || index >= end) continue;
+    BlockOutput block = block_runner_ ? block_runner_(index, x) : blocks->at(i).forwardWithAux(x);
     x = block.x;  // (B, T_r, C)
-    if (block.aux.defined()) out.aux_loss = out.aux_loss.defined() ? out.aux_loss + block.aux : block.aux;
+    if (block.aux.defined()) out.aux = out.aux.defined() ? out.aux + block.aux : block.aux;
   }
-  x = ln_f->forward(x);                                    // (B, T_r, C)
-  out.logits = head ? head->forward(x) : wte->attend(x);   // (B, T, V), or this rank's (B, T, V_r)
+  out.x = std::move(x);
+  return out;
+}
+
+GptOutput GptImpl::logits(const torch::Tensor& x) {
+  TESSERA_CHECK_ARG(part_.head, "Gpt::logits: this part does not hold the head (GptPart::head)");
+  GptOutput out;
+  const auto h = ln_f->forward(x);                       // (B, T_r, C)
+  out.logits = head ? head->forward(h) : wte->attend(h);  // (B, T, V), or this rank's (B, T, V_r)
   out.vocab_begin = head ? head->outputRange().begin : wte->vocabRange().begin;
-  if (!out.aux_loss.defined()) out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat));
+  out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat));
+  return out;
+}
+
+GptOutput GptImpl::forwardWithAux(const torch::Tensor& idx) {
+  TESSERA_CHECK_ARG(holdsWholeModel(), "Gpt::forward needs the whole model; a pipeline part runs embed, runBlocks "
+                                       "and logits for its chunks");
+  BlockOutput body = runBlocks(embed(idx), 0, config_.n_layer);  // (B, T_r, C)
+  GptOutput out = logits(body.x);
+  if (body.aux.defined()) out.aux_loss = body.aux;
   return out;
 }
 
@@ -308,10 +355,15 @@ torch::Tensor GptImpl::forward(const torch::Tensor& idx) {
 torch::Tensor GptImpl::loss(const torch::Tensor& idx, const torch::Tensor& targets) {
   TESSERA_CHECK_ARG(targets.sizes() == idx.sizes(),
                     "targets " << targets.sizes() << " must have the shape of idx " << idx.sizes());
-  const auto out = forwardWithAux(idx);
+  return lossFromLogits(forwardWithAux(idx), targets);
+}
+
+torch::Tensor GptImpl::lossFromLogits(const GptOutput& out, const torch::Tensor& targets) {
+  const int64_t held = out.logits.size(-1);
+  TESSERA_CHECK_ARG(targets.numel() * held == out.logits.numel(),
+                    "targets " << targets.sizes() << " do not match the logits " << out.logits.sizes());
   torch::Tensor ce;
   if (tp_group_ && tp_group_->size() > 1) {
-    const int64_t held = out.logits.size(-1);
     ce = vocabParallelCrossEntropy(out.logits.reshape({-1, held}), targets.reshape({-1}), out.vocab_begin,
                                    *tp_group_)
              .mean();

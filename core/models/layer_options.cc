@@ -61,10 +61,6 @@ void LayerOptions::validate(const std::string& layer, Kind kind) const {
     throw NotSupported(layer + ": " + toString(precision) +
                        " precision is not implemented yet (mixed precision, issue 18); use kDefault or kFp32");
   }
-  if (weight_grad == WeightGrad::kDeferred) {
-    throw NotSupported(layer + ": the deferred weight gradient is not implemented yet (pipeline zero-bubble "
-                               "schedules, issue 16); use WeightGrad::kWithInput");
-  }
 }
 
 }  // namespace tessera::models

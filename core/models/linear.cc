@@ -1,4 +1,5 @@
-// tessera's Linear: the plain layer and its column- and row-parallel modes.
+// tessera's Linear: the plain layer and its column- and row-parallel modes
+// (the deferred weight gradient's GEMM is deferred_linear.cc).
 #include "tessera/core/models/linear.h"
 
 #include <ATen/ATen.h>
@@ -12,10 +13,13 @@ namespace tessera::models {
 
 at::Tensor applyLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const LayerOptions& options) {
+  const bool deferred = options.weight_grad == WeightGrad::kDeferred && at::GradMode::is_enabled();
   if (options.precision == Precision::kFp32) {
     auto fp32 = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
+    if (deferred) return deferredLinear(fp32(x), fp32(weight), fp32(bias), options.weight_grad_store);
     return at::linear(fp32(x), fp32(weight), fp32(bias));
   }
+  if (deferred) return deferredLinear(x, weight, bias, options.weight_grad_store);
   return at::linear(x, weight, bias);
 }
 
@@ -119,6 +123,11 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
                          options_);
     }
   }
+}
+
+void LinearImpl::setWeightGradStore(std::shared_ptr<WeightGradStore> store) {
+  options_.weight_grad = store ? WeightGrad::kDeferred : WeightGrad::kWithInput;
+  options_.weight_grad_store = std::move(store);
 }
 
 const ParameterLayout* LinearImpl::parameterLayout(const std::string& local_name) const {

@@ -1,8 +1,8 @@
 // "Same math on any mesh", end to end: tessera-train with parallel.tp = N
-// (under tessera-run, real processes over Gloo) logs the per-step losses, the
-// final validation loss and the token counts of the same job at tp = 1 with
-// the same data ranks, within float noise (2e-4 absolute, fp32). The tp = 1
-// run is the reference: an independent run of the unsplit model, so a wrong
+// or parallel.pp = N (under tessera-run, real processes over Gloo) logs the
+// per-step losses, the final validation loss and the token counts of the
+// same job at tp = 1 / pp = 1 with the same data ranks, within float noise
+// (2e-4 absolute, fp32). The tp = 1 / pp = 1 run is the reference: an independent run of the unsplit model, so a wrong
 // split, a missing all-reduce, a tp rank counted as a data rank, a gradient
 // norm that counts a shard twice or an optimizer that treats a shard as a
 // whole tensor all move the curve by far more than the tolerance (DeMo with
@@ -17,6 +17,10 @@
 // "Long*": ctest -L long). DeMo equals tp = 1 when its chunks align with the
 // shard boundaries (optim/demo.h); with chunks that straddle them it runs on
 // per-shard chunks, and is only checked to run and train.
+//
+// Pipelines (PpEquivalence, the same harness): every schedule, with tied
+// embeddings across the first and last stage, DDP, FSDP, TP inside stages,
+// gradient accumulation over pipeline steps and dropout; two run by default.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -49,6 +53,7 @@ const std::vector<std::string> kTiny = {
 
 struct Case {
   std::string name;
+  std::string axis;                 // "tp" or "pp": the axis split in the N run, 1 in the reference
   std::vector<std::string> common;  // both runs (besides kTiny): strategy, optimizer, model
   std::vector<std::string> mesh1;   // the tp = 1 run's degrees
   int ranks1;
@@ -63,11 +68,12 @@ struct Curve {
   std::vector<double> losses;  // per step
   double valLoss = 0;          // after the last step
   int64_t tokens = 0;          // after the last step: counted over the data ranks only
-  uint64_t tpBytes = 0;        // after the last step: traffic on the tp communicator
+  uint64_t axisBytes = 0;      // after the last step: traffic on the split axis's communicator
 };
 
 // tessera-run --nproc-per-node <ranks> tessera-train --config gpt-tiny-tp2.toml --set ... ; the metrics read back.
-Curve train(const std::string& tag, int ranks, const std::vector<std::vector<std::string>>& setLists) {
+Curve train(const std::string& tag, int ranks, const std::vector<std::vector<std::string>>& setLists,
+            const std::string& axis = "tp") {
   const std::string metrics = ::testing::TempDir() + "tp_eq_" + tag + "_" + std::to_string(getpid()) + ".jsonl";
   std::vector<std::string> argv = {TESSERA_RUN_PATH,  "--nproc-per-node", std::to_string(ranks), "--master-port", "0",
                                    TESSERA_TRAIN_PATH, "--config", std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-tp2.toml",
@@ -88,22 +94,21 @@ Curve train(const std::string& tag, int ranks, const std::vector<std::vector<std
     c.losses.push_back(j["loss"].get<double>());
     c.tokens = j["tokens"].get<int64_t>();
     if (j.contains("val_loss")) c.valLoss = j["val_loss"].get<double>();
-    c.tpBytes = j["comm"].contains("tp") ? j["comm"]["tp"]["bytes"].get<uint64_t>() : 0;
+    c.axisBytes = j["comm"].contains(axis) ? j["comm"][axis]["bytes"].get<uint64_t>() : 0;
   }
   std::remove(metrics.c_str());
   return c;
 }
 
-class TpEquivalence : public ::testing::TestWithParam<Case> {};
-
-TEST_P(TpEquivalence, LogsTheLossesOfTp1) {
-  const Case& k = GetParam();
-  const Curve one = train(k.name + "_tp1", k.ranks1, {kTiny, k.common, k.mesh1, {"parallel.tp=1"}});
-  const Curve many = train(k.name + "_tpN", k.ranksN, {kTiny, k.common, k.meshN});
+// The N run against the reference with the axis at 1, everything else equal.
+void expectSameCurve(const Case& k) {
+  const Curve one = train(k.name + "_" + k.axis + "1", k.ranks1,
+                          {kTiny, k.common, k.mesh1, {"parallel." + k.axis + "=1"}}, k.axis);
+  const Curve many = train(k.name + "_" + k.axis + "N", k.ranksN, {kTiny, k.common, k.meshN}, k.axis);
   ASSERT_EQ(one.losses.size(), static_cast<size_t>(kSteps));
   ASSERT_EQ(many.losses.size(), static_cast<size_t>(kSteps));
-  EXPECT_EQ(one.tpBytes, 0u);
-  EXPECT_GT(many.tpBytes, 0u) << "the tp run did not split the model";
+  EXPECT_EQ(one.axisBytes, 0u);
+  EXPECT_GT(many.axisBytes, 0u) << "the " << k.axis << " run did not split the model";
   EXPECT_LT(one.losses.back(), one.losses.front() - 0.1) << "the reference did not train; the comparison is blunt";
   double largest = 0;
   for (int i = 0; i < kSteps; ++i) {
@@ -112,8 +117,11 @@ TEST_P(TpEquivalence, LogsTheLossesOfTp1) {
   }
   std::printf("%s: largest loss difference %.2e over %d steps\n", k.name.c_str(), largest, kSteps);
   EXPECT_NEAR(many.valLoss, one.valLoss, kTolerance) << k.name << ": validation loss";
-  EXPECT_EQ(many.tokens, one.tokens) << "tp ranks must read the same batch, not count as data ranks";
+  EXPECT_EQ(many.tokens, one.tokens) << k.axis << " ranks must read the same batch, not count as data ranks";
 }
+
+class TpEquivalence : public ::testing::TestWithParam<Case> {};
+TEST_P(TpEquivalence, LogsTheLossesOfTp1) { expectSameCurve(GetParam()); }
 
 std::string caseName(const ::testing::TestParamInfo<Case>& info) { return info.param.name; }
 
@@ -140,34 +148,34 @@ const std::vector<std::string> kDiloco = {"optim.name=diloco", "diloco.inner_ste
 
 INSTANTIATE_TEST_SUITE_P(
     Default, TpEquivalence,
-    ::testing::Values(Case{"ddp", {}, kDdp1, 2, kDdp2, 4},
-                      Case{"fsdp_sequence_parallel", {}, kFsdp1, 2, plus(kFsdp2, {kSp}), 4},
-                      Case{"diloco_streaming", kDiloco, kReplicas1, 2, kReplicas2, 4}),
+    ::testing::Values(Case{"ddp", "tp", {}, kDdp1, 2, kDdp2, 4},
+                      Case{"fsdp_sequence_parallel", "tp", {}, kFsdp1, 2, plus(kFsdp2, {kSp}), 4},
+                      Case{"diloco_streaming", "tp", kDiloco, kReplicas1, 2, kReplicas2, 4}),
     caseName);
 
 INSTANTIATE_TEST_SUITE_P(
     Long, TpEquivalence,
     ::testing::Values(
-        Case{"ddp_sequence_parallel", {}, kDdp1, 2, plus(kDdp2, {kSp}), 4},
-        Case{"fsdp", {}, kFsdp1, 2, kFsdp2, 4},
+        Case{"ddp_sequence_parallel", "tp", {}, kDdp1, 2, plus(kDdp2, {kSp}), 4},
+        Case{"fsdp", "tp", {}, kFsdp1, 2, kFsdp2, 4},
         // Hybrid within 4 processes: shards over dp_shard, its replica axis of one rank.
-        Case{"hybrid", {"parallel.strategy=hybrid", "parallel.dp_replicate=1", "parallel.dp_shard=2"}, {}, 2,
+        Case{"hybrid", "tp", {"parallel.strategy=hybrid", "parallel.dp_replicate=1", "parallel.dp_shard=2"}, {}, 2,
              {"parallel.tp=2"}, 4},
-        Case{"fsdp_grad_accum", {"train.grad_accum=2"}, kFsdp1, 2, kFsdp2, 4},
-        Case{"sgd_ddp", {"optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9", "optim.nesterov=true"}, kDdp1, 2,
+        Case{"fsdp_grad_accum", "tp", {"train.grad_accum=2"}, kFsdp1, 2, kFsdp2, 4},
+        Case{"sgd_ddp", "tp", {"optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9", "optim.nesterov=true"}, kDdp1, 2,
              kDdp2, 4},
         // Learned positions (wpe on sequence shards), an untied column-parallel head, dropout on shards.
         Case{"learned_untied_dropout_sequence_parallel",
              {"model.positions=learned", "model.tie_weights=false", "model.dropout=0.1"}, kDdp1, 2,
              plus(kDdp2, {kSp}), 4},
         // 257 rows padded to 2 x 129: the padded logit is in no loss.
-        Case{"padded_vocabulary", {"model.vocab_size=257"}, kDdp1, 2, kDdp2, 4},
-        Case{"tp4", kOneReplica, {}, 1, {"parallel.tp=4"}, 4},
-        Case{"tp4_sequence_parallel", kOneReplica, {}, 1, {"parallel.tp=4", kSp}, 4},
-        Case{"mt_dao", {"optim.name=mt-dao", "optim.lr=3e-3", "mt_dao.sync_params=3", "mt_dao.sync_momenta=[2]"},
+        Case{"padded_vocabulary", "tp", {"model.vocab_size=257"}, kDdp1, 2, kDdp2, 4},
+        Case{"tp4", "tp", kOneReplica, {}, 1, {"parallel.tp=4"}, 4},
+        Case{"tp4_sequence_parallel", "tp", kOneReplica, {}, 1, {"parallel.tp=4", kSp}, 4},
+        Case{"mt_dao", "tp", {"optim.name=mt-dao", "optim.lr=3e-3", "mt_dao.sync_params=3", "mt_dao.sync_momenta=[2]"},
              kReplicas1, 2, kReplicas2, 4},
         // Chunks of 16 align with every shard boundary of this model (optim/demo.h): the logical chunks.
-        Case{"demo", {"optim.name=demo", "optim.lr=1e-3", "demo.compression_chunk=16"}, kReplicas1, 2, kReplicas2,
+        Case{"demo", "tp", {"optim.name=demo", "optim.lr=1e-3", "demo.compression_chunk=16"}, kReplicas1, 2, kReplicas2,
              4}),
     caseName);
 
@@ -177,9 +185,53 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(LongTensorParallel, DemoWithChunksAcrossShardBoundariesTrains) {
   const Curve c = train("demo_per_shard", 4, {kTiny, {"optim.name=demo", "optim.lr=1e-3"}, kReplicas2});
   ASSERT_EQ(c.losses.size(), static_cast<size_t>(kSteps));
-  EXPECT_GT(c.tpBytes, 0u);
+  EXPECT_GT(c.axisBytes, 0u);
   EXPECT_LT(c.losses.back(), c.losses.front() - 0.1);
 }
+
+// ---- Pipelines ----------------------------------------------------------------
+
+class PpEquivalence : public ::testing::TestWithParam<Case> {};
+TEST_P(PpEquivalence, LogsTheLossesOfPp1) { expectSameCurve(GetParam()); }
+
+// pp = 2 beside the same data ranks; tp = 1 in both (the config file's tp is 2).
+const std::vector<std::string> kPpDdp1 = {"parallel.tp=1", "parallel.strategy=ddp", "parallel.dp_replicate=2"};
+const std::vector<std::string> kPpDdp2 = plus(kPpDdp1, {"parallel.pp=2", "pipeline.microbatches=4"});
+const std::vector<std::string> kPpFsdp1 = {"parallel.tp=1", "parallel.strategy=fsdp", "parallel.dp_replicate=1",
+                                           "parallel.dp_shard=2"};
+const std::vector<std::string> kPpFsdp2 = plus(kPpFsdp1, {"parallel.pp=2", "pipeline.microbatches=4"});
+const std::vector<std::string> kPpOne = {"parallel.tp=1", "parallel.strategy=none", "parallel.dp_replicate=1"};
+const std::vector<std::string> kPp2 = {"parallel.pp=2", "pipeline.microbatches=4"};
+std::vector<std::string> schedule(const std::string& name) { return {"pipeline.schedule=" + name}; }
+// ZB-V and interleaved cut 2 stages into 4 chunks: 4 blocks.
+const std::vector<std::string> kFourBlocks = {"model.n_layer=4"};
+
+INSTANTIATE_TEST_SUITE_P(
+    Default, PpEquivalence,
+    ::testing::Values(Case{"zb_h1_ddp", "pp", schedule("zb_h1"), kPpDdp1, 2, kPpDdp2, 4},
+                      Case{"zb_v", "pp", plus(schedule("zb_v"), kFourBlocks), kPpOne, 1, kPp2, 2}),
+    caseName);
+
+INSTANTIATE_TEST_SUITE_P(
+    Long, PpEquivalence,
+    ::testing::Values(
+        Case{"gpipe", "pp", schedule("gpipe"), kPpOne, 1, kPp2, 2},
+        Case{"one_f_one_b", "pp", schedule("1f1b"), kPpOne, 1, kPp2, 2},
+        Case{"interleaved", "pp", plus(schedule("interleaved_1f1b"), kFourBlocks), kPpOne, 1, kPp2, 2},
+        Case{"zb_h2", "pp", schedule("zb_h2"), kPpOne, 1, kPp2, 2},
+        Case{"auto", "pp", plus(schedule("auto"), {"pipeline.auto_profile_steps=2"}), kPpOne, 1, kPp2, 2},
+        Case{"fsdp_zb_h1", "pp", schedule("zb_h1"), kPpFsdp1, 2, kPpFsdp2, 4},
+        Case{"tp2_1f1b", "pp", plus(schedule("1f1b"), {"parallel.tp=2"}), {"parallel.strategy=none"}, 2,
+             plus(kPp2, {"parallel.strategy=none", "parallel.tp=2"}), 4},
+        Case{"grad_accum_zb_h1", "pp", plus(schedule("zb_h1"), {"train.grad_accum=2"}), kPpDdp1, 2, kPpDdp2, 4},
+        // Dropout: a pipeline micro-batch draws the masks of the same micro-batch under
+        // grad_accum (key (step, micro-batch index)), so the reference accumulates 4 x 2 rows.
+        Case{"learned_untied_dropout_1f1b", "pp",
+             plus(schedule("1f1b"), {"model.positions=learned", "model.tie_weights=false", "model.dropout=0.1"}),
+             plus(kPpOne, {"data.batch_size=2", "train.grad_accum=4"}), 1, kPp2, 2},
+        Case{"pp4_zb_v", "pp", plus(schedule("zb_v"), {"model.n_layer=8"}), kPpOne, 1,
+             {"parallel.pp=4", "pipeline.microbatches=4"}, 4}),
+    caseName);
 
 }  // namespace
 }  // namespace tessera

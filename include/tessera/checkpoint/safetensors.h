@@ -14,8 +14,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace torch::nn {
 class Module;
@@ -50,7 +52,15 @@ SafetensorsFile readSafetensors(const std::string& path);
 // keeps each rank's slices of the loaded tensors (the layers' shard() narrows
 // the current values), and DDP/FSDP broadcast rank 0's values. A module
 // already split over tp reports its parameters' local shapes as mismatches.
-void loadSafetensorsInto(torch::nn::Module& module, const std::string& path);
+// `wholeModel` (a pipeline stage: the whole model's parameter names and
+// logical shapes, models::gptParameterShapes): the file may also hold the
+// other stages' parameters -- names of the whole model, with its shapes --
+// which are skipped; a name the whole model lacks is still unexpected, and
+// every parameter `module` holds must still be in the file. So every stage
+// loads the same whole-model file (model.init_from); a tied copy of wte on
+// the last stage loads "wte.weight". Null: the module is the whole model.
+void loadSafetensorsInto(torch::nn::Module& module, const std::string& path,
+                         const std::map<std::string, std::vector<int64_t>>* wholeModel = nullptr);
 
 // Writes the whole model of the checkpoint at `checkpointPath` (see
 // resolveCheckpoint; every model/ tensor gathered from all ranks' pieces) to

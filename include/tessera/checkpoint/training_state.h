@@ -93,6 +93,20 @@ struct TrainingParts {
   // state must hold under model/ (FSDP ranks see only their own pieces). May
   // be null: then only the names in this rank's layout are checked.
   torch::nn::Module* model = nullptr;
+  // Set on a pipeline stage (a part of the model, models::GptPart): every
+  // parameter name of the WHOLE model with its logical shape
+  // (models::gptParameterShapes). Restoring then counts as unexpected only
+  // the source's model/ names the whole model lacks (the other stages'
+  // parameters are expected, and checked for their shapes), while this
+  // rank's own parameters must still all be there; it requests only what it
+  // holds. So a checkpoint of any pipeline layout -- or of the whole model --
+  // restores into any other. Saving needs nothing: a stage saves its
+  // parameters under the whole model's names, and the tied copy of wte on
+  // the last stage saves as "wte.weight" like the first stage's (the same
+  // values; identical slices are written once, by the lowest rank, and
+  // overlapping ones -- FSDP ranges of two different flat layouts -- are
+  // stored both and read back as one tensor). Not owned; may be null.
+  const std::map<std::string, std::vector<int64_t>>* wholeModel = nullptr;
   parallel::DataParallel* dp = nullptr;
   optim::Optimizer* optimizer = nullptr;  // the one the Trainer steps
   ReplicaInfo replica;

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -98,6 +99,18 @@ class DataParallel {
   virtual std::vector<std::vector<ParameterPiece>> parameterLayout() const = 0;
   // True when ranks of the data-parallel group hold different pieces (FSDP).
   virtual bool sharded() const = 0;
+  // Pipelines: how many gradient arrivals make one parameter's gradient
+  // complete in a synced step (one per backward pass -- B or W -- that
+  // produces it: M micro-batches, twice for a tensor two chunks of the stage
+  // use). The strategy starts a parameter's (DDP bucket's, FSDP unit's)
+  // reduction only after the last arrival. `arrivals(name)` takes the module's
+  // parameter name; null restores the default, 1 (the Trainer's one backward
+  // per synced step). Local; call between steps. With the split backward
+  // (weight_grad_store.h) a deferred weight's arrivals are its W deliveries;
+  // FSDP finds the store in its units' layers and runs each unit's
+  // post-backward behind the unit's W closures (fsdp.h). Pure virtual so that
+  // a wrapping strategy cannot forget to forward it.
+  virtual void setGradientArrivals(std::function<int(const std::string& name)> arrivals) = 0;
 };
 
 // A single replica (world of 1, or replication handled elsewhere): no communication.

@@ -20,6 +20,15 @@
 // accumulate into .grad locally (no communication); the first backward outside
 // the scope syncs the accumulated sum.
 //
+// Pipelines (issue 16): a parameter's gradient may arrive in several backward
+// passes per synced step -- one per micro-batch, and with the split backward
+// one per deferred weight-gradient delivery (W) rather than per B.
+// setGradientArrivals(N) makes a parameter ready at its N-th hook firing of
+// the synced step: the first N - 1 arrivals only accumulate into .grad (as
+// inside noSync), the N-th copies .grad + its gradient into the bucket. So
+// the bucket's all-reduce cannot start on a partial gradient, and a parameter
+// whose gradient comes later (W) is not reported unused at B.
+//
 // Groups: the parameters are split into groups, each averaged over its own
 // communicator (DdpGroup), so that expert parameters can reduce over the
 // expert-data-parallel group while dense ones reduce over all of dp. The
@@ -183,6 +192,20 @@ class DistributedDataParallel {
   // Throws InvalidArgument when a synced backward has started but
   // finishGradientSync() has not run yet (its gradients would be half-sent).
   [[nodiscard]] NoSyncGuard noSync();
+
+  // How many gradient arrivals (hook firings: one per backward pass that
+  // produces the parameter's gradient) make each parameter complete in a
+  // synced step; `arrivals(name)` gets the parameter's name (a tied tensor's
+  // first) and must return >= 1. Null restores 1 for every parameter (one
+  // backward per synced step). Arrivals inside noSync() are not counted (they
+  // accumulate locally), and the count restarts at every synced step, so k - 1
+  // accumulating steps then one synced step of N arrivals average the sum of
+  // all of them. A parameter with fewer arrivals than declared at
+  // finishGradientSync() is treated as unused (DdpConfig::findUnusedParameters);
+  // one more arrival than declared throws InvalidArgument from the hook. Local;
+  // throws InvalidArgument while a synced step is under way (call it between
+  // steps) or for a count < 1.
+  void setGradientArrivals(std::function<int(const std::string& name)> arrivals);
 
   // Statistics of the last synced step and summed since construction or
   // resetStats().

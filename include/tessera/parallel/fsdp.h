@@ -38,6 +38,24 @@
 // big batch. Cost: full-size gradient memory for the accumulating units while
 // inside noSync (what PyTorch FSDP's no_sync also pays).
 //
+// Pipelines (issue 16). setGradientArrivals(N): a unit's backward runs N
+// times per synced step (once per micro-batch); the first N - 1 flat
+// gradients accumulate in the per-unit buffer as under noSync, the N-th
+// launches the reduce-scatter of the sum -- never of a partial gradient.
+// Split backward: when a unit's tessera Linear / Embedding layers defer their
+// weight gradients (WeightGrad::kDeferred, weight_grad_store.h), FSDP finds
+// their store at each backward and queues the unit's post-backward (flatten
+// B's gradients plus the dW that W delivered into the parameters' .grad,
+// count the arrival, reduce-scatter or accumulate, free the gathered
+// parameters) in that store right after the unit's dW closures, so the
+// store's FIFO order runs it after them. Memory cost: the unit's gathered
+// parameters (P' floats) live from B to W, because W's deliveries and
+// the recomputed graph's edges refer to them; with several micro-batches
+// between a unit's B and its W the unit stays gathered across them (the
+// re-gather is skipped, on every rank alike). finishGradientSync() throws
+// InvalidArgument while a post-backward has not run (W not drained). The
+// store must be drained while this object lives.
+//
 // Communicators: each unit is sharded over its own shard comm and replicated
 // over its own replicate comm (FsdpUnitSpec; null takes the constructor's),
 // so expert parameters can live on a different group than dense ones. The
@@ -160,6 +178,14 @@ class FullyShardedDataParallel {
 
   // RAII; scopes nest. Every rank must use the same pattern.
   std::unique_ptr<NoSyncScope> noSync();
+
+  // Backward passes per synced step after which a unit reduce-scatters: the
+  // largest arrivals(name) over its parameters (null: 1). The root is always
+  // reduced once, by finishGradientSync(). Local; call between steps (throws
+  // InvalidArgument during one, or for a count < 1). finishGradientSync()
+  // reduces a unit short of its arrivals anyway (so peers do not hang) and
+  // then throws InvalidArgument naming it. See the file comment.
+  void setGradientArrivals(std::function<int(const std::string& name)> arrivals);
 
   // This rank's shards, one per unit (root last when it has parameters); the
   // same tensors for the object's lifetime.

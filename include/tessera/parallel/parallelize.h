@@ -11,8 +11,10 @@
 //                           dp_replicate)  or replicate over dp_replicate (DDP, hybrid)
 //   5. DiLoCo / elastic    (dp_replicate)  across replicas: the communication-light optimizers
 //                                          (optim/) average over replicaComm, built after this
-// Steps 1 and 3 are not built yet: validate() refuses pp, ep > 1 with an
-// error naming the axis. Step 2 is tensor_parallel.h. Step 5 is the optimizer's (it needs the strategy's
+// Step 3 is not built yet: validate() refuses ep > 1 with an error naming
+// the axis. Step 1 is pipeline/ (stage.h, executor.h): the caller builds the
+// model as this rank's part (pipelinePart) before parallelize(), which then
+// runs it with the pipeline executor. Step 2 is tensor_parallel.h. Step 5 is the optimizer's (it needs the strategy's
 // tensors): parallelize() hands it replicaComm.
 //
 // The strategy string and the degrees are reconciled once, in
@@ -27,6 +29,8 @@
 #include "tessera/core/trainable.h"
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/pipeline/post_validation.h"
+#include "tessera/parallel/pipeline/stage.h"
 #include "tessera/parallel/step_executor.h"
 
 namespace tessera::parallel {
@@ -43,6 +47,30 @@ struct DataParallelPlan {
   std::vector<MeshAxis> dataAxes;
 };
 
+// [pipeline]: how a pp > 1 job runs its stages. Plain struct; read from TOML.
+struct PipelineConfig {
+  // gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_h2, zb_v, auto (pipeline/schedule.h).
+  std::string schedule = "1f1b";
+  // M: micro-batches per pipeline step, splitting the per-rank batch
+  // (data.batch_size must divide by it). 0: one per stage (M = pp).
+  int microbatches = 0;
+  // Chunks per rank for interleaved_1f1b (>= 2 there; zb_v always uses 2, the others 1).
+  int virtual_stages = 2;
+  // Blocks per chunk (pp * chunks-per-rank entries summing to model.n_layer); empty: balanced.
+  std::vector<int64_t> layers_per_stage;
+  // "auto": the steps run with zb_h1 to measure T_F, T_B, T_W before the schedule is built.
+  int auto_profile_steps = 2;
+  // Activation offload (PipeOffload): "none", "all", "selective" (up to offload_budget_mb resident).
+  std::string offload = "none";
+  double offload_budget_mb = 0;
+
+  int microBatchesFor(int pp) const { return microbatches > 0 ? microbatches : pp; }
+  // The chunks each rank holds under `schedule` (1, 2 for zb_v, virtual_stages for interleaved).
+  int chunksPerRank() const;
+  // Throws ConfigError naming prefix + key and the valid choices.
+  void validate(int pp, const std::string& prefix = "pipeline.") const;
+};
+
 // [parallel]: the mesh degrees and how data parallelism runs on them. Plain
 // struct; read from TOML by the launcher.
 struct ParallelConfig {
@@ -56,6 +84,7 @@ struct ParallelConfig {
   // (Megatron's sequence parallelism); the sequence length must divide by tp.
   // No effect with tp = 1.
   bool sequence_parallel = false;
+  PipelineConfig pipeline;            // used when mesh.pp > 1
 
   // The single validation of the section: keys, degrees against worldSize
   // (MeshShape::validate with this prefix), and the strategy against the
@@ -82,6 +111,12 @@ struct NamedComm {
 // model and the mesh are referenced and must outlive it.
 struct ParallelModel {
   DataParallelPlan plan;
+  // Pipelines (pp > 1): this rank's chunks as the executor drives them, and
+  // the sum of the gradient norm over the stages for the Trainer
+  // (TrainerParts::stageNorm). Null otherwise.
+  // Declared before the executor, which refers to it (members are destroyed in reverse).
+  std::unique_ptr<pipeline::StageModel> stage;
+  std::shared_ptr<pipeline::CrossStageNorm> stageNorm;
   std::unique_ptr<DataParallel> dp;         // the strategy; its optimizerParameters() feed the optimizer
   std::unique_ptr<StepExecutor> executor;   // forward + backward of a step (the Trainer's seam)
   comm::CommPtr dataComm;                   // over plan.dataAxes: averages losses; null for one data rank
@@ -103,5 +138,10 @@ struct ParallelModel {
 // TimeoutError from the comms.
 ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const ParallelConfig& config,
                           bool localUpdates);
+
+// The part of the GPT that pipeline rank `ppRank` builds under `config`
+// (the whole model when mesh.pp == 1). Local; throws ConfigError as
+// PipelineConfig::validate and pipeline::planStage do.
+models::GptPart pipelinePart(const models::GptConfig& model, const ParallelConfig& config, int ppRank);
 
 }  // namespace tessera::parallel

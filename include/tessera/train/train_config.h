@@ -18,6 +18,11 @@ struct TrainConfig {
   uint64_t seed = 0;          // seeds torch's global generator (dropout) when the Trainer is built
   int threads = 0;            // torch intra-op threads per process; 0: cores / processes on this node
   bool progress = true;       // rank 0 rewrites a progress line on stderr when it is a terminal
+  // Optimizer post-validation of a pipeline (Zero Bubble §4; trainer.h): "auto" steps optimistically
+  // while the norm over the stages is in flight and rolls back when it says clip or skip, when the
+  // Trainer has a stage norm (TrainerParts::stageNorm) and the optimizer can be rolled back (AdamW,
+  // SGD); "off" waits for the norm before the step. Either way the parameters are the same bits.
+  std::string post_validation = "auto";
 
   // Throws ConfigError naming the field (prefix + "steps") and the accepted values.
   void validate(const std::string& prefix = "train.") const;

@@ -10,12 +10,38 @@
 //      executor.forwardBackward(micro-batches, step) (DDP's last backward
 //      all-reduces, FSDP gathers and reduce-scatters; a pipeline executor runs
 //      its schedule)
-//   3. finishGradientSync (collective), clip by the global norm of the logical
-//      parameters (collective when sharded), optimizer step (may be
-//      collective), zero the gradients
+//   3. finishGradientSync (collective), the global norm of the logical
+//      parameters' gradients (collective when sharded; with a pipeline, summed
+//      over the stages by TrainerParts::stageNorm), then:
+//      - a non-finite norm (a NaN or Inf anywhere reaches it, and every rank
+//        sees the same norm) SKIPS the step: no optimizer update, a warning
+//        naming the step, StepReport::skipped; the step counter, the lr
+//        schedule and the data position still advance (as torch AMP's
+//        GradScaler skips a step);
+//      - otherwise clip by the norm (train.clip) and step the optimizer (may
+//        be collective);
+//      and zero the gradients.
 //   4. every eval_every steps: validation loss averaged over the data ranks
-//   5. callbacks, a metrics line every log_every steps (on the rank given a
-//      writer: the one that has the loss), a progress line
+//   5. callbacks, a metrics line every log_every steps and after every
+//      skipped step (on the rank given a writer: the one that has the loss), a
+//      progress line
+//
+// Optimizer post-validation (Zero Bubble, arXiv 2401.10241 §4), with a
+// pipeline (TrainerParts::stageNorm set) and train.post_validation "auto":
+// waiting for the norm over every stage before the step would synchronize the
+// stages, so the loop starts the cross-stage reduction, steps OPTIMISTICALLY
+// with the unclipped gradients while it is in flight, then reads the norm:
+// non-finite -> roll back exactly and skip; clip > 0 and norm > clip -> roll
+// back exactly, scale the gradients as clipGradNorm does and step again; else
+// keep. The rollback restores the optimizer tensors' values and the optimizer
+// state() from copies taken just before the step (buffers allocated once and
+// reused: one more copy of this rank's optimizer tensors and optimizer state
+// in memory), so the parameters are BIT-identical to the synchronous order.
+// Only optimizers whose step() is local and changes nothing but the optimizer
+// tensors and state() are rolled back (AdamW, SGD); those that communicate or
+// have outer steps (DiLoCo and its streaming and elastic forms, DeMo, MT-DAO)
+// cannot be undone cheaply -- their collectives have happened -- so with them
+// the loop waits for the norm first (the synchronous order), as with "off".
 //
 // State that makes a run resumable -- step, sampler position, optimizer state,
 // torch's RNG -- is a TrainingState value: snapshot() after any step and
@@ -44,6 +70,7 @@
 #include "tessera/optim/lr_schedule.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
+#include "tessera/parallel/pipeline/post_validation.h"
 #include "tessera/parallel/step_executor.h"
 #include "tessera/train/train_config.h"
 
@@ -64,7 +91,8 @@ struct StepReport {
                                   // (NaN on ranks that do not compute the loss)
   std::optional<double> valLoss;  // set when this step was followed by validation
   double lr = 0;                  // learning rate the step used
-  double gradNorm = 0;            // global gradient norm before clipping (logical parameters, each once)
+  double gradNorm = 0;            // global gradient norm before clipping (logical parameters, each once;
+                                  // with a pipeline, over every stage); NaN/Inf on a skipped step
   int64_t tokens = 0;             // tokens (examples for classifiers) consumed so far, all data ranks
   double tokensPerSecond = 0;     // over the steps since the previous metrics line, all data ranks
   double timeSeconds = 0;         // wall time since run() started (evaluation included)
@@ -77,6 +105,9 @@ struct StepReport {
   // DiLoCo's private group). The entries sum to commBytes and commSeconds.
   std::map<std::string, CommTraffic> comm;
   bool outerStep = false;         // the optimizer ran an outer step (DiLoCo)
+  bool skipped = false;           // gradNorm was not finite: no optimizer update this step (metrics "skipped")
+  int64_t skippedSteps = 0;       // steps skipped since this Trainer was built, this one included
+                                  // (metrics "skipped_steps"; not part of TrainingState)
 };
 
 // A communicator whose traffic the metrics count, under `name`.
@@ -130,6 +161,12 @@ struct TrainerParts {
   std::vector<TrafficSource> traffic;
   MetricsWriter* metrics = nullptr;    // the writer of the rank that reports (has the loss); null elsewhere
   bool reportsProgress = true;         // prints the progress line (one rank per job)
+  // With a pipeline: sums this stage's squared gradient norm over the stages
+  // (collective over pp, once per step). The stage's own norm is
+  // dp->gradNorm(), so dp must count each of the stage's logical parameters
+  // once (a tied copy counted by one stage only). Null: this stage is the
+  // whole model. See the header comment for post-validation.
+  std::shared_ptr<parallel::pipeline::CrossStageNorm> stageNorm;
 };
 
 class Trainer {
@@ -138,6 +175,9 @@ class Trainer {
   // missing one); seeds torch's global generator with config.seed (the
   // randomness left outside the models' keyed dropout; saved per rank).
   Trainer(TrainerParts parts, TrainConfig config);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   TrainerCallbacks& callbacks() { return callbacks_; }
 
@@ -153,6 +193,9 @@ class Trainer {
   TrainingState snapshotView() const;
   // Optimizer steps completed.
   int64_t step() const { return state_.step; }
+  // True when steps run optimistically and are rolled back on clip or skip
+  // (a stageNorm, post_validation "auto" and an optimizer that allows it).
+  bool postValidates() const { return rollback_ != nullptr; }
   // Not collective. Throws InvalidArgument if the sampler or optimizer state
   // does not fit; then nothing changed.
   void restore(const TrainingState& state);
@@ -162,8 +205,19 @@ class Trainer {
   double evaluate();
 
  private:
-  double forwardBackward();  // this rank's mean loss of the step's micro-batches (NaN without the loss)
-  StepReport makeReport(double localLoss, double lr, double gradNorm, bool outerStep);
+  class StepRollback;  // trainer.cc: the copies post-validation restores
+  // What step 3 did.
+  struct Update {
+    double gradNorm = 0;
+    bool skipped = false;
+    bool outerStep = false;
+  };
+
+  double forwardBackward();
+  Update update();                        // step 3 up to the zeroing (collective)
+  Update clipAndStep(double globalNorm);  // skip, or clip then step
+  Update skip(double globalNorm);  // this rank's mean loss of the step's micro-batches (NaN without the loss)
+  StepReport makeReport(double localLoss, double lr, const Update& update);
   void countTraffic(StepReport& report) const;
   bool isEvalStep() const;
   bool isLogStep() const;
@@ -182,6 +236,8 @@ class Trainer {
   int64_t windowTokens_ = 0;      // tokens since the last metrics line
   double windowSeconds_ = 0;      // step time since the last metrics line
   Stopwatch sinceRunStart_;       // started with the Trainer; time_s reads it
+  int64_t skippedSteps_ = 0;      // StepReport::skippedSteps
+  std::unique_ptr<StepRollback> rollback_;  // set when post-validating
 };
 
 }  // namespace tessera

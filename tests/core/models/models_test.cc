@@ -312,7 +312,7 @@ TEST(GptTest, BlockRunnerAuxLossesAreSummed) {
   const auto plain = model->forwardWithAux(idx);
   std::vector<torch::Tensor> seen;
   model->setBlockRunner([&](int64_t index, const torch::Tensor& x) {
-    BlockOutput out = model->blocks[index]->as<BlockImpl>()->forwardWithAux(x);
+    BlockOutput out = model->blocks->at(model->blocks->positionOf(index)).forwardWithAux(x);
     seen.push_back(out.aux);
     return out;
   });
@@ -324,7 +324,7 @@ TEST(GptTest, BlockRunnerAuxLossesAreSummed) {
   EXPECT_GT(plain.aux_loss.item<double>(), 0.0);
   // A runner's aux reaches the loss: doubling it doubles the sum.
   model->setBlockRunner([&](int64_t index, const torch::Tensor& x) {
-    BlockOutput out = model->blocks[index]->as<BlockImpl>()->forwardWithAux(x);
+    BlockOutput out = model->blocks->at(model->blocks->positionOf(index)).forwardWithAux(x);
     return BlockOutput{out.x, out.aux * 2};
   });
   EXPECT_NEAR(model->forwardWithAux(idx).aux_loss.item<double>(), 2 * plain.aux_loss.item<double>(), 1e-6);

@@ -32,6 +32,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <torch/nn/module.h>
@@ -60,8 +61,16 @@ class EmbeddingImpl : public torch::nn::Module, public DeclaresParameterLayout {
   ShardRange vocabRange() const;
 
   // The table as an output layer: x (..., dim) -> x W^T (..., num_embeddings),
-  // through applyLinear (the same GEMM and precision as Linear).
+  // through applyLinear (the same GEMM, precision and deferred weight gradient
+  // as Linear: with WeightGrad::kDeferred, attend's dW waits in the store
+  // while the lookup's gradient (forward) still arrives in B -- a tied table
+  // receives two gradient deliveries per micro-batch).
   at::Tensor attend(const at::Tensor& x);
+
+  // Local: a non-null store defers attend's weight gradient into it
+  // (WeightGrad::kDeferred); null restores kWithInput. The lookup is not a
+  // GEMM and is never deferred. Call between steps.
+  void setWeightGradStore(std::shared_ptr<WeightGradStore> store);
 
   const ParameterLayout* parameterLayout(const std::string& local_name) const override;
   const LayerOptions& options() const { return options_; }

@@ -31,22 +31,27 @@
 //
 // Tensor parallelism is a mode of the layers (applyTensorParallel, called by
 // parallel/tensor_parallel.h); the names and logical shapes above do not
-// change under it. Not here: the other parallelisms and mixed precision
+// change under it. A pipeline stage builds a part of the model (GptPart,
+// gpt_part.h) under the same names, and runs it piece by piece: embed,
+// runBlocks, logits, lossFromLogits -- the pieces forwardWithAux and loss are
+// made of. Not here: the other parallelisms and mixed precision
 // (wrappers in parallel/ apply them from outside, through the layers' modes
 // and the block runner), KV cache.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/pimpl.h>
 
 #include "tessera/core/models/embedding.h"
+#include "tessera/core/models/gpt_part.h"
 #include "tessera/core/models/layer_norm.h"
 #include "tessera/core/models/linear.h"
 #include "tessera/core/models/moe.h"
@@ -85,6 +90,12 @@ struct GptConfig {
 
   int64_t headDim() const { return d_model / n_head; }
 };
+
+// Every parameter name of the WHOLE model for `config` (what a checkpoint of
+// it holds, tied tensors once under their first name) with its logical shape,
+// computed from the config alone (no module is built). Validates config
+// (ConfigError).
+std::map<std::string, std::vector<int64_t>> gptParameterShapes(const GptConfig& config);
 
 // Where a dropout sits in the GPT.
 enum class GptDropout { kEmbedding, kAttentionProbs, kAttentionBranch, kFeedForwardBranch };
@@ -170,6 +181,32 @@ class BlockImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
+// The blocks one GPT part holds, each registered under its GLOBAL index (so
+// a part holding blocks 4 and 5 has parameters "4.ln1.weight", …, and the
+// model's "blocks.4.ln1.weight"). Positions 0 … size()-1 run in ascending
+// global order.
+class BlockListImpl : public torch::nn::Module {
+ public:
+  // Appends `block` as global block `globalIndex`, which must exceed every
+  // index pushed before (InvalidArgument otherwise).
+  void push(int64_t globalIndex, Block block);
+  size_t size() const { return blocks_.size(); }
+  // The block at `position` in [0, size()) (InvalidArgument otherwise).
+  BlockImpl& at(size_t position) const;
+  int64_t globalIndex(size_t position) const;
+  bool contains(int64_t globalIndex) const;
+  // The position of global block `globalIndex`; InvalidArgument naming the
+  // held blocks when this list does not hold it.
+  size_t positionOf(int64_t globalIndex) const;
+  // The global indices held, ascending.
+  const std::vector<int64_t>& globalIndices() const { return indices_; }
+
+ private:
+  std::vector<Block> blocks_;
+  std::vector<int64_t> indices_;
+};
+TORCH_MODULE(BlockList);
+
 // Logits plus the summed MoE load-balancing loss (a zero scalar without MoE).
 // Under tensor parallelism the logits are this rank's vocabulary columns
 // [vocab_begin, vocab_begin + V_r): the full (B, T, V) never exists.
@@ -181,24 +218,65 @@ struct GptOutput {
 
 class GptImpl : public torch::nn::Module {
  public:
-  // Validates config (throws ConfigError) and initializes from config.seed:
-  // normal(0, init_std) weights, init_std / sqrt(2 * n_layer) for residual
-  // projections (*proj.weight), LayerNorm weight 1 and bias 0, biases 0, each
-  // parameter drawn by init.h from (seed, its name, its logical shape).
-  explicit GptImpl(const GptConfig& config);
+  // Validates config (throws ConfigError) and `part` (InvalidArgument: block
+  // indices not ascending or outside [0, n_layer), a part holding nothing),
+  // registers only the held parts under the whole model's names, and
+  // initializes from config.seed: normal(0, init_std) weights,
+  // init_std / sqrt(2 * n_layer) for residual projections (*proj.weight;
+  // n_layer of the whole model), LayerNorm weight 1 and bias 0, biases 0, each
+  // parameter drawn by init.h from (seed, its name, its logical shape) -- so
+  // a part's values are the whole model's.
+  explicit GptImpl(const GptConfig& config, GptPart part = GptPart::whole());
 
   // idx: (B, T) int64 token ids, T <= block_size -> logits (B, T, V). Under
   // tensor parallelism collective: the vocabulary shards are gathered (for
   // generation and tests; training uses loss(), which never gathers them).
+  // Needs the whole model (InvalidArgument on a part).
   torch::Tensor forward(const torch::Tensor& idx);
-  // The logits as this rank computes them (see GptOutput).
+  // The logits as this rank computes them (see GptOutput): embed, runBlocks
+  // over every block, logits. Needs the whole model (InvalidArgument on a part).
   GptOutput forwardWithAux(const torch::Tensor& idx);
 
   // Mean cross-entropy of next-token prediction, plus moe.aux_loss_weight *
   // aux loss when use_moe. idx, targets: (B, T) int64 -> (). Under tensor
   // parallelism the vocab-parallel cross-entropy (vocab_parallel_loss.h), the
-  // same value on every tp rank.
+  // same value on every tp rank. forwardWithAux + lossFromLogits.
   torch::Tensor loss(const torch::Tensor& idx, const torch::Tensor& targets);
+
+  // ---- The pieces of forwardWithAux, for pipeline chunks ----
+  // Each is what forwardWithAux does at that point, so a whole model run
+  // piece by piece computes exactly what forwardWithAux computes. Under
+  // tensor parallelism each is collective over the tp group as the layers are.
+
+  // idx: (B, T) int64 -> (B, T_r, C): token embedding + learned positions +
+  // embedding dropout; T_r = T / tp with sequence parallelism (this rank's
+  // sequence shard), else T. Needs part().embedding (InvalidArgument).
+  torch::Tensor embed(const torch::Tensor& idx);
+  // x: (B, T_r, C) through the HELD blocks whose global index is in
+  // [begin, end), in ascending order, each through the block runner (its
+  // index argument the global block index). Blocks in the range that this
+  // part does not hold are skipped. aux: the summed MoE aux losses, undefined
+  // when no block returned one. InvalidArgument for begin > end.
+  BlockOutput runBlocks(torch::Tensor x, int64_t begin, int64_t end);
+  // x: (B, T_r, C) -> ln_f, then the head (or, tied, wte->attend): this
+  // rank's logits (B, T, V), or (B, T, V_r) under tensor parallelism, with
+  // vocab_begin; aux_loss a zero scalar (the caller adds the blocks' aux).
+  // Needs part().head (InvalidArgument).
+  GptOutput logits(const torch::Tensor& x);
+  // The mean cross-entropy of out.logits against targets (B, T) int64
+  // (vocab-parallel under tensor parallelism: collective over the tp group),
+  // plus moe.aux_loss_weight * out.aux_loss when use_moe. -> () fp32.
+  torch::Tensor lossFromLogits(const GptOutput& out, const torch::Tensor& targets);
+
+  // What this module holds (the constructor's argument).
+  const GptPart& part() const { return part_; }
+  // Whether it holds the embedding, every block and the head.
+  bool holdsWholeModel() const;
+  // A tied model's part with the head but not the embedding: it holds its own
+  // copy of wte ("wte.weight", the same values), whose gradient the pipeline
+  // must sum with the first stage's (Megatron's embedding group) and which a
+  // checkpoint stores once under "wte.weight".
+  bool holdsTiedCopy() const { return config_.tie_weights && part_.head && !part_.embedding; }
 
   // Splits the built model over `group` (tensor parallelism, REFERENCE.md §9,
   // Megatron-LM): wte vocabulary-parallel (and the tied head with it, or the
@@ -228,23 +306,26 @@ class GptImpl : public torch::nn::Module {
   // DropoutKey). Both in [0, 2^32), else InvalidArgument. Unset: (0, 0).
   void setRandomKey(int64_t step, int64_t microBatch);
 
-  // Runs block `index` on x (B, T, C) in place of calling the block directly;
-  // lets a wrapper (FSDP) gather the block's parameters around it. Empty (the
-  // default) calls blocks[index]->forwardWithAux itself. The aux losses the
-  // runner returns are summed into GptOutput::aux_loss either way.
+  // Runs global block `index` on x (B, T, C) in place of calling the block
+  // directly; lets a wrapper (FSDP) gather the block's parameters around it.
+  // `index` is the GLOBAL block index (blocks->positionOf(index) is its
+  // position in this part). Empty (the default) calls the block's
+  // forwardWithAux itself. The aux losses the runner returns are summed into
+  // GptOutput::aux_loss either way.
   using BlockRunner = std::function<BlockOutput(int64_t index, const torch::Tensor& x)>;
   void setBlockRunner(BlockRunner runner) { block_runner_ = std::move(runner); }
 
-  Embedding wte{nullptr};
-  Embedding wpe{nullptr};    // null with rotary positions
-  torch::nn::ModuleList blocks{nullptr};
-  LayerNorm ln_f{nullptr};
-  Linear head{nullptr};      // null when tie_weights: the logits are wte->attend(x)
+  Embedding wte{nullptr};    // null on a part with neither the embedding nor a tied copy
+  Embedding wpe{nullptr};    // null with rotary positions, or without the embedding
+  BlockList blocks{nullptr}; // the held blocks, named by global index (empty on a part without blocks)
+  LayerNorm ln_f{nullptr};   // null without the head
+  Linear head{nullptr};      // null when tie_weights (the logits are wte->attend(x)) or without the head
 
  private:
   void initParameters();
 
   GptConfig config_;
+  GptPart part_;
   BlockRunner block_runner_;
   std::shared_ptr<ShardGroup> tp_group_;
   bool sequence_parallel_ = false;

@@ -2,8 +2,8 @@
 // layer that tensor parallelism (issue 14), the pipeline's deferred weight
 // gradient (issue 16) and bf16 / FP8 (issue 18) extend.
 //
-// Sharding (tensor and sequence parallelism) is implemented; bf16 / FP8 and
-// the deferred weight gradient are not yet. A layer validates its options, so
+// Sharding (tensor and sequence parallelism) and the deferred weight gradient
+// are implemented; bf16 / FP8 are not yet. A layer validates its options, so
 // a mode that does not exist yet fails loudly (NotSupported naming the issue
 // that adds it) rather than silently computing the plain thing. Model code builds layers and calls
 // forward(); a sharded or FP8 layer changes what happens inside forward() and
@@ -44,7 +44,8 @@ enum class Precision {
 // When the weight-gradient GEMM of backward runs.
 enum class WeightGrad {
   kWithInput,  // in the same backward as the input gradient (ordinary autograd)
-  kDeferred,   // backward computes grad_input only and queues dW = dY^T X in a WeightGradStore (issue 16's B/W split)
+  kDeferred,   // backward computes grad_input (and the bias gradient) and queues dW = dY^T X in a
+               // WeightGradStore (issue 16's B/W split); linear.h says how dW is delivered
 };
 
 const char* toString(Sharding sharding);
@@ -106,10 +107,18 @@ struct ShardRange {
 ShardRange shardRange(int64_t n, int64_t parts, int64_t index);
 
 // Where a deferred weight gradient waits (issue 16): the pipeline's per-stage
-// store, drained by the schedule's W action. The layer hands over a closure
-// that computes dW and accumulates it into the weight's .grad(); the store
-// runs it later, on the thread that drains it. Not thread-safe unless the
-// implementation says so.
+// store, drained by the schedule's W action (QueuedWeightGradStore in
+// weight_grad_store.h keys it by chunk and micro-batch). A deferred layer's
+// backward hands over a closure that computes dW and delivers it through
+// autograd to the weight (hooks fire, AccumulateGrad adds into .grad; see
+// linear.h). The store owns the closure and must run it exactly once, before
+// the step's gradient sync, on a thread that may run autograd (not inside a
+// hook of the same weight); a closure dropped unrun loses that gradient.
+// Closures keep the GEMM's input X and output gradient dY alive until run.
+// Other owners (FSDP's post-backward) may defer their own work behind a
+// layer's closures and rely on the store running one key's closures in the
+// order they were deferred. defer() is called from autograd's thread:
+// implementations must be safe to call concurrently with their other methods.
 class WeightGradStore {
  public:
   virtual ~WeightGradStore() = default;
@@ -141,7 +150,7 @@ struct LayerOptions {
   std::shared_ptr<WeightGradStore> weight_grad_store;  // required when weight_grad == kDeferred
 
   // Throws NotSupported naming `layer` and the issue that adds a mode this
-  // build does not implement yet (bf16, FP8, the deferred weight gradient),
+  // build does not implement yet (bf16, FP8),
   // InvalidArgument for a mode without its group or store, a sharding the
   // layer kind cannot have, or fused blocks without column sharding.
   enum class Kind { kLinear, kEmbedding, kNorm };

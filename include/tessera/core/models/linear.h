@@ -20,6 +20,24 @@
 //            the sequence to (..., T/p, out) -- then the bias added once.
 // Every sharded forward is collective over the group (see ShardGroup).
 //
+// Deferred weight gradient (WeightGrad::kDeferred, issue 16's B/W split; the
+// layer's weight_grad_store, usually a QueuedWeightGradStore of
+// weight_grad_store.h): the GEMM's backward (B) returns the input gradient
+// dY W and the bias gradient, returns nothing for the weight, and hands the
+// store a closure that later (W) computes dW = dY^T X (leading dims
+// flattened, in the operands' dtype like autograd's) and delivers it through
+// autograd from the weight's gradient edge: tensor hooks on the weight
+// (DDP's) fire then, once per delivered GEMM, and AccumulateGrad adds into
+// .grad, as in an ordinary backward. A weight that reached the GEMM through
+// copyToShards (a replicated layer on sequence shards) or an fp32 cast is
+// delivered through that node, so its all-reduce / cast runs in W. The store
+// owns the closure; it keeps X and dY alive (the activation memory W costs)
+// and the weight's gradient edge (its AccumulateGrad, which refers to the
+// parameter), never a copy of W. Works in every sharding and precision mode:
+// only the GEMM is replaced. Every backward through the GEMM defers one
+// closure (a retained graph run twice defers two). Set per layer with
+// setWeightGradStore, or for a whole module with setDeferredWeightGradients.
+//
 // Initial values: construction draws PyTorch's default (U(-1/sqrt(in),
 // 1/sqrt(in)) for weight and bias, from torch's global generator) so a layer
 // used on its own behaves like torch::nn::Linear. A model overwrites every
@@ -31,6 +49,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <torch/nn/module.h>
@@ -45,8 +64,17 @@ namespace tessera::models {
 // `options`' precision (kFp32 casts operands and computes in fp32; kDefault
 // uses the operands' dtype). bias may be undefined. Embedding::attend (the
 // tied head) runs it too, so a precision mode applies to both.
+// With options.weight_grad == kDeferred (and grad mode on) the GEMM is
+// deferredLinear below, after the precision cast.
 at::Tensor applyLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const LayerOptions& options);
+
+// y = x W^T + b whose backward computes the gradients of x and b and defers
+// the weight's into `store` (see the file comment). x (..., in), weight
+// (out, in), bias (out) or undefined. Throws InvalidArgument for a null store.
+// Defined in deferred_linear.cc.
+at::Tensor deferredLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          std::shared_ptr<WeightGradStore> store);
 
 class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
  public:
@@ -72,6 +100,11 @@ class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
   ShardRange inputRange() const;
 
   const ParameterLayout* parameterLayout(const std::string& local_name) const override;
+  // Local: a non-null store switches the layer to WeightGrad::kDeferred into
+  // it, null back to kWithInput. Call between steps (a graph already built
+  // keeps its mode).
+  void setWeightGradStore(std::shared_ptr<WeightGradStore> store);
+
   const LayerOptions& options() const { return options_; }
   int64_t inFeatures() const { return in_features_; }    // logical (whole-layer) sizes
   int64_t outFeatures() const { return out_features_; }
