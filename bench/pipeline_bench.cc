@@ -36,6 +36,7 @@ struct PipelineBenchConfig {
   std::vector<std::string> overrides;
   std::vector<std::string> schedules = {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_h2", "zb_v", "auto"};
   std::vector<int> microBatches = {4, 8};
+  std::vector<std::string> offloads = {"none"};
   int64_t steps = 5;
   std::string pngDir;
 };
@@ -70,12 +71,14 @@ double secondsSinceEpoch(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
 }
 
-MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config, const std::string& schedule, int M) {
+MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config, const std::string& schedule, int M,
+                     const std::string& offload) {
   std::vector<std::string> overrides = config.overrides;
   const int64_t warmup = schedule == "auto" ? 3 : 1;  // auto: one warm-up, then the profiling steps
   for (const std::string& o : std::vector<std::string>{"pipeline.schedule=\"" + schedule + "\"", "pipeline.microbatches=" + std::to_string(M),
         "pipeline.auto_profile_steps=2", "train.steps=" + std::to_string(config.steps + warmup),
-        std::string("train.eval_batches=0"), std::string("train.progress=false")}) {
+        std::string("train.eval_batches=0"), std::string("train.progress=false"),
+        "pipeline.offload=\"" + offload + "\"", std::string("pipeline.measure_activations=true")}) {
     overrides.push_back(o);
   }
   const launcher::TrainJobConfig job = launcher::loadTrainJobConfig(config.configPath, overrides);
@@ -128,8 +131,19 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
   const double bubble = makespan > 0 ? 1.0 - work / makespan : 0;
   const parallel::pipeline::Simulation predicted = parallel::pipeline::simulate(executor->schedule(), measured);
 
+  // Peak resident saved-activation bytes of the last step, per rank.
+  at::Tensor peak = at::full({1}, static_cast<double>(executor->peakActivationBytes()), at::kDouble);
+  at::Tensor peaks = at::empty({world.size()}, at::kDouble);
+  world.allGather(peak, peaks);
+  MetricsRecord peakBytes;  // {"<rank>": bytes}
+  for (int r = 0; r < world.size(); ++r) {
+    peakBytes.add(std::to_string(r), static_cast<int64_t>(peaks[r].item<double>()));
+  }
+
   MetricsRecord record;
   record.add("schedule", schedule)
+      .add("offload", offload)
+      .add("activation_peak_bytes", peakBytes)
       .add("ran", executor->schedule().name)
       .add("microbatches", M)
       .add("step_s", stepSeconds)
@@ -155,7 +169,8 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
                                      static_cast<int>(all[i][3].item<double>()), all[i][4].item<double>() - begin,
                                      all[i][5].item<double>() - begin});
     }
-    const std::string png = config.pngDir + "/pipeline-" + schedule + "-m" + std::to_string(M) + ".png";
+    const std::string png = config.pngDir + "/pipeline-" + schedule + "-m" + std::to_string(M) +
+                            (offload == "none" ? "" : "-offload-" + offload) + ".png";
     writeTimelinePng(blocks, "measured " + schedule + ", " + std::to_string(M) + " micro-batches", png);
     record.add("png", png);
   }
@@ -172,14 +187,17 @@ std::unique_ptr<BenchCommand> addPipelineCommand(CLI::App& app) {
   auto config = std::make_shared<PipelineBenchConfig>();
   auto schedules = std::make_shared<std::string>("gpipe,1f1b,interleaved_1f1b,zb_h1,zb_h2,zb_v,auto");
   auto microBatches = std::make_shared<std::string>("4,8");
+  auto offloads = std::make_shared<std::string>("none");
   command->app->add_option("--config", config->configPath, "tessera-train TOML file with parallel.pp > 1")->required();
   command->app->add_option("--set", config->overrides, "override one key: section.key=value (repeatable)");
   command->app->add_option("--schedules", *schedules, "comma-separated schedule names");
   command->app->add_option("--microbatches", *microBatches, "comma-separated micro-batch counts");
+  command->app->add_option("--offload", *offloads, "comma-separated pipeline.offload values (none, all, selective)");
   command->app->add_option("--steps", config->steps, "timed steps per run")->check(CLI::PositiveNumber);
   command->app->add_option("--png-dir", config->pngDir, "write each run's measured timeline here");
-  command->validate = [config, schedules, microBatches] {
+  command->validate = [config, schedules, microBatches, offloads] {
     config->schedules = split(*schedules);
+    config->offloads = split(*offloads);
     config->microBatches.clear();
     for (const std::string& m : split(*microBatches)) config->microBatches.push_back(std::stoi(m));
     TESSERA_CHECK_CONFIG(!config->schedules.empty(), "schedules", "give at least one schedule");
@@ -188,7 +206,9 @@ std::unique_ptr<BenchCommand> addPipelineCommand(CLI::App& app) {
   command->run = [config](DistributedContext* ctx) {
     std::vector<MetricsRecord> runs;
     for (int M : config->microBatches) {
-      for (const std::string& s : config->schedules) runs.push_back(runOne(*ctx, *config, s, M));
+      for (const std::string& s : config->schedules) {
+        for (const std::string& o : config->offloads) runs.push_back(runOne(*ctx, *config, s, M, o));
+      }
     }
     if (ctx->world->rank() != 0) return;
     std::printf("{\"bench\": \"pipeline\", \"config\": \"%s\", \"ranks\": %d, \"runs\": [", config->configPath.c_str(),

@@ -80,7 +80,7 @@ Schema schemaOf(TrainJobConfig& c) {
   s["pipeline"] = {{"schedule", &pl.schedule},         {"microbatches", &pl.microbatches},
                    {"virtual_stages", &pl.virtual_stages}, {"layers_per_stage", &pl.layers_per_stage},
                    {"auto_profile_steps", &pl.auto_profile_steps}, {"offload", &pl.offload},
-                   {"offload_budget_mb", &pl.offload_budget_mb}};
+                   {"offload_budget_mb", &pl.offload_budget_mb}, {"measure_activations", &pl.measure_activations}};
   auto& e = c.elastic;
   s["elastic"] = {{"heartbeat_interval_s", &e.heartbeat_interval_s}, {"heartbeat_timeout_s", &e.heartbeat_timeout_s},
                   {"min_nodes", &e.min_nodes},       {"max_nodes", &e.max_nodes},

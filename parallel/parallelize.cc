@@ -203,6 +203,9 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     options.microBatches = config.pipeline.microBatchesFor(pp);
     options.dataRank = out.dataRank;
     if (config.pipeline.schedule == "auto") options.autoScheduleAfter = config.pipeline.auto_profile_steps;
+    options.offload = config.pipeline.offload;
+    options.offloadBudgetBytes = config.pipeline.offload_budget_mb * 1024 * 1024;
+    options.measureActivations = config.pipeline.measure_activations;
     out.executor = pipeline::makePipelineExecutor(*out.stage, *out.dp, ppComm, std::move(schedule), options);
     out.stageNorm = pipeline::makeCrossStageNorm(ppComm);
   } else {

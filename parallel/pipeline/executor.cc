@@ -12,6 +12,7 @@
 #include "tessera/core/logging.h"
 #include "tessera/core/models/weight_grad_store.h"
 #include "tessera/core/timer.h"
+#include "tessera/parallel/pipeline/offload.h"
 
 namespace tessera::parallel::pipeline {
 namespace {
@@ -39,6 +40,13 @@ class Executor final : public PipelineExecutor {
   Executor(StageModel& stage, DataParallel& dp, comm::CommPtr pp, PipelineSchedule schedule, ExecutorOptions options)
       : stage_(stage), dp_(dp), pp_(std::move(pp)), options_(options),
         store_(std::make_shared<models::QueuedWeightGradStore>()) {
+    if (options_.offload != "none" || options_.measureActivations) {
+      ActivationPool::Options pool;
+      pool.policy = options_.offload;
+      pool.budgetBytes = options_.offloadBudgetBytes;
+      pool.parameters = stage_.module().parameters();
+      pool_ = std::make_unique<ActivationPool>(std::move(pool));
+    }
     setSchedule(std::move(schedule));
     models::setDeferredWeightGradients(stage_.module(), store_);
   }
@@ -57,7 +65,13 @@ class Executor final : public PipelineExecutor {
     TESSERA_CHECK_ARG(schedule.microBatches == options_.microBatches,
                       "pipeline schedule '" << schedule.name << "' has " << schedule.microBatches
                                             << " micro-batches, the executor " << options_.microBatches);
-    schedule_ = std::move(schedule);
+    base_ = std::move(schedule);
+    schedule_ = base_;
+    // Offload actions: "all" at once; "selective" once a micro-batch's bytes are known (after step 1).
+    if (options_.offload == "all") schedule_ = withOffload(base_, "all", 0);
+    if (options_.offload == "selective" && bytesPerMicroBatch_ > 0) {
+      schedule_ = withOffload(base_, "selective", options_.offloadBudgetBytes / bytesPerMicroBatch_);
+    }
     chunks_ = static_cast<int>(schedule_.chunkOwner.size());
     const int M = options_.microBatches;
     // Each chunk pass that uses a parameter delivers its gradient once per micro-batch.
@@ -70,6 +84,8 @@ class Executor final : public PipelineExecutor {
     TESSERA_CHECK_ARG(!batches.empty(), "pipeline step: a step needs at least one batch");
     const auto k = static_cast<int>(batches.size());
     if (options_.autoScheduleAfter > 0 && stepsRun_ == options_.autoScheduleAfter) switchToAuto();
+    if (options_.offload == "selective" && stepsRun_ == 1 && bytesPerMicroBatch_ > 0) setSchedule(base_);
+    if (pool_) pool_->resetPeak();
     ++stepsRun_;
     double lossSum = 0;
     bool hasLoss = false;
@@ -114,6 +130,7 @@ class Executor final : public PipelineExecutor {
 
   const std::vector<TimedAction>& timeline() const override { return timeline_; }
   std::chrono::steady_clock::time_point timelineOrigin() const override { return origin_; }
+  int64_t peakActivationBytes() const override { return pool_ ? pool_->peakResidentBytes() : -1; }
   void resetMeasurements() override { forward_ = backwardInput_ = backwardWeight_ = fused_ = recvWait_ = Sum{}; }
 
   PipelineCosts measuredCosts() const override {
@@ -238,8 +255,11 @@ class Executor final : public PipelineExecutor {
           continue;
         }
         case ActionKind::kOffload:
+          pool_->offload(key);  // asynchronous: the copy thread moves them while compute goes on
+          continue;
         case ActionKind::kReload:
-          continue;  // activation offload: see offload.h (not in this list unless enabled)
+          pool_->reload(key);
+          continue;
         case ActionKind::kForward: {
           Saved s;
           if (a.chunk > 0) {
@@ -247,11 +267,19 @@ class Executor final : public PipelineExecutor {
           }
           dp_.beforeForward();
           stage_.setRandomKey(step, (static_cast<int64_t>(options_.dataRank) * k + g) * M + a.microBatch);
+          // Everything autograd saves in this F belongs to (c, m) in the activation pool.
+          const int64_t residentBefore = pool_ ? pool_->residentBytes() : 0;
+          std::unique_ptr<ActivationPool::Capture> capture = pool_ ? pool_->capture(key) : nullptr;
           at::Tensor out = stage_.forward(a.chunk, s.input, mb);
+          if (a.chunk + 1 == chunks_) s.output = out * lossScale;
+          capture.reset();
+          if (pool_ && bytesPerMicroBatch_ == 0) {
+            // A stage's micro-batch: this chunk pass's bytes times the chunks per rank.
+            bytesPerMicroBatch_ = static_cast<double>(pool_->residentBytes() - residentBefore) * schedule_.chunksPerRank;
+          }
           if (a.chunk + 1 == chunks_) {
             lossSum += out.item<double>();
             hasLoss = true;
-            s.output = out * lossScale;
           } else {
             s.output = out;
             if (holds(a.chunk + 1)) {
@@ -287,6 +315,7 @@ class Executor final : public PipelineExecutor {
               inputGrads[key] = inputGrad.contiguous();
             }
           }
+          if (pool_) pool_->release(key);
           if (a.kind == ActionKind::kBackward) {
             store_->drain(key);
             fused_.add(clock.seconds() - start);
@@ -354,7 +383,10 @@ class Executor final : public PipelineExecutor {
   comm::CommPtr pp_;
   ExecutorOptions options_;
   std::shared_ptr<models::QueuedWeightGradStore> store_;
-  PipelineSchedule schedule_;
+  PipelineSchedule base_;      // the schedule as given (setSchedule)
+  PipelineSchedule schedule_;  // base_ with the offload actions, the one run
+  std::unique_ptr<ActivationPool> pool_;  // with offload or measureActivations
+  double bytesPerMicroBatch_ = 0;         // saved activation bytes of one micro-batch through the stage
   int chunks_ = 1;
   int64_t stepsRun_ = 0;
   std::vector<TimedAction> timeline_;

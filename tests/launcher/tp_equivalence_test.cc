@@ -165,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"sgd_ddp", "tp", {"optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9", "optim.nesterov=true"}, kDdp1, 2,
              kDdp2, 4},
         // Learned positions (wpe on sequence shards), an untied column-parallel head, dropout on shards.
-        Case{"learned_untied_dropout_sequence_parallel",
+        Case{"learned_untied_dropout_sequence_parallel", "tp",
              {"model.positions=learned", "model.tie_weights=false", "model.dropout=0.1"}, kDdp1, 2,
              plus(kDdp2, {kSp}), 4},
         // 257 rows padded to 2 x 129: the padded logit is in no loss.
@@ -201,7 +201,7 @@ const std::vector<std::string> kPpFsdp1 = {"parallel.tp=1", "parallel.strategy=f
                                            "parallel.dp_shard=2"};
 const std::vector<std::string> kPpFsdp2 = plus(kPpFsdp1, {"parallel.pp=2", "pipeline.microbatches=4"});
 const std::vector<std::string> kPpOne = {"parallel.tp=1", "parallel.strategy=none", "parallel.dp_replicate=1"};
-const std::vector<std::string> kPp2 = {"parallel.pp=2", "pipeline.microbatches=4"};
+const std::vector<std::string> kPp2 = plus(kPpOne, {"parallel.pp=2", "pipeline.microbatches=4"});
 std::vector<std::string> schedule(const std::string& name) { return {"pipeline.schedule=" + name}; }
 // ZB-V and interleaved cut 2 stages into 4 chunks: 4 blocks.
 const std::vector<std::string> kFourBlocks = {"model.n_layer=4"};
@@ -221,16 +221,18 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"zb_h2", "pp", schedule("zb_h2"), kPpOne, 1, kPp2, 2},
         Case{"auto", "pp", plus(schedule("auto"), {"pipeline.auto_profile_steps=2"}), kPpOne, 1, kPp2, 2},
         Case{"fsdp_zb_h1", "pp", schedule("zb_h1"), kPpFsdp1, 2, kPpFsdp2, 4},
-        Case{"tp2_1f1b", "pp", plus(schedule("1f1b"), {"parallel.tp=2"}), {"parallel.strategy=none"}, 2,
+        Case{"tp2_1f1b", "pp", plus(schedule("1f1b"), {"parallel.tp=2", "parallel.dp_replicate=1"}),
+             {"parallel.strategy=none"}, 2,
              plus(kPp2, {"parallel.strategy=none", "parallel.tp=2"}), 4},
         Case{"grad_accum_zb_h1", "pp", plus(schedule("zb_h1"), {"train.grad_accum=2"}), kPpDdp1, 2, kPpDdp2, 4},
         // Dropout: a pipeline micro-batch draws the masks of the same micro-batch under
-        // grad_accum (key (step, micro-batch index)), so the reference accumulates 4 x 2 rows.
+        // grad_accum (key (step, micro-batch index)), so the reference accumulates 4 x 2 rows
+        // (and evaluates the same 16 rows as 8 batches of 2).
         Case{"learned_untied_dropout_1f1b", "pp",
              plus(schedule("1f1b"), {"model.positions=learned", "model.tie_weights=false", "model.dropout=0.1"}),
-             plus(kPpOne, {"data.batch_size=2", "train.grad_accum=4"}), 1, kPp2, 2},
+             plus(kPpOne, {"data.batch_size=2", "train.grad_accum=4", "train.eval_batches=8"}), 1, kPp2, 2},
         Case{"pp4_zb_v", "pp", plus(schedule("zb_v"), {"model.n_layer=8"}), kPpOne, 1,
-             {"parallel.pp=4", "pipeline.microbatches=4"}, 4}),
+             plus(kPpOne, {"parallel.pp=4", "pipeline.microbatches=4"}), 4}),
     caseName);
 
 }  // namespace

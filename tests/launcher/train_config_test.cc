@@ -201,6 +201,53 @@ TEST(TrainConfig, ShippedTensorParallelConfigIsValidOnFourRanks) {
                                      {"parallel.sequence_parallel=true"}));
 }
 
+TEST(TrainConfig, PipelineKeysAreRead) {
+  const TrainJobConfig c = parseTrainJobConfig(
+      kMinimalGpt, {"parallel.pp=2", "pipeline.schedule=zb_v", "pipeline.microbatches=4", "model.n_layer=4",
+                    "pipeline.layers_per_stage=[1, 1, 1, 1]", "pipeline.offload=selective",
+                    "pipeline.offload_budget_mb=64", "train.post_validation=off"});
+  EXPECT_EQ(c.parallel.mesh.pp, 2);
+  EXPECT_EQ(c.parallel.pipeline.schedule, "zb_v");
+  EXPECT_EQ(c.parallel.pipeline.microBatchesFor(2), 4);
+  EXPECT_EQ(c.parallel.pipeline.chunksPerRank(), 2);
+  EXPECT_EQ(c.parallel.pipeline.layers_per_stage, (std::vector<int64_t>{1, 1, 1, 1}));
+  EXPECT_EQ(c.parallel.pipeline.offload, "selective");
+  EXPECT_EQ(c.parallel.pipeline.offload_budget_mb, 64);
+  EXPECT_EQ(c.train.post_validation, "off");
+  EXPECT_EQ(parseTrainJobConfig(kMinimalGpt, {"parallel.pp=2"}).parallel.pipeline.microBatchesFor(2), 2);  // M = pp
+}
+
+TEST(TrainConfig, PipelineErrorsNameTheKeyAndTheChoices) {
+  ConfigError e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.schedule=zb_h3"});
+  EXPECT_EQ(e.field(), "pipeline.schedule");
+  EXPECT_NE(std::string(e.what()).find("zb_v"), std::string::npos) << e.what();  // lists the valid ones
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.microbatches=3"});  // data.batch_size = 8 by default
+  EXPECT_EQ(e.field(), "pipeline.microbatches");
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.schedule=interleaved_1f1b", "pipeline.microbatches=1",
+                               "model.n_layer=4"});
+  EXPECT_EQ(e.field(), "pipeline.microbatches") << e.what();  // M % p
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.schedule=interleaved_1f1b", "pipeline.virtual_stages=1"});
+  EXPECT_EQ(e.field(), "pipeline.virtual_stages");
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.schedule=zb_v"});  // 4 chunks, 2 blocks
+  EXPECT_EQ(e.field(), "pipeline.layers_per_stage") << e.what();
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.layers_per_stage=[2, 1]"});
+  EXPECT_EQ(e.field(), "pipeline.layers_per_stage") << e.what();
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.offload=some"});
+  EXPECT_EQ(e.field(), "pipeline.offload");
+  e = parseError(kMinimalGpt, {"parallel.pp=2", "model.use_moe=true"});
+  EXPECT_EQ(e.field(), "parallel.pp");
+  EXPECT_NE(std::string(e.what()).find("issue 17"), std::string::npos) << e.what();
+  EXPECT_EQ(parseError(kMinimalGpt, {"train.post_validation=maybe"}).field(), "train.post_validation");
+}
+
+TEST(TrainConfig, ShippedPipelineConfigsAreValid) {
+  const TrainJobConfig tiny = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-pp2.toml");
+  EXPECT_EQ(tiny.parallel.mesh.pp, 2);
+  EXPECT_NO_THROW(tiny.parallel.validate(4));
+  const TrainJobConfig bench = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-pp-bench.toml");
+  EXPECT_NO_THROW(bench.parallel.validate(2));
+}
+
 TEST(TrainConfig, ShippedDilocoConfigIsValidOnFourRanks) {
   const TrainJobConfig c = loadTrainJobConfig(std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-diloco.toml");
   EXPECT_EQ(c.optimizer, "diloco");

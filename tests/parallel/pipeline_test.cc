@@ -76,6 +76,7 @@ TESSERA_WORKER(pipeline_matches_one_process) {
   config.pipeline.microbatches = std::stoi(ctx.arg("microbatches", "4"));
   config.pipeline.virtual_stages = std::stoi(ctx.arg("virtual", "2"));
   config.pipeline.auto_profile_steps = 1;
+  config.pipeline.offload = ctx.arg("offload", "none");
   const int steps = std::stoi(ctx.arg("steps", "3"));
   const int64_t rows = 2 * config.pipeline.microbatches;
   const models::GptConfig gptConfig = modelOf(ctx);
@@ -147,6 +148,45 @@ TESSERA_WORKER(pipeline_matches_one_process) {
   if (wholeTensors) std::printf("largest relative gradient difference %.2e\n", largest);
 }
 
+// Offload "all" against none on the same stage processes: bitwise the same
+// gradients, at most half the saved activation bytes resident at the peak.
+TESSERA_WORKER(pipeline_offload_halves_resident_activations) {
+  const comm::CommPtr world = ctx.world();
+  models::GptConfig gptConfig = modelOf(ctx);
+  gptConfig.n_layer = 4;
+  std::map<std::string, std::map<std::string, at::Tensor>> grads;  // offload -> name -> gradient
+  std::map<std::string, int64_t> peak;
+  for (const std::string offload : {"none", "all"}) {
+    ParallelConfig config;
+    config.mesh.pp = 2;
+    config.strategy = "none";
+    // GPipe keeps every micro-batch's activations from its F to its B on every
+    // stage: the most to offload (under 1F1B the last stage holds one at a time).
+    config.pipeline.schedule = "gpipe";
+    config.pipeline.microbatches = 8;
+    config.pipeline.offload = offload;
+    config.pipeline.measure_activations = true;
+    DeviceMesh mesh(world, config.mesh);
+    models::Gpt gpt(gptConfig, pipelinePart(gptConfig, config, mesh.coordinate(MeshAxis::kPp)));
+    auto model = makeTrainable(gpt);
+    ParallelModel pm = parallelize(*model, mesh, config, false);
+    auto* executor = dynamic_cast<pipeline::PipelineExecutor*>(pm.executor.get());
+    TESSERA_CHECK(executor != nullptr, "no pipeline executor");
+    executor->forwardBackward({batchOf(0, 0, 64)}, 0);  // 8 rows a micro-batch: saved tensors above minBytes
+    pm.dp->finishGradientSync();
+    peak[offload] = executor->peakActivationBytes();
+    for (const auto& item : gpt->named_parameters()) grads[offload][item.key()] = item.value().grad().clone();
+  }
+  for (const auto& [name, grad] : grads["none"]) {
+    TESSERA_CHECK(at::equal(grad, grads["all"].at(name)), name << ": the gradient differs with offload");
+  }
+  TESSERA_CHECK(peak["none"] > 0 && peak["all"] <= peak["none"] / 2,
+                "rank " << world->rank() << ": peak resident activation bytes " << peak["all"] << " with offload vs "
+                        << peak["none"] << " without");
+  std::printf("rank %d: peak resident activation bytes %lld -> %lld with offload\n", world->rank(),
+              static_cast<long long>(peak["none"]), static_cast<long long>(peak["all"]));
+}
+
 testing::RunOptions runOf(int ranks, std::map<std::string, std::string> args) {
   testing::RunOptions o;
   o.ranks = ranks;
@@ -177,6 +217,14 @@ TEST(Pipeline, ZbVFourStages) { expectMatches(4, {{"schedule", "zb_v"}, {"pp", "
 TEST(Pipeline, TensorTimesPipeline) { expectMatches(4, {{"schedule", "1f1b"}, {"tp", "2"}}); }
 TEST(Pipeline, PipelineTimesDdp) { expectMatches(4, {{"schedule", "zb_h1"}, {"strategy", "ddp"}, {"dp", "2"}}); }
 TEST(Pipeline, PipelineTimesFsdp) { expectMatches(4, {{"schedule", "zb_h1"}, {"strategy", "fsdp"}, {"dp", "2"}}); }
+
+// Activation offload: the gradients of the unpipelined model over AdamW steps,
+// and half the resident activations or less at the same gradients.
+TEST(Pipeline, OffloadAllMatchesOneProcess) { expectMatches(2, {{"schedule", "zb_h1"}, {"offload", "all"}}); }
+TEST(Pipeline, OffloadHalvesResidentActivations) {
+  auto result = testing::runWorkers("pipeline_offload_halves_resident_activations", runOf(2, {}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
 
 TEST(Pipeline, OneFOneBOverMpi) {
   if (!testing::mpiAvailable()) GTEST_SKIP() << "mpirun not available";

@@ -63,6 +63,9 @@ struct PipelineConfig {
   // Activation offload (PipeOffload): "none", "all", "selective" (up to offload_budget_mb resident).
   std::string offload = "none";
   double offload_budget_mb = 0;
+  // Count the saved activation bytes resident per stage even without offload
+  // (tessera-bench pipeline's baseline); offload counts them anyway.
+  bool measure_activations = false;
 
   int microBatchesFor(int pp) const { return microbatches > 0 ? microbatches : pp; }
   // The chunks each rank holds under `schedule` (1, 2 for zb_v, virtual_stages for interleaved).

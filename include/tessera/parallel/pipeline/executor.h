@@ -27,6 +27,9 @@
 //               a receive is posted where the schedule places it (before it is
 //               needed) and waited for by the action that consumes it; every
 //               send is waited for before the step returns.
+//   offload / reload  (with pipeline.offload) the saved activations of
+//               (c, m) go to host memory after F and come back before B,
+//               on the activation pool's copy thread (offload.h).
 // Every wait has the communicator's timeout: a stage that died fails the
 // step with a TimeoutError naming the operation and the peer.
 //
@@ -43,6 +46,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "tessera/comm/communicator.h"
@@ -73,6 +77,10 @@ class PipelineExecutor : public StepExecutor {
   // as B + W when it never ran them apart); comm: the mean time a consuming
   // action waited for a receive. Zero before the first step.
   virtual PipelineCosts measuredCosts() const = 0;
+  // The last step's peak of saved activation bytes resident on this rank
+  // (ActivationPool::peakResidentBytes), or -1 when neither offload nor
+  // ExecutorOptions::measureActivations is on.
+  virtual int64_t peakActivationBytes() const = 0;
   // Forgets the costs measured so far (after warm-up steps).
   virtual void resetMeasurements() = 0;
   // Replaces the action list (the `auto` schedule once costs are measured).
@@ -90,6 +98,15 @@ struct ExecutorOptions {
   // stages (collective over pp) and switches to makeSchedule("auto", ...)
   // with those costs, logging them and the simulated bubble.
   int autoScheduleAfter = 0;
+  // Activation offload (offload.h, PipeOffload): "none", "all" or
+  // "selective" (keep at most offloadBudgetBytes of saved activations
+  // resident; the first step runs without offload to measure a micro-batch's
+  // bytes, then the schedule gets its offload/reload actions).
+  std::string offload = "none";
+  double offloadBudgetBytes = 0;
+  // Count resident activation bytes even without offload (a baseline for
+  // peakActivationBytes()).
+  bool measureActivations = false;
 };
 
 // `stage`, `dp` are referenced and must outlive the executor; `ppComm` is the
