@@ -27,13 +27,13 @@ void applyTensorParallel(TrainableModel& model, comm::CommPtr tpComm, bool seque
 
 namespace {
 
-class TensorParallelNorm final : public DataParallel {
+class TensorParallelNorm final : public DataParallelWrapper {
  public:
   TensorParallelNorm(std::unique_ptr<DataParallel> inner, const std::set<std::string>& tpSharded,
                      comm::CommPtr tpComm, comm::CommPtr shardComm)
-      : inner_(std::move(inner)), tpComm_(std::move(tpComm)), shardComm_(std::move(shardComm)) {
+      : DataParallelWrapper(std::move(inner)), tpComm_(std::move(tpComm)), shardComm_(std::move(shardComm)) {
     // The layout is fixed for the strategy's lifetime: classify its ranges once.
-    const auto layout = inner_->parameterLayout();
+    const auto layout = parameterLayout();
     for (size_t i = 0; i < layout.size(); ++i) {
       for (const ParameterPiece& piece : layout[i]) {
         ranges_.push_back(Range{i, piece.tensorOffset, piece.slice.numel, tpSharded.count(piece.name) > 0});
@@ -41,22 +41,10 @@ class TensorParallelNorm final : public DataParallel {
     }
   }
 
-  std::string name() const override { return inner_->name(); }
-  std::vector<at::Tensor> optimizerParameters() override { return inner_->optimizerParameters(); }
-  void beforeForward() override { inner_->beforeForward(); }
-  void finishGradientSync() override { inner_->finishGradientSync(); }
-  std::unique_ptr<NoSyncScope> noSync() override { return inner_->noSync(); }
-  DataParallelStats stats() const override { return inner_->stats(); }
-  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return inner_->parameterLayout(); }
-  bool sharded() const override { return inner_->sharded(); }
-  void setGradientArrivals(std::function<int(const std::string&)> arrivals) override {
-    inner_->setGradientArrivals(std::move(arrivals));
-  }
-
   double gradNorm() override {
     // [TP-sharded, replicated] squares over this rank's pieces (padding is in no
     // piece), summed where the gradients live; one host sync, after the reductions.
-    const std::vector<at::Tensor> params = inner_->optimizerParameters();
+    const std::vector<at::Tensor> params = optimizerParameters();
     at::Tensor sums = at::zeros({2}, at::kDouble);
     for (const Range& range : ranges_) {
       const at::Tensor& grad = params[range.tensor].grad();
@@ -71,7 +59,6 @@ class TensorParallelNorm final : public DataParallel {
   }
 
  private:
-  std::unique_ptr<DataParallel> inner_;
   comm::CommPtr tpComm_;
   comm::CommPtr shardComm_;
   struct Range {

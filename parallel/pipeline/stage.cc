@@ -118,11 +118,11 @@ namespace {
 
 // The pipeline rank's strategy: the tied copy's gradient summed with the
 // first rank's, and the stage's share of the logical norm.
-class PipelineStageStrategy final : public DataParallel {
+class PipelineStageStrategy final : public DataParallelWrapper {
  public:
   PipelineStageStrategy(std::unique_ptr<DataParallel> inner, torch::nn::Module& module, bool tiedCopy,
                         comm::CommPtr embeddingComm, comm::CommPtr tpComm, comm::CommPtr shardComm)
-      : inner_(std::move(inner)), embeddingComm_(std::move(embeddingComm)), tpComm_(std::move(tpComm)),
+      : DataParallelWrapper(std::move(inner)), embeddingComm_(std::move(embeddingComm)), tpComm_(std::move(tpComm)),
         shardComm_(std::move(shardComm)) {
     if (embeddingComm_ && embeddingComm_->size() > 1) {
       for (const auto& item : module.named_parameters()) {
@@ -131,7 +131,7 @@ class PipelineStageStrategy final : public DataParallel {
       TESSERA_CHECK_ARG(wte_.defined(), "withPipelineStage: an embedding group without wte.weight");
     }
     if (tiedCopy) {
-      const auto layout = inner_->parameterLayout();
+      const auto layout = parameterLayout();
       for (size_t i = 0; i < layout.size(); ++i) {
         for (const ParameterPiece& piece : layout[i]) {
           if (piece.name == "wte.weight") copyRanges_.push_back({i, piece.tensorOffset, piece.slice.numel});
@@ -140,32 +140,21 @@ class PipelineStageStrategy final : public DataParallel {
     }
   }
 
-  std::string name() const override { return inner_->name(); }
-  std::vector<at::Tensor> optimizerParameters() override { return inner_->optimizerParameters(); }
-  void beforeForward() override { inner_->beforeForward(); }
-  std::unique_ptr<NoSyncScope> noSync() override { return inner_->noSync(); }
-  DataParallelStats stats() const override { return inner_->stats(); }
-  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return inner_->parameterLayout(); }
-  bool sharded() const override { return inner_->sharded(); }
-  void setGradientArrivals(std::function<int(const std::string&)> arrivals) override {
-    inner_->setGradientArrivals(std::move(arrivals));
-  }
-
   void finishGradientSync() override {
     // The sum of the two copies' gradients: on the full gradient before a
     // sharding strategy scatters it, on the averaged one after DDP's sync
     // (whose buckets may still hold it before).
-    const bool before = inner_->sharded();
+    const bool before = sharded();
     if (before) sumTiedGradients();
-    inner_->finishGradientSync();
+    inner().finishGradientSync();
     if (!before) sumTiedGradients();
   }
 
   double gradNorm() override {
-    const double norm = inner_->gradNorm();
+    const double norm = inner().gradNorm();
     if (copyRanges_.empty()) return norm;
     // Minus the tied copy's squares: the first rank counts wte.weight.
-    const std::vector<at::Tensor> params = inner_->optimizerParameters();
+    const std::vector<at::Tensor> params = optimizerParameters();
     at::Tensor copy = at::zeros({1}, at::kDouble);
     for (const Range& r : copyRanges_) {
       const at::Tensor& grad = params[r.tensor].grad();
@@ -193,7 +182,6 @@ class PipelineStageStrategy final : public DataParallel {
     int64_t offset;
     int64_t numel;
   };
-  std::unique_ptr<DataParallel> inner_;
   comm::CommPtr embeddingComm_;
   comm::CommPtr tpComm_;
   comm::CommPtr shardComm_;

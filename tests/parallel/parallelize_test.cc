@@ -39,11 +39,20 @@ TEST(ParallelConfigResolve, ErrorsNameTheKeyTheAxisAndTheDegrees) {
   EXPECT_EQ(e.field(), "parallel");
   EXPECT_TRUE(mentions(e, "= 2 but the world has 3 ranks")) << e.what();
 
+  ParallelConfig ep = configOf(1, 1, "none");
+  ep.mesh.ep = 2;
+  e = configErrorOf([&] { ep.resolve(2, false); });
+  EXPECT_EQ(e.field(), "parallel.ep");
+  EXPECT_TRUE(mentions(e, "axis ep has degree 2")) << e.what();
+
+  // Pipelines run (pp = 2 resolves); their own keys are checked with it.
   ParallelConfig pp = configOf(1, 1, "none");
   pp.mesh.pp = 2;
+  EXPECT_NO_THROW(pp.resolve(2, false));
+  pp.pipeline.schedule = "zb_h9";
   e = configErrorOf([&] { pp.resolve(2, false); });
-  EXPECT_EQ(e.field(), "parallel.pp");
-  EXPECT_TRUE(mentions(e, "axis pp has degree 2")) << e.what();
+  EXPECT_EQ(e.field(), "pipeline.schedule");
+  EXPECT_TRUE(mentions(e, "zb_h1")) << e.what();
 
   ParallelConfig zero = configOf(1, 1, "none");
   zero.mesh.tp = 0;

@@ -27,6 +27,7 @@
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/fsdp.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/fixtures.h"
 
 namespace tessera::parallel {
 namespace {
@@ -34,18 +35,7 @@ namespace {
 constexpr int kMicroBatches = 3;
 constexpr double kTol = 1e-6;
 
-models::GptConfig smallGpt(bool tied) {
-  models::GptConfig c;
-  c.vocab_size = 29;
-  c.block_size = 8;
-  c.n_layer = 2;
-  c.n_head = 2;
-  c.d_model = 16;
-  c.dropout = 0.1;
-  c.tie_weights = tied;
-  c.seed = 5;
-  return c;
-}
+using testing::smallGpt;
 
 // Rank r's micro-batch m: (2, 8) tokens and targets.
 std::pair<at::Tensor, at::Tensor> microBatch(int rank, int m) {

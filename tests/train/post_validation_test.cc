@@ -19,20 +19,14 @@
 #include "tessera/parallel/pipeline/post_validation.h"
 #include "tessera/train/trainer.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/fixtures.h"
 
 namespace tessera {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// 64 random examples of 8 features, 3 classes; the same every call.
-data::ImageDataset syntheticDataset() {
-  torch::manual_seed(7);
-  data::ImageDataset d;
-  d.images = torch::randn({64, 8});
-  d.labels = torch::randint(0, 3, {64}, torch::kLong);
-  return d;
-}
+using testing::syntheticDataset;
 
 std::unique_ptr<BatchSource> makeTrainSource() {
   data::DistributedSampler::Options so;

@@ -10,18 +10,12 @@
 
 #include "tessera/train/trainer.h"
 #include "tests/harness/multiprocess.h"
+#include "tests/harness/fixtures.h"
 
 namespace tessera {
 namespace {
 
-// 64 random examples of 8 features, 3 classes; the same every call.
-data::ImageDataset syntheticDataset() {
-  torch::manual_seed(7);
-  data::ImageDataset d;
-  d.images = torch::randn({64, 8});
-  d.labels = torch::randint(0, 3, {64}, torch::kLong);
-  return d;
-}
+using testing::syntheticDataset;
 
 // One model + data-parallel strategy + optimizer + data, for a Trainer.
 struct Rig {

@@ -113,6 +113,33 @@ class DataParallel {
   virtual void setGradientArrivals(std::function<int(const std::string& name)> arrivals) = 0;
 };
 
+// A strategy that wraps another and changes only some of its behaviour (the
+// tensor-parallel gradient norm, a pipeline stage's tied copy): every method
+// forwards to `inner` unless the subclass overrides it. Owns `inner`.
+class DataParallelWrapper : public DataParallel {
+ public:
+  explicit DataParallelWrapper(std::unique_ptr<DataParallel> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+  std::vector<at::Tensor> optimizerParameters() override { return inner_->optimizerParameters(); }
+  void beforeForward() override { inner_->beforeForward(); }
+  void finishGradientSync() override { inner_->finishGradientSync(); }
+  double gradNorm() override { return inner_->gradNorm(); }
+  std::unique_ptr<NoSyncScope> noSync() override { return inner_->noSync(); }
+  DataParallelStats stats() const override { return inner_->stats(); }
+  std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return inner_->parameterLayout(); }
+  bool sharded() const override { return inner_->sharded(); }
+  void setGradientArrivals(std::function<int(const std::string& name)> arrivals) override {
+    inner_->setGradientArrivals(std::move(arrivals));
+  }
+
+ protected:
+  DataParallel& inner() { return *inner_; }
+  const DataParallel& inner() const { return *inner_; }
+
+ private:
+  std::unique_ptr<DataParallel> inner_;
+};
+
 // A single replica (world of 1, or replication handled elsewhere): no communication.
 std::unique_ptr<DataParallel> makeNoDataParallel(torch::nn::Module& model);
 

@@ -22,6 +22,7 @@
 #include "tessera/core/models/gpt.h"
 #include "tessera/core/models/linear.h"
 #include "tessera/core/models/weight_grad_store.h"
+#include "tests/harness/fixtures.h"
 
 namespace tessera::models {
 namespace {
@@ -226,18 +227,7 @@ TEST(DeferredWeightGrad, StoreKeysCountsAndUnknownKeys) {
   EXPECT_EQ(ran.back(), 4);
 }
 
-GptConfig smallGpt(bool tied) {
-  GptConfig c;
-  c.vocab_size = 29;
-  c.block_size = 8;
-  c.n_layer = 2;
-  c.n_head = 2;
-  c.d_model = 16;
-  c.dropout = 0.1;
-  c.tie_weights = tied;
-  c.seed = 5;
-  return c;
-}
+using testing::smallGpt;
 
 // The names of the parameters whose gradient a deferred GEMM produces
 // entirely (the tied table also gets the lookup's gradient in B).
