@@ -6,11 +6,13 @@
 // with pipeline.schedule = S, pipeline.microbatches = M for one untimed
 // warm-up step (plus the profiling steps of `auto`), then `--steps` timed
 // steps. Reported per run: step time and tokens/s; the mean F, B and W time
-// per micro-batch through a stage and the mean receive wait (the executor's
-// own timestamps, max over the stages); the measured bubble
-// 1 - M (F + B + W) / makespan of the last step (makespan: first compute
+// per micro-batch through a stage (the executor's own timestamps, max over
+// the stages) and the one-way time of an activation (a ping-pong); the
+// measured bubble
+// 1 - M (F + B + W) / makespan, the mean over the timed steps (makespan: first compute
 // start to last compute end over every stage, one clock for all processes of
-// this machine); the bubble the simulator predicts for S from those costs;
+// this machine); the bubble and makespan the simulator predicts for S from
+// those costs, and the measured makespan over the predicted one;
 // and peak resident activation bytes per stage when offload is on. With
 // --png-dir, the last step's measured timeline per run (bench/pipeline_timeline.h).
 #include <ATen/ATen.h>
@@ -71,6 +73,31 @@ double secondsSinceEpoch(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
 }
 
+// Every rank's compute actions of the executor's last step, on one clock:
+// rows (rank, kind, micro-batch, chunk, start, end), concatenated in rank
+// order on every rank. Collective over `world`.
+at::Tensor gatherTimeline(comm::Communicator& world, const parallel::pipeline::PipelineExecutor& executor) {
+  const auto& timeline = executor.timeline();
+  const double origin = secondsSinceEpoch(executor.timelineOrigin());
+  at::Tensor rows = at::empty({static_cast<int64_t>(timeline.size()), 6}, at::kDouble);
+  for (size_t i = 0; i < timeline.size(); ++i) {
+    const auto& t = timeline[i];
+    rows[static_cast<int64_t>(i)].copy_(at::tensor({static_cast<double>(world.rank()),
+                                                    static_cast<double>(static_cast<int>(t.action.kind)),
+                                                    static_cast<double>(t.action.microBatch),
+                                                    static_cast<double>(t.action.chunk), origin + t.start,
+                                                    origin + t.end},
+                                                   at::kDouble));
+  }
+  return gatherRows(world, rows, 6);
+}
+
+// First compute start to last compute end over every stage.
+double makespanOf(const at::Tensor& rows) {
+  if (rows.size(0) == 0) return 0;
+  return rows.select(1, 5).max().item<double>() - rows.select(1, 4).min().item<double>();
+}
+
 MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config, const std::string& schedule, int M,
                      const std::string& offload) {
   std::vector<std::string> overrides = config.overrides;
@@ -90,7 +117,9 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
   Trainer trainer(built->parts, job.train);
   double timedFrom = 0;
   int64_t tokensFrom = 0;
+  double makespanSum = 0;  // over the timed steps
   trainer.callbacks().afterStep.push_back([&](const StepReport& r) {
+    if (r.step > warmup) makespanSum += makespanOf(gatherTimeline(world, *executor));  // collective
     if (r.step != warmup) return;
     timedFrom = r.timeSeconds;
     tokensFrom = r.tokens;
@@ -100,7 +129,8 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
   const StepReport last = trainer.run();  // collective
   const double stepSeconds = (last.timeSeconds - timedFrom) / static_cast<double>(config.steps);
 
-  // Costs: max over the stages (the slowest stage paces the pipeline).
+  // Costs: max over the stages (the slowest stage paces the pipeline); comm: a ping-pong of one activation.
+  executor->measureTransfer();  // collective over pp
   const parallel::pipeline::PipelineCosts mine = executor->measuredCosts();
   at::Tensor costs = at::tensor({mine.f, mine.b, mine.w, mine.comm}, at::kDouble);
   world.allReduce(costs, comm::ReduceOp::kMax);
@@ -111,22 +141,9 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
   measured.comm = costs[3].item<double>();
 
   // The last step's timeline of every stage on one clock.
-  const auto& timeline = executor->timeline();
-  const double origin = secondsSinceEpoch(executor->timelineOrigin());
-  at::Tensor rows = at::empty({static_cast<int64_t>(timeline.size()), 6}, at::kDouble);
-  for (size_t i = 0; i < timeline.size(); ++i) {
-    const auto& t = timeline[i];
-    rows[static_cast<int64_t>(i)].copy_(at::tensor({static_cast<double>(world.rank()),
-                                                    static_cast<double>(static_cast<int>(t.action.kind)),
-                                                    static_cast<double>(t.action.microBatch),
-                                                    static_cast<double>(t.action.chunk), origin + t.start,
-                                                    origin + t.end},
-                                                   at::kDouble));
-  }
-  const at::Tensor all = gatherRows(world, rows, 6);
+  const at::Tensor all = gatherTimeline(world, *executor);
   const double begin = all.size(0) > 0 ? all.select(1, 4).min().item<double>() : 0;
-  const double end = all.size(0) > 0 ? all.select(1, 5).max().item<double>() : 0;
-  const double makespan = end - begin;
+  const double makespan = makespanSum / static_cast<double>(config.steps);  // mean over the timed steps
   const double work = M * (measured.f + measured.b + measured.w);
   const double bubble = makespan > 0 ? 1.0 - work / makespan : 0;
   const parallel::pipeline::Simulation predicted = parallel::pipeline::simulate(executor->schedule(), measured);
@@ -151,11 +168,12 @@ MetricsRecord runOne(DistributedContext& ctx, const PipelineBenchConfig& config,
       .add("f_ms", measured.f * 1e3)
       .add("b_ms", measured.b * 1e3)
       .add("w_ms", measured.w * 1e3)
-      .add("recv_wait_ms", measured.comm * 1e3)
+      .add("comm_ms", measured.comm * 1e3)
       .add("makespan_s", makespan)
       .add("bubble", bubble)
       .add("predicted_bubble", predicted.bubbleRate)
-      .add("predicted_makespan_s", predicted.makespan);
+      .add("predicted_makespan_s", predicted.makespan)
+      .add("makespan_over_predicted", predicted.makespan > 0 ? makespan / predicted.makespan : 0.0);
   if (world.rank() == 0 && !config.pngDir.empty()) {
     std::vector<TimelineBlock> blocks;
     for (int64_t i = 0; i < all.size(0); ++i) {

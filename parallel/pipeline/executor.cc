@@ -19,7 +19,7 @@ namespace {
 
 // Message tags: (what, chunk, micro-batch), unique within a step; a step's
 // messages on one (peer, tag) pair arrive in order, so steps reuse them.
-enum class Channel : int { kActivation = 0, kGrad = 1, kEval = 2 };
+enum class Channel : int { kActivation = 0, kGrad = 1, kEval = 2, kProbe = 3 };
 
 int tagOf(Channel channel, int chunk, int microBatch, int chunks, int microBatches) {
   return (static_cast<int>(channel) * chunks + chunk) * microBatches + microBatch;
@@ -135,14 +135,16 @@ class Executor final : public PipelineExecutor {
 
   PipelineCosts measuredCosts() const override {
     PipelineCosts costs;
-    auto mean = [](const Sum& s) { return s.count > 0 ? s.seconds / static_cast<double>(s.count) : 0.0; };
+    // Costs are a whole stage's (schedule.h): a chunk pass times the chunks per rank.
+    const double v = schedule_.chunksPerRank;
+    auto mean = [v](const Sum& s) { return s.count > 0 ? v * s.seconds / static_cast<double>(s.count) : 0.0; };
     costs.f = mean(forward_);
     costs.b = mean(backwardInput_);
     costs.w = mean(backwardWeight_);
     if (fused_.count > 0 && costs.b + costs.w == 0) {
       costs.b = mean(fused_);  // never ran apart: all of it counted as B
     }
-    costs.comm = mean(recvWait_);
+    costs.comm = transferSeconds_;
     return costs;
   }
 
@@ -167,8 +169,37 @@ class Executor final : public PipelineExecutor {
     comm::WorkPtr work;
   };
 
+  double measureTransfer() override {
+    TESSERA_CHECK_ARG(!lastShape_.empty(), "pipeline: measureTransfer() needs a step run first");
+    at::Tensor result = at::zeros({1}, at::kDouble);
+    const int rank = pp_->rank();
+    if (rank < 2) {
+      at::Tensor buffer = at::zeros(lastShape_, at::TensorOptions().dtype(stage_.activationDtype()));
+      const int peer = 1 - rank;
+      const int tag = tagOf(Channel::kProbe, 0, 0, chunks_, options_.microBatches);
+      double best = 0;
+      for (int round = 0; round < 6; ++round) {  // round 0 warms the connection up
+        const Stopwatch trip;
+        if (rank == 0) {
+          pp_->send(buffer, peer, tag);
+          pp_->recv(buffer, peer, tag);
+        } else {
+          pp_->recv(buffer, peer, tag);
+          pp_->send(buffer, peer, tag);
+        }
+        const double seconds = trip.seconds();
+        if (round == 1 || (round > 1 && seconds < best)) best = seconds;
+      }
+      result[0] = best / 2;
+    }
+    pp_->allReduce(result, comm::ReduceOp::kMax);
+    transferSeconds_ = result.item<double>();
+    return transferSeconds_;
+  }
+
   // The `auto` schedule from the costs measured so far (ExecutorOptions).
   void switchToAuto() {
+    measureTransfer();  // collective over pp
     const PipelineCosts mine = measuredCosts();
     at::Tensor costs = at::tensor({mine.f, mine.b, mine.w, mine.comm}, at::kDouble);
     pp_->allReduce(costs, comm::ReduceOp::kMax);  // collective over pp: every stage builds the same schedule
@@ -207,6 +238,7 @@ class Executor final : public PipelineExecutor {
       mb.tokens = batch.tokens / M;
     }
     const std::vector<int64_t> shape = stage_.activationShape(micro.front());
+    lastShape_ = shape;
     const auto dtype = at::TensorOptions().dtype(stage_.activationDtype());
     const double lossScale = 1.0 / (static_cast<double>(k) * M);
 
@@ -225,7 +257,9 @@ class Executor final : public PipelineExecutor {
     for (const Action& a : schedule_.actions[static_cast<size_t>(pp_->rank())]) {
       const int64_t key = keyOf(a.chunk, a.microBatch, M);
       const Batch& mb = micro[static_cast<size_t>(a.microBatch)];
-      const double start = clock.seconds();
+      // A compute action's time starts once its input is here: waiting for a
+      // receive is the pipeline's bubble (recvWait_), not the action's cost.
+      double start = clock.seconds();
       switch (a.kind) {
         case ActionKind::kRecvActivation: {
           Pending p{at::empty(shape, dtype), nullptr};
@@ -265,6 +299,7 @@ class Executor final : public PipelineExecutor {
           if (a.chunk > 0) {
             s.input = takeInput(a.chunk, key, handedActivation, activationRecvs).requires_grad_();
           }
+          start = clock.seconds();
           dp_.beforeForward();
           stage_.setRandomKey(step, (static_cast<int64_t>(options_.dataRank) * k + g) * M + a.microBatch);
           // Everything autograd saves in this F belongs to (c, m) in the activation pool.
@@ -297,13 +332,15 @@ class Executor final : public PipelineExecutor {
                                                                     << " before its F");
           Saved s = std::move(it->second);
           saved.erase(it);
+          const at::Tensor grad =
+              a.chunk + 1 == chunks_ ? at::Tensor() : takeGrad(a.chunk, key, handedGrad, gradRecvs);
+          start = clock.seconds();
           // FSDP recomputes a unit in B: it must draw the forward's dropout masks.
           stage_.setRandomKey(step, (static_cast<int64_t>(options_.dataRank) * k + g) * M + a.microBatch);
           store_->setKey(key);
           if (a.chunk + 1 == chunks_) {
             torch::autograd::backward({s.output});
           } else {
-            const at::Tensor grad = takeGrad(a.chunk, key, handedGrad, gradRecvs);
             torch::autograd::backward({s.output}, {grad});
           }
           if (a.chunk > 0) {
@@ -392,6 +429,8 @@ class Executor final : public PipelineExecutor {
   std::vector<TimedAction> timeline_;
   std::chrono::steady_clock::time_point origin_;
   Sum forward_, backwardInput_, backwardWeight_, fused_, recvWait_;
+  std::vector<int64_t> lastShape_;  // the last step's activation shape (measureTransfer)
+  double transferSeconds_ = 0;      // the last measureTransfer()
 };
 
 }  // namespace

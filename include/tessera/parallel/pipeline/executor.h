@@ -72,11 +72,17 @@ class PipelineExecutor : public StepExecutor {
   // When the last step began, on the steady clock (CLOCK_MONOTONIC on Linux:
   // one clock for every process of a machine, so stages' timelines align).
   virtual std::chrono::steady_clock::time_point timelineOrigin() const = 0;
-  // Mean seconds per chunk pass of F, B and W on this rank over the steps
-  // run (a fused BW split by the ratio of the rank's own B and W, or counted
-  // as B + W when it never ran them apart); comm: the mean time a consuming
-  // action waited for a receive. Zero before the first step.
+  // This rank's mean F, B and W over the steps run, as a whole stage's costs
+  // (schedule.h: a chunk pass times the chunks per rank), timed from the
+  // moment the action's input is here (a wait for a receive is bubble, not
+  // cost). A fused BW counts as B. comm: the last measureTransfer(), 0 before.
+  // Zero before the first step.
   virtual PipelineCosts measuredCosts() const = 0;
+  // Collective over pp: the one-way time of one activation between two
+  // stages (pp ranks 0 and 1 ping-pong the last step's activation shape,
+  // the best of 5 round trips halved; every rank gets the result). Needs a
+  // step run first.
+  virtual double measureTransfer() = 0;
   // The last step's peak of saved activation bytes resident on this rank
   // (ActivationPool::peakResidentBytes), or -1 when neither offload nor
   // ExecutorOptions::measureActivations is on.
