@@ -19,8 +19,10 @@ namespace tessera::launcher {
 namespace {
 
 // The DiLoCo streaming group of each optimizer tensor: its transformer block
-// ("blocks.<k>." -> k), everything else (embeddings, final norm) one more group.
-std::vector<int> layerGroups(const parallel::DataParallel& dp) {
+// ("blocks.<k>." -> k), everything else (embeddings, final norm) one more
+// group, numbered after the whole model's blocks (`blocks`, or this rank's
+// highest + 1 when 0) so a pipeline stage's fragments are those of pp = 1.
+std::vector<int> layerGroups(const parallel::DataParallel& dp, int blocks = 0) {
   std::vector<int> groups;
   std::vector<std::vector<parallel::ParameterPiece>> layout;
   try {
@@ -38,7 +40,8 @@ std::vector<int> layerGroups(const parallel::DataParallel& dp) {
     blockOf.push_back(block);
     maxBlock = std::max(maxBlock, block);
   }
-  for (int b : blockOf) groups.push_back(b >= 0 ? b : maxBlock + 1);
+  const int rest = blocks > 0 ? blocks : maxBlock + 1;
+  for (int b : blockOf) groups.push_back(b >= 0 ? b : rest);
   return groups;
 }
 
@@ -56,7 +59,8 @@ std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config,
   }
   if (config.optimizer == "diloco") {
     auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
-    return optim::makeDiloco(config.diloco, std::move(inner), parameters, replicas, layerGroups(dp));
+    return optim::makeDiloco(config.diloco, std::move(inner), parameters, replicas,
+                             layerGroups(dp, config.model.kind == "gpt" ? static_cast<int>(config.model.gpt.n_layer) : 0));
   }
   if (config.optimizer == "demo") {  // chunked on the logical tensors (TP shards: optim/demo.h)
     return optim::makeDemo(config.demo, parameters, replicas, config.schedule.lr, dp.parameterLayout());

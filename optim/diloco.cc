@@ -245,12 +245,17 @@ class Diloco final : public Optimizer {
                       "makeDiloco: " << groups.size() << " groups for " << n << " parameters (pass one per "
                                      << "parameter, or none for one group per parameter)");
     fragmentOf_.resize(n);
+    int64_t groupCount = 0;  // the groups are numbered over the whole model: 0 .. groupCount - 1
     for (size_t i = 0; i < n; ++i) {
       TESSERA_CHECK_ARG(parameters_[i].defined(), "makeDiloco: parameter " << i << " is undefined");
       const int64_t group = groups.empty() ? static_cast<int64_t>(i) : groups[i];
       TESSERA_CHECK_ARG(group >= 0, "makeDiloco: groups[" << i << "] = " << group << " (must be >= 0)");
       fragmentOf_[i] = static_cast<int>(group % config_.fragments);
+      groupCount = std::max(groupCount, group + 1);
     }
+    TESSERA_CHECK_CONFIG(config_.fragments <= groupCount, "diloco.fragments",
+                         config_.fragments << " fragments but only " << groupCount
+                                           << " layer groups; use at most as many fragments as layer groups");
     // Flat order: fragment by fragment, parameters in their given order.
     offsets_.assign(n, 0);
     fragmentBegin_.assign(fragmentCount() + 1, 0);
@@ -264,9 +269,8 @@ class Diloco final : public Optimizer {
         offsets_[i] = offset;
         offset += parameters_[i].numel();
       }
-      TESSERA_CHECK_CONFIG(firstOfFragment_[f] != n, "diloco.fragments",
-                           "fragment " << f << " of " << config_.fragments << " has no parameters (" << n
-                                       << " parameters); use at most as many fragments as layer groups");
+      // A fragment may be empty here when these tensors are part of a larger model
+      // (a pipeline stage holds some of the layer groups): its syncs move nothing.
     }
     fragmentBegin_[fragmentCount()] = offset;
     const auto fp32Host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);

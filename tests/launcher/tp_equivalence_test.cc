@@ -231,6 +231,9 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"learned_untied_dropout_1f1b", "pp",
              plus(schedule("1f1b"), {"model.positions=learned", "model.tie_weights=false", "model.dropout=0.1"}),
              plus(kPpOne, {"data.batch_size=2", "train.grad_accum=4", "train.eval_batches=8"}), 1, kPp2, 2},
+        // Streaming DiLoCo across 2 replicas of 2 stages: each stage's outer step over dp_replicate.
+        Case{"diloco_streaming_zb_h1", "pp", plus(plus(kDiloco, schedule("zb_h1")), {"parallel.tp=1"}), kReplicas1, 2,
+             plus(kReplicas1, {"parallel.pp=2", "pipeline.microbatches=4"}), 4},
         Case{"pp4_zb_v", "pp", plus(schedule("zb_v"), {"model.n_layer=8"}), kPpOne, 1,
              plus(kPpOne, {"parallel.pp=4", "pipeline.microbatches=4"}), 4}),
     caseName);

@@ -199,11 +199,14 @@ TEST(DilocoConfig, MakeDilocoRejectsBadArguments) {
   EXPECT_THROW(makeDiloco(c, innerSgd(params, 0.1), params, single, {0, -1, 2}), InvalidArgument);
   c.fragments = 2;
   try {
-    makeDiloco(c, innerSgd(params, 0.1), params, single, {0, 2, 4});  // every group lands in fragment 0
-    ADD_FAILURE() << "an empty fragment was accepted";
+    makeDiloco(c, innerSgd(params, 0.1), params, single, {0, 0, 0});  // 2 fragments of 1 layer group
+    ADD_FAILURE() << "more fragments than layer groups were accepted";
   } catch (const ConfigError& error) {
     EXPECT_EQ(error.field(), "diloco.fragments") << error.what();
   }
+  // Groups numbered over a whole model of which these tensors are a part (a
+  // pipeline stage holding layers 0, 2, 4): fragment 1 is empty here, and legal.
+  EXPECT_NO_THROW(makeDiloco(c, innerSgd(params, 0.1), params, single, {0, 2, 4}));
   c.inner_steps = 0;
   EXPECT_THROW(makeDiloco(c, innerSgd(params, 0.1), params, single), ConfigError);
 }
