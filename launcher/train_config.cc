@@ -75,7 +75,8 @@ Schema schemaOf(TrainJobConfig& c) {
   auto& p = c.parallel;
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
-                   {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}, {"sequence_parallel", &p.sequence_parallel}};
+                   {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}, {"sequence_parallel", &p.sequence_parallel},
+                   {"moe_dtd", &p.moe_dtd}};
   auto& pl = c.parallel.pipeline;
   s["pipeline"] = {{"schedule", &pl.schedule},         {"microbatches", &pl.microbatches},
                    {"virtual_stages", &pl.virtual_stages}, {"layers_per_stage", &pl.layers_per_stage},
@@ -249,7 +250,7 @@ void validateTensorParallel(const TrainJobConfig& c) {
 }
 
 // The checks of parallel.pp against the other sections (PipelineConfig's own
-// keys are ParallelConfig::validate's): a GPT, no MoE yet, a batch that
+// keys are ParallelConfig::validate's): a GPT, a batch that
 // splits into the micro-batches, blocks enough for the chunks.
 void validatePipeline(const TrainJobConfig& c) {
   const int pp = c.parallel.mesh.pp;
@@ -257,9 +258,6 @@ void validatePipeline(const TrainJobConfig& c) {
   TESSERA_CHECK_CONFIG(c.model.kind == "gpt", "parallel.pp",
                        "pipeline stages cut GPT blocks; model.kind = \"" << c.model.kind
                            << "\" runs with parallel.pp = 1, got " << pp);
-  TESSERA_CHECK_CONFIG(!c.model.gpt.use_moe, "parallel.pp",
-                       "pipeline stages of a mixture-of-experts model come with expert parallelism (issue 17); "
-                       "set parallel.pp = 1 or model.use_moe = false");
   const auto& pipeline = c.parallel.pipeline;
   pipeline.validate(pp);
   const int M = pipeline.microBatchesFor(pp);
@@ -267,6 +265,30 @@ void validatePipeline(const TrainJobConfig& c) {
                        "data.batch_size (" << c.data.batch_size << ") must split into " << M
                                            << " equal micro-batches (choose a divisor of the batch size)");
   models::gptChunkBlocks(c.model.gpt.n_layer, pp * pipeline.chunksPerRank(), pipeline.layers_per_stage);
+}
+
+// The checks of parallel.ep and parallel.moe_dtd against the model (the
+// strategy against ep is ParallelConfig::resolve's).
+void validateExpertParallel(const TrainJobConfig& c) {
+  const int ep = c.parallel.mesh.ep;
+  if (ep > 1) {
+    TESSERA_CHECK_CONFIG(c.model.kind == "gpt" && c.model.gpt.use_moe, "parallel.ep",
+                         "expert parallelism splits the experts of a mixture-of-experts GPT; set model.use_moe = "
+                         "true (model.kind = \"gpt\") or parallel.ep = 1, got parallel.ep = "
+                             << ep);
+    const int64_t E = c.model.gpt.moe.num_experts;
+    TESSERA_CHECK_CONFIG(E % ep == 0, "model.moe.num_experts",
+                         "model.moe.num_experts (" << E << ") must be divisible by parallel.ep (" << ep
+                                                   << "): every ep rank holds the same number of experts");
+  }
+  if (c.parallel.moe_dtd) {
+    TESSERA_CHECK_CONFIG(c.model.kind == "gpt" && c.model.gpt.use_moe, "parallel.moe_dtd",
+                         "duplicate-token dropping applies to mixture-of-experts layers; set model.use_moe = true "
+                         "or parallel.moe_dtd = false");
+    TESSERA_CHECK_CONFIG(c.parallel.mesh.tp > 1, "parallel.moe_dtd",
+                         "duplicate-token dropping splits the experts' slots over tp; it needs parallel.tp > 1, got "
+                             << c.parallel.mesh.tp << " (or set parallel.moe_dtd = false)");
+  }
 }
 
 }  // namespace
@@ -290,6 +312,7 @@ void TrainJobConfig::validate() const {
                                                   << model.kind << "\" supports none, ddp");
   validateTensorParallel(*this);
   validatePipeline(*this);
+  validateExpertParallel(*this);
   TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd" || localUpdates(), "optim.name",
                        "got '" << optimizer << "' (valid: adamw, sgd, diloco, demo, mt-dao)");
   if (optimizer == "diloco") {

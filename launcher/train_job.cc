@@ -136,6 +136,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     TESSERA_CHECK_CONFIG(config.parallel.mesh.pp == 1, "parallel.pp",
                          "elastic nodes whose local group is a pipeline come with the whole-mesh elastic work "
                          "(issue 19); an elastic run needs parallel.pp = 1 (got " << config.parallel.mesh.pp << ")");
+    TESSERA_CHECK_CONFIG(config.parallel.mesh.ep == 1, "parallel.ep",
+                         "elastic nodes whose local group is expert-parallel come with the whole-mesh elastic work "
+                         "(issue 19); an elastic run needs parallel.ep = 1 (got " << config.parallel.mesh.ep << ")");
   }
   config.parallel.validate(ctx.worldSize(), localUpdates);  // every rank throws the same error before any collective
   auto job = std::make_unique<TrainJob>();
@@ -159,7 +162,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     }
   }
   for (const auto& p : job->model->module().parameters()) job->numParameters += p.numel();  // before FSDP empties them
-  if (config.parallel.mesh.pp > 1) {  // a stage holds part of the model: count the whole one
+  // A pipeline stage holds part of the model, and an ep rank (after
+  // parallelize()) part of the experts: count, check and restore the whole one.
+  if (config.parallel.mesh.pp > 1 || config.parallel.mesh.ep > 1) {
     job->wholeModel = models::gptParameterShapes(config.model.gpt);
     job->numParameters = 0;
     for (const auto& [name, shape] : job->wholeModel) {
@@ -202,6 +207,11 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   parts.metrics = job->metrics.get();
   parts.reportsProgress = job->parallel.reportsMetrics;
   parts.stageNorm = job->parallel.stageNorm;
+  if (config.model.kind == "gpt" && config.model.gpt.use_moe && !elastic) {  // after parallelize(): experts split
+    job->moeLoad = std::make_unique<parallel::MoeLoadCollector>(
+        job->model->module(), config.model.gpt.n_layer, config.model.gpt.moe.num_experts, job->mesh->world());
+    parts.extraMetrics = job->moeLoad->metricsHook();  // collective over the world at every logged step
+  }
   return job;
 }
 

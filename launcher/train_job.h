@@ -15,6 +15,7 @@
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/device_mesh.h"
+#include "tessera/parallel/moe_load.h"
 #include "tessera/parallel/parallelize.h"
 #include "tessera/train/trainer.h"
 
@@ -37,6 +38,7 @@ struct TrainJob {
   std::unique_ptr<BatchSource> train;
   std::unique_ptr<BatchSource> val;
   std::unique_ptr<MetricsWriter> metrics;            // the reporting rank, with a metrics path only
+  std::unique_ptr<parallel::MoeLoadCollector> moeLoad;  // model.use_moe: the metrics line's "moe"
   TrainerParts parts;                                // views of the above, for the Trainer
   // Optimizers that update replicas locally between syncs (DiLoCo, DeMo,
   // MT-DAO) leave replicas with different parameters: their state is saved

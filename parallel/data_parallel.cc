@@ -58,9 +58,9 @@ class NoDataParallel final : public DataParallel {
 
 class DdpDataParallel final : public DataParallel {
  public:
-  DdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config)
+  DdpDataParallel(torch::nn::Module& model, std::vector<DdpGroup> groups, DdpConfig config)
       : parameters_(trainableParameters(model)), layout_(wholeParameterLayout(model)),
-        ddp_(model, std::move(comm), config) {}
+        ddp_(model, std::move(groups), config) {}
   std::string name() const override { return "ddp"; }
   std::vector<at::Tensor> optimizerParameters() override { return parameters_; }
   void finishGradientSync() override { ddp_.finishGradientSync(); }
@@ -97,7 +97,14 @@ std::unique_ptr<DataParallel> makeNoDataParallel(torch::nn::Module& model) {
 }
 
 std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config) {
-  return std::make_unique<DdpDataParallel>(model, std::move(comm), config);
+  std::vector<DdpGroup> groups;
+  groups.push_back(DdpGroup{std::move(comm), {}});
+  return std::make_unique<DdpDataParallel>(model, std::move(groups), config);
+}
+
+std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, std::vector<DdpGroup> groups,
+                                                  DdpConfig config) {
+  return std::make_unique<DdpDataParallel>(model, std::move(groups), config);
 }
 
 double localGradNorm(const std::vector<at::Tensor>& parameters) {

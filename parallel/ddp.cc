@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <mutex>
 #include <sstream>
 #include <unordered_set>
@@ -72,6 +73,7 @@ struct Slot {
 // Parameters of one group and dtype whose gradients travel in one all-reduce.
 struct Bucket {
   comm::CommPtr comm;           // the group's communicator
+  double scale = 1.0;           // the group's gradientScale, applied after the average
   at::Tensor flat;              // (sum of numels,), the all-reduce buffer
   std::vector<int> slots;       // indexes into State::slots
   int pending = 0;              // slices not yet written this step
@@ -272,6 +274,7 @@ std::vector<Bucket> assignBuckets(std::vector<Slot>& slots, const std::vector<Dd
   for (Bucket& bucket : buckets) {
     const at::Tensor& first = slots[bucket.slots.front()].param;
     bucket.comm = groups[slots[bucket.slots.front()].group].comm;
+    bucket.scale = groups[slots[bucket.slots.front()].group].gradientScale;
     int64_t numel = 0;
     for (int i : bucket.slots) numel += slots[i].param.numel();
     bucket.flat = at::zeros({numel}, first.options().requires_grad(false));
@@ -308,6 +311,9 @@ DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> par
   for (size_t g = 0; g < groups.size(); ++g) {
     TESSERA_CHECK_ARG(groups[g].comm != nullptr,
                       "DDP group " << g << " needs a communicator (e.g. the mesh's \"dp\" group), got nullptr");
+    TESSERA_CHECK_ARG(std::isfinite(groups[g].gradientScale) && groups[g].gradientScale > 0,
+                      "DDP group " << g << " has gradientScale " << groups[g].gradientScale
+                                   << "; it must be finite and > 0 (1 / ep for an expert group, else 1)");
   }
   state_->groups = std::move(groups);
   state_->config = config;
@@ -404,6 +410,8 @@ void DistributedDataParallel::finishGradientSync() {
       bucket.doneAt = SteadyClock::now();
       exposed += waiting.seconds();
     }
+    // Scale after the average (never folded into it): at 1.0 the average stays bit-exact.
+    if (bucket.scale != 1.0) bucket.flat.mul_(bucket.scale);
     ++step.buckets;
     const int64_t bytes = bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
     step.bytes += bytes;

@@ -37,9 +37,10 @@ bool isHybrid(const comm::CommPtr& replicateComm) { return replicateComm && repl
 }  // namespace
 
 std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
-                                                   comm::CommPtr replicateComm) {
+                                                   comm::CommPtr replicateComm, const FsdpExpertUnits* experts) {
   const bool hybrid = isHybrid(replicateComm);
-  return std::make_unique<FsdpDataParallel>(hybrid, gpt, std::move(shardComm), std::move(replicateComm));
+  return std::make_unique<FsdpDataParallel>(hybrid, gpt, std::move(shardComm), std::move(replicateComm),
+                                            experts);
 }
 
 std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,

@@ -9,7 +9,9 @@
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
+#include "tessera/parallel/expert_parallel.h"
 #include "tessera/parallel/fsdp.h"
+#include "tessera/parallel/logical_norm.h"
 #include "tessera/parallel/pipeline/executor.h"
 #include "tessera/parallel/pipeline/schedule.h"
 #include "tessera/parallel/tensor_parallel.h"
@@ -23,14 +25,27 @@ DataParallelPlan ParallelConfig::resolve(int worldSize, bool localUpdates, const
                        "got '" << backend << "' (valid: auto, gloo, mpi)");
   TESSERA_CHECK_CONFIG(bucket_mb > 0, prefix + "bucket_mb", "must be > 0, got " << bucket_mb);
   mesh.validate(worldSize, prefix);
-  TESSERA_CHECK_CONFIG(mesh.ep == 1, prefix + "ep",
-                       "axis ep has degree " << mesh.ep << " in " << mesh.describe()
-                                             << ", but tessera does not run expert parallelism yet (valid: 1)");
   if (mesh.pp > 1) pipeline.validate(mesh.pp);
+  DataParallelPlan plan = resolveDataAxes(localUpdates, prefix);
+  // ep is data-parallel for the dense parameters; experts reduce over the
+  // same axes without it, and divide by the whole data size (1/ep more).
+  if (mesh.ep > 1) {
+    TESSERA_CHECK_CONFIG(!plan.gradientAxes.empty(), prefix + "strategy",
+                         "\"none\" syncs no gradients, but ranks along parallel.ep ("
+                             << mesh.ep << ") read different batches and share the dense parameters "
+                             << "(valid with ep > 1: ddp, fsdp" << (localUpdates ? "" : ", hybrid") << ")");
+    plan.expertGradientAxes = plan.gradientAxes;
+    plan.gradientAxes.push_back(MeshAxis::kEp);
+    plan.expertGradientScale = 1.0 / mesh.ep;
+  }
+  return plan;
+}
+
+DataParallelPlan ParallelConfig::resolveDataAxes(bool localUpdates, const std::string& prefix) const {
   DataParallelPlan plan;
   plan.strategy = strategy;
   plan.localUpdates = localUpdates;
-  plan.dataAxes = {MeshAxis::kDpReplicate, MeshAxis::kDpShard};
+  plan.dataAxes = {MeshAxis::kDpReplicate, MeshAxis::kDpShard, MeshAxis::kEp};
   if (localUpdates) {
     // The optimizer replicates over dp_replicate; the strategy works inside a replica.
     TESSERA_CHECK_CONFIG(strategy != "hybrid", prefix + "strategy",
@@ -107,9 +122,11 @@ pipeline::PipelineSchedule initialSchedule(const PipelineConfig& config, int pp)
 }
 
 // The group over `axes`: null when it has one rank, the axis's own
-// communicator when one axis is split, else a flattened group named `name`
-// (collective: every rank flattens in the same order).
-// *groupName receives the name the metrics use for it.
+// communicator when one axis other than ep is split, else a flattened group
+// named `name` (collective over the world: every rank flattens in the same
+// order). The ep axis's own communicator carries only the experts'
+// all-to-alls, so their bytes can be told apart: a group over ep alone is
+// flattened too. *groupName receives the name the metrics use for it.
 comm::CommPtr groupOver(DeviceMesh& mesh, const std::vector<MeshAxis>& axes, const std::string& name,
                         std::string* groupName) {
   std::vector<MeshAxis> split;
@@ -117,7 +134,7 @@ comm::CommPtr groupOver(DeviceMesh& mesh, const std::vector<MeshAxis>& axes, con
     if (mesh.shape().degree(axis) > 1) split.push_back(axis);
   }
   if (split.empty()) return nullptr;
-  if (split.size() == 1) {
+  if (split.size() == 1 && split.front() != MeshAxis::kEp) {
     *groupName = toString(split.front());
     return mesh.comm(split.front());
   }
@@ -125,21 +142,95 @@ comm::CommPtr groupOver(DeviceMesh& mesh, const std::vector<MeshAxis>& axes, con
   return mesh.hasGroup(name) ? mesh.comm(name) : mesh.flatten(split, name);
 }
 
-// Step 4 of the composition order: the data-parallel strategy inside a replica.
+// "dp_shard+ep": the name of a gradient group over several axes.
+std::string joinedName(const std::vector<MeshAxis>& axes) {
+  std::string name;
+  for (MeshAxis axis : axes) name += (name.empty() ? "" : "+") + std::string(toString(axis));
+  return name;
+}
+
+// The communicator a strategy reduces `axes` over: the data group when it
+// spans the same split axes (no second flattened copy), else groupOver; a
+// single-rank communicator (the dp_shard axis's, of degree 1) when no axis
+// is split, so strategies always get one. *groupName: its metrics name.
+comm::CommPtr gradientGroup(DeviceMesh& mesh, const DataParallelPlan& plan, const NamedComm& data,
+                            const std::vector<MeshAxis>& axes, std::string* groupName) {
+  auto splitOf = [&mesh](const std::vector<MeshAxis>& list) {
+    std::vector<MeshAxis> split;
+    for (MeshAxis axis : kMeshAxes) {
+      if (mesh.shape().degree(axis) > 1 && std::find(list.begin(), list.end(), axis) != list.end()) split.push_back(axis);
+    }
+    return split;
+  };
+  const std::vector<MeshAxis> split = splitOf(axes);
+  if (split.empty()) {
+    for (MeshAxis axis : axes) {
+      if (axis != MeshAxis::kEp) return mesh.comm(axis);  // degree 1: no collective ever leaves the rank
+    }
+    return mesh.comm(MeshAxis::kDpShard);
+  }
+  if (data.comm && split == splitOf(plan.dataAxes)) {
+    *groupName = data.name;
+    return data.comm;
+  }
+  return groupOver(mesh, axes, joinedName(axes), groupName);
+}
+
+// Step 4 of the composition order: the data-parallel strategy inside a
+// replica. Dense parameters reduce over plan.gradientAxes, experts over
+// plan.expertGradientAxes (scaled); *used receives every communicator it
+// reduces over, with its metrics name.
+struct StrategyComms {
+  comm::CommPtr dense;             // dense gradients (FSDP: the dense shard group)
+  comm::CommPtr expert;            // expert gradients (FSDP: the expert shard group); null without experts
+  std::vector<NamedComm> used;     // every communicator it reduces over, with its metrics name
+};
+
 std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const ParallelConfig& config,
-                                           torch::nn::Module& module, DeviceMesh& mesh) {
+                                           torch::nn::Module& module, DeviceMesh& mesh, const NamedComm& data,
+                                           StrategyComms* comms) {
+  std::vector<NamedComm>* used = &comms->used;
   if (plan.strategy == "none") return makeNoDataParallel(module);
-  if (plan.strategy == "ddp") {
+  const bool experts = !plan.expertGradientAxes.empty();
+  std::string denseName, expertName;
+  const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+  // FSDP replicates over dp_replicate (hybrid) outside its shard group: the
+  // shard group is the gradient axes without dp_replicate.
+  std::vector<MeshAxis> denseAxes, expertAxes;
+  for (MeshAxis axis : plan.gradientAxes) {
+    if (!fsdp || axis != MeshAxis::kDpReplicate) denseAxes.push_back(axis);
+  }
+  for (MeshAxis axis : plan.expertGradientAxes) {
+    if (!fsdp || axis != MeshAxis::kDpReplicate) expertAxes.push_back(axis);
+  }
+  const comm::CommPtr dense = gradientGroup(mesh, plan, data, denseAxes, &denseName);
+  if (!denseName.empty()) used->push_back(NamedComm{denseName, dense});
+  comm::CommPtr expert;
+  if (experts) {
+    expert = gradientGroup(mesh, plan, data, expertAxes, &expertName);
+    if (!expertName.empty()) used->push_back(NamedComm{expertName, expert});
+  }
+  comms->dense = dense;
+  comms->expert = expert;
+  if (!fsdp) {
     DdpConfig ddp;
     ddp.bucketCapBytes = static_cast<int64_t>(config.bucket_mb * 1024 * 1024);
-    return makeDdpDataParallel(module, mesh.comm(plan.gradientAxes.front()), ddp);
+    if (!experts) return makeDdpDataParallel(module, dense, ddp);
+    std::vector<DdpGroup> groups;
+    groups.push_back(DdpGroup{expert, isExpertParameter, plan.expertGradientScale});
+    groups.push_back(DdpGroup{dense, {}, 1.0});
+    return makeDdpDataParallel(module, std::move(groups), ddp);
   }
-  // fsdp / hybrid: every GPT block (dense, MoE or with dropout) is an FSDP unit.
+  // fsdp / hybrid: every GPT block (dense, MoE or with dropout) is an FSDP
+  // unit, and with expert parallelism each MoE block's experts one more.
   auto* gpt = dynamic_cast<models::GptImpl*>(&module);
   TESSERA_CHECK_CONFIG(gpt != nullptr, "parallel.strategy",
                        "\"" << plan.strategy << "\" shards GPT blocks; model.kind = \"mlp\" supports none, ddp");
-  return makeFsdpDataParallel(*gpt, mesh.comm(MeshAxis::kDpShard),
-                              plan.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr);
+  const comm::CommPtr replicate = plan.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr;
+  if (replicate && replicate->size() > 1) used->push_back(NamedComm{toString(MeshAxis::kDpReplicate), replicate});
+  if (!experts) return makeFsdpDataParallel(*gpt, dense, replicate);
+  FsdpExpertUnits expertUnits{expert, replicate, plan.expertGradientScale};
+  return makeFsdpDataParallel(*gpt, dense, replicate, &expertUnits);
 }
 
 void addTraffic(std::vector<NamedComm>& traffic, const std::string& name, const comm::CommPtr& comm) {
@@ -170,7 +261,6 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     out.stage = pipeline::makeGptStage(
         model, pipeline::planStage(gpt->config(), schedule.chunkOwner, ppComm->rank(), config.pipeline.layers_per_stage));
   }
-  // Step 3 (expert parallelism) is refused by resolve() until it exists.
   // Step 2: tensor parallelism, before any strategy sees the parameters.
   const comm::CommPtr tpComm = config.mesh.tp > 1 ? mesh.comm(MeshAxis::kTp) : nullptr;
   std::set<std::string> tpSharded;
@@ -178,16 +268,24 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     applyTensorParallel(model, tpComm, config.sequence_parallel);
     tpSharded = tensorParallelParameters(model.module());
   }
+  // Step 3: expert parallelism (after TP: TED's experts are already split).
+  const comm::CommPtr epComm = config.mesh.ep > 1 ? mesh.comm(MeshAxis::kEp) : nullptr;
+  if (epComm || (tpComm && config.moe_dtd)) {
+    applyExpertParallel(model, epComm ? epComm : mesh.comm(MeshAxis::kEp), config.moe_dtd);
+  }
   // Step 4: data parallelism inside a replica.
   std::string dataGroupName;
-  out.dataComm = groupOver(mesh, plan.dataAxes, "dp", &dataGroupName);  // collective when both dp axes are split
+  out.dataComm = groupOver(mesh, plan.dataAxes, "dp", &dataGroupName);  // collective when several data axes are split
   out.dataRank = out.dataComm ? out.dataComm->rank() : 0;
   out.dataRanks = out.dataComm ? out.dataComm->size() : 1;
-  out.dp = makeStrategy(plan, config, model.module(), mesh);  // collective: broadcasts rank 0's parameters
-  if (tpComm) {
-    const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
-    out.dp = withTensorParallelNorm(std::move(out.dp), std::move(tpSharded), tpComm,
-                                    fsdp ? mesh.comm(MeshAxis::kDpShard) : nullptr);
+  StrategyComms strategyComms;
+  out.dp = makeStrategy(plan, config, model.module(), mesh, NamedComm{dataGroupName, out.dataComm},
+                        &strategyComms);  // collective: broadcasts
+  const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+  const comm::CommPtr denseShards = fsdp ? strategyComms.dense : nullptr;  // holds distinct dense shards
+  if (tpComm || epComm) {
+    out.dp = withLogicalNorm(std::move(out.dp), std::move(tpSharded), tpComm, epComm, denseShards,
+                             fsdp ? strategyComms.expert : nullptr);
   }
   if (ppComm) {
     // Megatron's embedding group: the first and last ranks' copies of a tied wte.
@@ -196,9 +294,8 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     const bool end = gpt->part().embedding || gpt->part().head;
     const comm::CommPtr embeddingComm =
         tied ? ppComm->split(end ? 0 : comm::Communicator::kNoColor, ppComm->rank(), "embedding") : nullptr;  // collective over pp
-    const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
     out.dp = pipeline::withPipelineStage(std::move(out.dp), model.module(), gpt->holdsTiedCopy(), embeddingComm, tpComm,
-                                         fsdp ? mesh.comm(MeshAxis::kDpShard) : nullptr);
+                                         denseShards);
     pipeline::ExecutorOptions options;
     options.microBatches = config.pipeline.microBatchesFor(pp);
     options.dataRank = out.dataRank;
@@ -219,13 +316,12 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
     out.replicas = config.mesh.dp_replicate;
   }
 
-  for (MeshAxis axis : plan.gradientAxes) {
-    if (mesh.shape().degree(axis) > 1) addTraffic(out.traffic, toString(axis), mesh.comm(axis));
-  }
+  for (const NamedComm& c : strategyComms.used) addTraffic(out.traffic, c.name, c.comm);
   if (out.replicaComm && out.replicas > 1) addTraffic(out.traffic, toString(MeshAxis::kDpReplicate), out.replicaComm);
   addTraffic(out.traffic, dataGroupName, out.dataComm);  // the loop averages losses over it
   if (tpComm) addTraffic(out.traffic, toString(MeshAxis::kTp), tpComm);
   if (ppComm) addTraffic(out.traffic, toString(MeshAxis::kPp), ppComm);
+  if (epComm) addTraffic(out.traffic, toString(MeshAxis::kEp), epComm);  // the experts' all-to-alls only
 
   out.reportsMetrics = out.executor->hasLoss();
   for (MeshAxis axis : kMeshAxes) {

@@ -267,27 +267,30 @@ bool Trainer::isEvalStep() const {
 
 bool Trainer::isLogStep() const { return state_.step % config_.log_every == 0 || state_.step == config_.steps; }
 
+// Every rank comes here at the same steps (isLogStep is a function of the
+// step; a skip is decided from the same norm everywhere), which extraMetrics'
+// collectives rely on; so the record is built on every rank, though only the
+// rank with the writer writes it.
 void Trainer::writeMetrics(const StepReport& r) {
-  if (parts_.metrics) {
-    MetricsRecord record;
-    record.add("step", r.step).add("loss", r.loss);
-    if (r.valLoss) record.add("val_loss", *r.valLoss);
-    if (r.skipped) record.add("skipped", true);
-    if (r.skippedSteps > 0) record.add("skipped_steps", r.skippedSteps);
-    record.add("lr", r.lr)
-        .add("tokens", r.tokens)
-        .add("tokens_per_s", r.tokensPerSecond)
-        .add("time_s", r.timeSeconds)
-        .add("compute_s", r.computeSeconds)
-        .add("comm_s", r.commSeconds)
-        .add("comm_bytes", r.commBytes);
-    MetricsRecord perComm;
-    for (const auto& [name, traffic] : r.comm) {
-      perComm.add(name, MetricsRecord().add("bytes", traffic.bytesSent).add("exposed_s", traffic.exposedSeconds));
-    }
-    record.add("comm", perComm);
-    parts_.metrics->write(record);
+  MetricsRecord record;
+  record.add("step", r.step).add("loss", r.loss);
+  if (r.valLoss) record.add("val_loss", *r.valLoss);
+  if (r.skipped) record.add("skipped", true);
+  if (r.skippedSteps > 0) record.add("skipped_steps", r.skippedSteps);
+  record.add("lr", r.lr)
+      .add("tokens", r.tokens)
+      .add("tokens_per_s", r.tokensPerSecond)
+      .add("time_s", r.timeSeconds)
+      .add("compute_s", r.computeSeconds)
+      .add("comm_s", r.commSeconds)
+      .add("comm_bytes", r.commBytes);
+  MetricsRecord perComm;
+  for (const auto& [name, traffic] : r.comm) {
+    perComm.add(name, MetricsRecord().add("bytes", traffic.bytesSent).add("exposed_s", traffic.exposedSeconds));
   }
+  record.add("comm", perComm);
+  if (parts_.extraMetrics) parts_.extraMetrics(record);  // collective: every rank, writer or not
+  if (parts_.metrics) parts_.metrics->write(record);
   windowTokens_ = 0;
   windowSeconds_ = 0;
 }

@@ -36,9 +36,6 @@ void GptConfig::validateTensorParallel(int64_t tp, const std::string& prefix, co
   TESSERA_CHECK_CONFIG(n_head % tp == 0, prefix + "n_head",
                        "tensor parallelism splits attention by whole heads: " << prefix << "n_head (" << n_head
                            << ") must be divisible by " << axis << " (" << tp << ")");
-  TESSERA_CHECK_CONFIG(tp == 1 || !use_moe, prefix + "use_moe",
-                       "tensor parallelism inside experts (TED) comes with expert parallelism (issue 17); with "
-                           << axis << " = " << tp << " set " << prefix << "use_moe = false");
   const int64_t rows = (vocab_size + tp - 1) / tp;  // per rank: the vocabulary padded to a multiple of tp
   TESSERA_CHECK_CONFIG(vocab_size > (tp - 1) * rows, prefix + "vocab_size",
                        prefix << "vocab_size (" << vocab_size << ") padded to a multiple of " << axis << " (" << tp
@@ -164,7 +161,18 @@ BlockOutput BlockImpl::forwardWithAux(const torch::Tensor& x) {
   BlockOutput out;
   auto branch = residualDropout(attn->forward(ln1->forward(x)), attn_key_);  // (B, T, C)
   const auto h = x + branch;                                                 // (B, T, C)
-  branch = moe ? moe->forward(ln2->forward(h), &out.aux) : mlp->forward(ln2->forward(h));  // (B, T, C)
+  if (!moe) {
+    branch = mlp->forward(ln2->forward(h));  // (B, T, C)
+  } else if (!sequence_group_) {
+    branch = moe->forward(ln2->forward(h), &out.aux);  // (B, T, C)
+  } else {
+    // Sequence parallelism: every tp rank routes the whole sequence, so
+    // capacity, drops and the aux loss are those of tp = 1. The gathered
+    // input feeds replicated computation (identical gradients on every tp
+    // rank), hence gatherFromShards / scatterToShards, not the sequence pair.
+    const auto full = sequence_group_->gatherFromShards(ln2->forward(h), 1);           // (B, T, C)
+    branch = sequence_group_->scatterToShards(moe->forward(full, &out.aux), 1);       // (B, T/tp, C)
+  }
   out.x = h + residualDropout(branch, ffn_key_);                             // (B, T, C)
   return out;
 }
@@ -187,9 +195,26 @@ void BlockImpl::applyTensorParallel(const std::shared_ptr<ShardGroup>& group, bo
   qkv.fused_blocks = 3;  // rows [q; k; v]: every rank takes the same whole heads of each
   attn->qkv->shard(qkv);
   attn->proj->shard(row);
-  TESSERA_CHECK_ARG(mlp, "tensor parallelism of an MoE block comes with expert parallelism (issue 17)");
-  mlp->fc->shard(column);
-  mlp->proj->shard(row);
+  if (mlp) {
+    mlp->fc->shard(column);
+    mlp->proj->shard(row);
+  } else {
+    // TED (DeepSpeed-TED, arXiv 2303.06318): each expert split as the dense
+    // MLP is. The router stays whole: every tp rank routes the same tokens
+    // identically. Under sequence parallelism the MoE layer's input is
+    // gathered first (forwardWithAux), so the experts use the plain regions;
+    // parallel/expert_parallel.h may switch them to the slot-parallel ones
+    // (duplicate-token dropping).
+    LayerOptions expertColumn;
+    expertColumn.group = group;
+    expertColumn.sharding = Sharding::kColumn;
+    LayerOptions expertRow = expertColumn;
+    expertRow.sharding = Sharding::kRow;
+    for (size_t e = 0; e < moe->experts->size(); ++e) {
+      moe->experts->at(e).fc->shard(expertColumn);
+      moe->experts->at(e).proj->shard(expertRow);
+    }
+  }
   if (sequenceParallel) sequence_group_ = group;
 }
 

@@ -43,6 +43,13 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
   }
 }
 
+void LinearImpl::setSequenceParallel(bool on) {
+  TESSERA_CHECK_ARG(options_.sharding == Sharding::kColumn || options_.sharding == Sharding::kRow,
+                    "Linear(" << in_features_ << ", " << out_features_ << ").setSequenceParallel: the layer is "
+                              << toString(options_.sharding) << "; only column- and row-parallel layers switch");
+  options_.sequence_parallel = on;
+}
+
 ShardRange LinearImpl::outputRange() const {
   if (options_.sharding != Sharding::kColumn) return {0, out_features_};
   return shardRange(out_features_ / options_.fused_blocks, options_.group->size(), options_.group->rank());

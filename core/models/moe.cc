@@ -44,8 +44,91 @@ MoeFeedForwardImpl::MoeFeedForwardImpl(int64_t d_model, int64_t d_hidden, const 
   LayerOptions router_options;
   router_options.precision = Precision::kFp32;
   router = register_module("router", Linear(d_model, config_.num_experts, /*bias=*/false, router_options));
-  experts = register_module("experts", torch::nn::ModuleList());
-  for (int64_t e = 0; e < config_.num_experts; ++e) experts->push_back(FeedForward(d_model, d_hidden));
+  experts = register_module("experts", ExpertList());
+  for (int64_t e = 0; e < config_.num_experts; ++e) experts->push(e, FeedForward(d_model, d_hidden));
+}
+
+void ExpertListImpl::push(int64_t globalIndex, FeedForward expert) {
+  TESSERA_CHECK_ARG(indices_.empty() || globalIndex > indices_.back(),
+                    "ExpertList: expert " << globalIndex << " pushed after expert " << indices_.back()
+                                          << " (global indices must ascend)");
+  experts_.push_back(register_module(std::to_string(globalIndex), std::move(expert)));
+  indices_.push_back(globalIndex);
+}
+
+FeedForwardImpl& ExpertListImpl::at(size_t position) const { return *ptr(position); }
+
+const std::shared_ptr<FeedForwardImpl>& ExpertListImpl::ptr(size_t position) const {
+  TESSERA_CHECK_ARG(position < experts_.size(),
+                    "ExpertList: position " << position << " of " << experts_.size() << " held experts");
+  return experts_[position].ptr();
+}
+
+int64_t ExpertListImpl::globalIndex(size_t position) const {
+  TESSERA_CHECK_ARG(position < indices_.size(),
+                    "ExpertList: position " << position << " of " << indices_.size() << " held experts");
+  return indices_[position];
+}
+
+void MoeFeedForwardImpl::keepExperts(int64_t begin, int64_t end) {
+  const int64_t E = config_.num_experts;
+  TESSERA_CHECK_ARG(0 <= begin && begin < end && end <= E,
+                    "MoE keepExperts: [" << begin << ", " << end << ") is not a non-empty range of [0, " << E << ")");
+  TESSERA_CHECK_ARG(static_cast<int64_t>(experts->size()) == E,
+                    "MoE keepExperts: the layer already holds only " << experts->size() << " of " << E << " experts");
+  ExpertList kept;
+  for (int64_t e = begin; e < end; ++e) kept->push(e, FeedForward(experts->ptr(static_cast<size_t>(e))));
+  experts = replace_module("experts", kept);
+}
+
+double MoeLoad::droppedFraction() const {
+  return choices > 0 ? static_cast<double>(dropped) / static_cast<double>(choices) : 0.0;
+}
+
+std::vector<double> MoeLoad::load() const {
+  std::vector<double> out;
+  out.reserve(routed.size());
+  for (int64_t r : routed) out.push_back(capacity > 0 ? static_cast<double>(r) / static_cast<double>(capacity) : 0.0);
+  return out;
+}
+
+MoeLoad& MoeLoad::operator+=(const MoeLoad& other) {
+  choices += other.choices;
+  dropped += other.dropped;
+  capacity += other.capacity;
+  if (routed.size() < other.routed.size()) routed.resize(other.routed.size(), 0);
+  for (size_t e = 0; e < other.routed.size(); ++e) routed[e] += other.routed[e];
+  return *this;
+}
+
+void MoeFeedForwardImpl::countLoad(const MoeRouting& routing) {
+  // Accumulated as a tensor on the routing's device: no host sync per forward.
+  torch::NoGradGuard noGrad;
+  const int64_t E = routing.num_experts;
+  const auto routed = torch::bincount(routing.expert.reshape({-1}), {}, E);  // (E)
+  const auto dropped = (routing.slot < 0).sum().to(torch::kLong).reshape({1});
+  const auto counts = torch::cat({routed, torch::full({1}, routing.expert.numel(), routed.options()), dropped,
+                                  torch::full({1}, routing.capacity, routed.options())});
+  if (load_.defined()) {
+    load_.add_(counts);
+  } else {
+    load_ = counts;
+  }
+}
+
+MoeLoad MoeFeedForwardImpl::takeLoad() {
+  MoeLoad out;
+  const int64_t E = config_.num_experts;
+  out.routed.assign(static_cast<size_t>(E), 0);
+  if (!load_.defined()) return out;
+  const auto counts = load_.cpu();
+  load_ = torch::Tensor();
+  const int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) out.routed[static_cast<size_t>(e)] = c[e];
+  out.choices = c[E];
+  out.dropped = c[E + 1];
+  out.capacity = c[E + 2];
+  return out;
 }
 
 MoeRouting MoeFeedForwardImpl::route(const torch::Tensor& tokens) {
@@ -106,13 +189,15 @@ torch::Tensor MoeFeedForwardImpl::dispatch(const torch::Tensor& tokens, const Mo
 }
 
 torch::Tensor MoeFeedForwardImpl::runExperts(const torch::Tensor& buffer) {
-  TESSERA_CHECK_EQ(buffer.size(0), static_cast<int64_t>(experts->size()));
+  TESSERA_CHECK_ARG(buffer.dim() == 3 && buffer.size(0) == static_cast<int64_t>(experts->size()),
+                    "MoE runExperts: want (" << experts->size() << " held experts, slots, d_model), got "
+                                             << buffer.sizes());
   std::vector<torch::Tensor> outputs;
   outputs.reserve(experts->size());
   for (size_t e = 0; e < experts->size(); ++e) {
-    outputs.push_back(experts[e]->as<FeedForwardImpl>()->forward(buffer[static_cast<int64_t>(e)]));  // (C, M)
+    outputs.push_back(experts->at(e).forward(buffer[static_cast<int64_t>(e)]));  // (N, M)
   }
-  return torch::stack(outputs);  // (E, C, M)
+  return torch::stack(outputs);  // (E_local, N, M)
 }
 
 torch::Tensor MoeFeedForwardImpl::combine(const torch::Tensor& expert_out, const MoeRouting& routing) {
@@ -129,8 +214,11 @@ torch::Tensor MoeFeedForwardImpl::combine(const torch::Tensor& expert_out, const
 torch::Tensor MoeFeedForwardImpl::forward(const torch::Tensor& x, torch::Tensor* aux_loss) {
   const auto tokens = x.reshape({-1, x.size(-1)});     // (S, M), S = B*T
   const auto routing = route(tokens);
-  const auto buffer = dispatch(tokens, routing);       // (E, C, M)   <- all-to-all here under EP
-  const auto expert_out = runExperts(buffer);          // (E, C, M)   <- and back here
+  if (is_training()) countLoad(routing);
+  auto buffer = dispatch(tokens, routing);             // (E, C, M)
+  if (exchange_) buffer = exchange_->toExperts(buffer);  // (E_local, N, M): every rank's slots for our experts
+  auto expert_out = runner_ ? runner_(buffer) : runExperts(buffer);
+  if (exchange_) expert_out = exchange_->fromExperts(expert_out);  // (E, C, M): our slots, back
   if (aux_loss != nullptr) *aux_loss = routing.aux_loss;
   return combine(expert_out, routing).view(x.sizes());  // (..., M)
 }

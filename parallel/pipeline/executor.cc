@@ -88,17 +88,21 @@ class Executor final : public PipelineExecutor {
     if (pool_) pool_->resetPeak();
     ++stepsRun_;
     double lossSum = 0;
+    double auxSum = 0;  // this rank's non-last chunks' weighted aux losses, every (g, m)
     bool hasLoss = false;
     for (int g = 0; g < k; ++g) {
       auto guard = g + 1 < k ? dp_.noSync() : nullptr;  // only the last pipeline step synchronizes
-      const std::optional<double> loss = runPipelineStep(batches[static_cast<size_t>(g)], step, g, k);
+      const std::optional<double> loss = runPipelineStep(batches[static_cast<size_t>(g)], step, g, k, auxSum);
       if (loss) {
         lossSum += *loss;
         hasLoss = true;
       }
     }
+    // The other chunks' aux reach the loss: the reported value is pp = 1's
+    // mean over the k * M forwards of (ce + weight * every block's aux).
+    const double aux = sumAuxOverStages(auxSum) / (static_cast<double>(k) * options_.microBatches);
     if (!hasLoss) return std::nullopt;
-    return lossSum / static_cast<double>(k);
+    return lossSum / static_cast<double>(k) + aux;
   }
 
   std::optional<double> evaluate(const Batch& batch) override {
@@ -107,6 +111,7 @@ class Executor final : public PipelineExecutor {
     std::vector<int64_t> shape = stage_.activationShape(batch);
     at::Tensor x;
     std::optional<double> loss;
+    double auxSum = 0;  // this rank's non-last chunks' weighted aux losses
     for (int c = 0; c < chunks_; ++c) {
       if (!holds(c)) continue;
       if (c > 0 && owner(c - 1) != rank) {
@@ -114,7 +119,9 @@ class Executor final : public PipelineExecutor {
         pp_->recv(x, owner(c - 1), tagOf(Channel::kEval, c, 0, chunks_, options_.microBatches));
       }
       dp_.beforeForward();
-      at::Tensor out = stage_.forward(c, x, batch);
+      at::Tensor aux;
+      at::Tensor out = stage_.forward(c, x, batch, &aux);
+      if (aux.defined()) auxSum += aux.item<double>();
       if (c + 1 == chunks_) {
         loss = out.item<double>();
       } else if (owner(c + 1) != rank) {
@@ -123,6 +130,8 @@ class Executor final : public PipelineExecutor {
         x = out;
       }
     }
+    const double aux = sumAuxOverStages(auxSum);
+    if (loss) *loss += aux;
     return loss;
   }
 
@@ -162,7 +171,20 @@ class Executor final : public PipelineExecutor {
   struct Saved {
     at::Tensor input;   // the received / handed-over activation (requires grad), undefined for chunk 0
     at::Tensor output;  // the activation, or the scaled loss on the last chunk
+    at::Tensor aux;     // a non-last chunk's weighted MoE aux loss, scaled like the loss; undefined without
   };
+
+  // Collective over pp when the stage has aux losses (StageModel::
+  // hasAuxLoss, the same on every pp rank), else local and 0: the sum over
+  // the pp ranks of `local`, each rank's non-last chunks' aux values. One
+  // tiny all-reduce per step (or evaluation), at its end, in the same order
+  // on every pp rank; the last chunk's owner adds it to the loss it reports.
+  double sumAuxOverStages(double local) {
+    if (!stage_.hasAuxLoss()) return 0;
+    at::Tensor sum = at::tensor({local}, at::kDouble);
+    pp_->allReduce(sum, comm::ReduceOp::kSum);
+    return sum.item<double>();
+  }
 
   struct Pending {
     at::Tensor tensor;
@@ -222,7 +244,10 @@ class Executor final : public PipelineExecutor {
   int owner(int chunk) const { return schedule_.chunkOwner[static_cast<size_t>(chunk)]; }
   bool holds(int chunk) const { return owner(chunk) == pp_->rank(); }
 
-  std::optional<double> runPipelineStep(const Batch& batch, int64_t step, int g, int k) {
+  // One pipeline step: batch g of k. Returns the mean loss over its
+  // micro-batches on the last chunk's owner; adds this rank's non-last
+  // chunks' weighted aux losses (unscaled, detached) to auxSum.
+  std::optional<double> runPipelineStep(const Batch& batch, int64_t step, int g, int k, double& auxSum) {
     const int M = options_.microBatches;
     const int64_t rows = batch.inputs.size(0);
     TESSERA_CHECK_CONFIG(rows % M == 0, "pipeline.microbatches",
@@ -305,8 +330,15 @@ class Executor final : public PipelineExecutor {
           // Everything autograd saves in this F belongs to (c, m) in the activation pool.
           const int64_t residentBefore = pool_ ? pool_->residentBytes() : 0;
           std::unique_ptr<ActivationPool::Capture> capture = pool_ ? pool_->capture(key) : nullptr;
-          at::Tensor out = stage_.forward(a.chunk, s.input, mb);
+          at::Tensor aux;
+          at::Tensor out = stage_.forward(a.chunk, s.input, mb, &aux);
           if (a.chunk + 1 == chunks_) s.output = out * lossScale;
+          // A non-last chunk's MoE term of the objective: scaled like the loss, backpropagated with
+          // the activation.
+          if (aux.defined()) {
+            auxSum += aux.item<double>();
+            if (aux.requires_grad()) s.aux = aux * lossScale;
+          }
           capture.reset();
           if (pool_ && bytesPerMicroBatch_ == 0) {
             // A stage's micro-batch: this chunk pass's bytes times the chunks per rank.
@@ -340,6 +372,9 @@ class Executor final : public PipelineExecutor {
           store_->setKey(key);
           if (a.chunk + 1 == chunks_) {
             torch::autograd::backward({s.output});
+          } else if (s.aux.defined()) {
+            // One backward for both roots: every node (the router's deferred W included) runs once.
+            torch::autograd::backward({s.output, s.aux}, {grad, at::ones_like(s.aux)});
           } else {
             torch::autograd::backward({s.output}, {grad});
           }

@@ -23,9 +23,6 @@ std::vector<int> StagePlan::held() const {
 
 StagePlan planStage(const models::GptConfig& config, std::vector<int> chunkOwner, int rank,
                     const std::vector<int64_t>& layersPerChunk) {
-  TESSERA_CHECK_CONFIG(!config.use_moe, "parallel.pp",
-                       "pipeline stages of a mixture-of-experts model come with expert parallelism (issue 17); "
-                       "set parallel.pp = 1 or model.use_moe = false");
   TESSERA_CHECK_ARG(!chunkOwner.empty(), "planStage: the schedule owns no chunk");
   StagePlan plan;
   plan.rank = rank;
@@ -58,13 +55,22 @@ class GptStage final : public StageModel {
 
   torch::nn::Module& module() override { return gpt_; }
 
-  at::Tensor forward(int chunk, const at::Tensor& input, const Batch& batch) override {
+  at::Tensor forward(int chunk, const at::Tensor& input, const Batch& batch, at::Tensor* aux) override {
+    if (aux) *aux = at::Tensor();
     const auto [begin, end] = plan_.chunkBlocks.at(static_cast<size_t>(chunk));
-    at::Tensor x = chunk == 0 ? gpt_.embed(batch.inputs) : input;   // (b, T_r, C)
-    x = gpt_.runBlocks(x, begin, end).x;                             // (b, T_r, C)
-    if (chunk + 1 < plan_.chunks) return x;
-    return gpt_.lossFromLogits(gpt_.logits(x), batch.targets);      // ()
+    const at::Tensor x = chunk == 0 ? gpt_.embed(batch.inputs) : input;  // (b, T_r, C)
+    models::BlockOutput body = gpt_.runBlocks(x, begin, end);            // (b, T_r, C), aux () or undefined
+    if (chunk + 1 < plan_.chunks) {
+      // The chunk's share of the objective; the executor adds it (GptImpl::lossFromLogits' weighting).
+      if (aux && body.aux.defined()) *aux = body.aux * gpt_.config().moe.aux_loss_weight;
+      return body.x;
+    }
+    models::GptOutput out = gpt_.logits(body.x);
+    if (body.aux.defined()) out.aux_loss = body.aux;  // lossFromLogits adds weight * the last chunk's own aux
+    return gpt_.lossFromLogits(out, batch.targets);    // ()
   }
+
+  bool hasAuxLoss() const override { return gpt_.config().use_moe; }
 
   std::vector<int64_t> activationShape(const Batch& batch) const override {
     int64_t T = batch.inputs.size(1);

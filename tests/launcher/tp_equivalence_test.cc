@@ -21,6 +21,12 @@
 // Pipelines (PpEquivalence, the same harness): every schedule, with tied
 // embeddings across the first and last stage, DDP, FSDP, TP inside stages,
 // gradient accumulation over pipeline steps and dropout; two run by default.
+//
+// Experts (EpEquivalence): an MoE GPT at parallel.ep = 2 logs the losses of
+// dp_replicate = 2 (the same two data ranks, every expert on every rank),
+// with DDP, FSDP, TED with and without duplicate-token dropping, pipeline
+// stages, top-2 routing and DiLoCo; and an ep = 2 checkpoint resumes at
+// ep = 1 (and back) on the same curve (EpCheckpoint).
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -28,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <ostream>
 #include <string>
@@ -73,11 +80,12 @@ struct Curve {
 
 // tessera-run --nproc-per-node <ranks> tessera-train --config gpt-tiny-tp2.toml --set ... ; the metrics read back.
 Curve train(const std::string& tag, int ranks, const std::vector<std::vector<std::string>>& setLists,
-            const std::string& axis = "tp") {
+            const std::string& axis = "tp", const std::vector<std::string>& extraArgs = {}) {
   const std::string metrics = ::testing::TempDir() + "tp_eq_" + tag + "_" + std::to_string(getpid()) + ".jsonl";
   std::vector<std::string> argv = {TESSERA_RUN_PATH,  "--nproc-per-node", std::to_string(ranks), "--master-port", "0",
                                    TESSERA_TRAIN_PATH, "--config", std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny-tp2.toml",
                                    "--metrics", metrics};
+  argv.insert(argv.end(), extraArgs.begin(), extraArgs.end());
   for (const auto& sets : setLists) {
     for (const std::string& s : sets) {
       argv.push_back("--set");
@@ -237,6 +245,76 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"pp4_zb_v", "pp", plus(schedule("zb_v"), {"model.n_layer=8"}), kPpOne, 1,
              plus(kPpOne, {"parallel.pp=4", "pipeline.microbatches=4"}), 4}),
     caseName);
+
+// ---- Experts ------------------------------------------------------------------
+
+class EpEquivalence : public ::testing::TestWithParam<Case> {};
+TEST_P(EpEquivalence, LogsTheLossesOfEp1) { expectSameCurve(GetParam()); }
+
+// 4 experts, capacity tight enough that tokens are dropped every step; tp = 1
+// unless a case says otherwise (the config file's tp is 2).
+const std::vector<std::string> kMoe = {"model.use_moe=true", "model.moe.num_experts=4",
+                                       "model.moe.capacity_factor=1.0", "parallel.tp=1"};
+const std::vector<std::string> kEpDdp1 = {"parallel.strategy=ddp", "parallel.dp_replicate=2"};
+const std::vector<std::string> kEpDdp2 = {"parallel.strategy=ddp", "parallel.dp_replicate=1", "parallel.ep=2"};
+const std::vector<std::string> kEpFsdp1 = {"parallel.strategy=fsdp", "parallel.dp_replicate=1", "parallel.dp_shard=2"};
+const std::vector<std::string> kEpFsdp2 = {"parallel.strategy=fsdp", "parallel.dp_replicate=1", "parallel.dp_shard=1",
+                                           "parallel.ep=2"};
+const std::vector<std::string> kTp2 = {"parallel.tp=2"};
+
+INSTANTIATE_TEST_SUITE_P(Default, EpEquivalence,
+                         ::testing::Values(Case{"moe_ddp", "ep", kMoe, kEpDdp1, 2, kEpDdp2, 2},
+                                           Case{"moe_ted_dtd_sequence_parallel", "ep", plus(kMoe, kTp2),
+                                                kEpDdp1, 4, plus(kEpDdp2, {"parallel.moe_dtd=true", kSp}), 4}),
+                         caseName);
+
+INSTANTIATE_TEST_SUITE_P(
+    Long, EpEquivalence,
+    ::testing::Values(
+        Case{"moe_fsdp", "ep", kMoe, kEpFsdp1, 2, kEpFsdp2, 2},
+        Case{"moe_top2_sgd", "ep",
+             plus(kMoe, {"model.moe.top_k=2", "optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9"}), kEpDdp1, 2,
+             kEpDdp2, 2},
+        Case{"moe_ted", "ep", plus(kMoe, kTp2), kEpDdp1, 4, kEpDdp2, 4},
+        Case{"moe_ted_dtd", "ep", plus(kMoe, kTp2), kEpDdp1, 4, plus(kEpDdp2, {"parallel.moe_dtd=true"}), 4},
+        Case{"moe_ep4", "ep", kMoe, {"parallel.strategy=ddp", "parallel.dp_replicate=4"}, 4,
+             {"parallel.strategy=ddp", "parallel.dp_replicate=1", "parallel.ep=4"}, 4},
+        Case{"moe_ep2_times_fsdp2", "ep", kMoe,
+             {"parallel.strategy=fsdp", "parallel.dp_replicate=1", "parallel.dp_shard=4"}, 4,
+             {"parallel.strategy=fsdp", "parallel.dp_replicate=1", "parallel.dp_shard=2", "parallel.ep=2"}, 4},
+        Case{"moe_pipeline_zb_h1", "ep", plus(kMoe, {"parallel.pp=2", "pipeline.microbatches=4",
+                                                     "pipeline.schedule=zb_h1"}),
+             kEpDdp1, 4, kEpDdp2, 4},
+        // DiLoCo across 2 replicas, each an ep = 2 group (ddp inside: ep is data-parallel there).
+        Case{"moe_diloco", "ep", plus(kMoe, {"optim.name=diloco", "diloco.inner_steps=4"}),
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.dp_shard=2"}, 4,
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.ep=2"}, 4}),
+    caseName);
+
+// Checkpoints reshard across ep degrees: 8 steps at one layout saving at
+// step 4, then the other layout resumed from step 4 logs that run's steps 5-8.
+// (Both runs have train.steps = 8: the learning-rate schedule spans it.)
+Curve trainMoe(const std::string& tag, const std::vector<std::string>& mesh, const std::vector<std::string>& args) {
+  return train(tag, 2, {kTiny, kMoe, mesh}, "ep", args);
+}
+
+void expectResumedCurve(const std::vector<std::string>& first, const std::vector<std::string>& second,
+                        const std::string& tag) {
+  const std::string dir = ::testing::TempDir() + "ep_ckpt_" + tag + "_" + std::to_string(getpid());
+  const Curve head = trainMoe(tag + "_head", first, {"--checkpoint-dir", dir, "--checkpoint-every", "4"});
+  const Curve tail = trainMoe(tag + "_tail", second, {"--resume", dir + "/step-4"});
+  std::filesystem::remove_all(dir);
+  ASSERT_EQ(head.losses.size(), static_cast<size_t>(kSteps));
+  ASSERT_EQ(tail.losses.size(), static_cast<size_t>(kSteps / 2)) << "the resumed run logs steps 5-8";
+  for (int i = 0; i < kSteps / 2; ++i) {
+    EXPECT_NEAR(tail.losses[i], head.losses[kSteps / 2 + i], kTolerance) << tag << ": step " << kSteps / 2 + i + 1;
+  }
+}
+
+TEST(EpCheckpoint, Ep2ResumesAtEp1AndBack) {
+  expectResumedCurve(kEpDdp2, kEpDdp1, "ep2_to_ep1");
+  expectResumedCurve(kEpDdp1, kEpDdp2, "ep1_to_ep2");
+}
 
 }  // namespace
 }  // namespace tessera

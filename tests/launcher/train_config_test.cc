@@ -167,10 +167,15 @@ TEST(TrainConfig, TensorParallelErrorsNameTheKeyAndBothNumbers) {
   EXPECT_NE(std::string(e.what()).find("model.kind = \"mlp\" runs with parallel.tp = 1, got 2"), std::string::npos)
       << e.what();
 
-  e = parseError(kMinimalGpt, {"parallel.tp=2", "model.use_moe=true"});
-  EXPECT_EQ(e.field(), "model.use_moe");
-  EXPECT_NE(std::string(e.what()).find("parallel.tp = 2"), std::string::npos) << e.what();
-  EXPECT_NE(std::string(e.what()).find("issue 17"), std::string::npos) << e.what();
+  // Experts: ep needs an MoE model whose experts it divides; DTD needs tp.
+  e = parseError(kMinimalGpt, {"parallel.ep=2"});
+  EXPECT_EQ(e.field(), "parallel.ep");
+  EXPECT_NE(std::string(e.what()).find("model.use_moe = true"), std::string::npos) << e.what();
+  e = parseError(kMinimalGpt, {"parallel.ep=3", "model.use_moe=true", "model.moe.num_experts=4"});
+  EXPECT_EQ(e.field(), "model.moe.num_experts");
+  EXPECT_NE(std::string(e.what()).find("(4) must be divisible by parallel.ep (3)"), std::string::npos) << e.what();
+  e = parseError(kMinimalGpt, {"parallel.moe_dtd=true", "model.use_moe=true"});
+  EXPECT_EQ(e.field(), "parallel.moe_dtd");
 
   // A vocabulary tp does not divide is padded (257 -> 2 x 129); one that leaves a rank no row is refused.
   EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, {"parallel.tp=2", "model.vocab_size=257"}));
@@ -234,9 +239,6 @@ TEST(TrainConfig, PipelineErrorsNameTheKeyAndTheChoices) {
   EXPECT_EQ(e.field(), "pipeline.layers_per_stage") << e.what();
   e = parseError(kMinimalGpt, {"parallel.pp=2", "pipeline.offload=some"});
   EXPECT_EQ(e.field(), "pipeline.offload");
-  e = parseError(kMinimalGpt, {"parallel.pp=2", "model.use_moe=true"});
-  EXPECT_EQ(e.field(), "parallel.pp");
-  EXPECT_NE(std::string(e.what()).find("issue 17"), std::string::npos) << e.what();
   EXPECT_EQ(parseError(kMinimalGpt, {"train.post_validation=maybe"}).field(), "train.post_validation");
 }
 

@@ -41,9 +41,11 @@ TEST(ParallelConfigResolve, ErrorsNameTheKeyTheAxisAndTheDegrees) {
 
   ParallelConfig ep = configOf(1, 1, "none");
   ep.mesh.ep = 2;
-  e = configErrorOf([&] { ep.resolve(2, false); });
-  EXPECT_EQ(e.field(), "parallel.ep");
-  EXPECT_TRUE(mentions(e, "axis ep has degree 2")) << e.what();
+  e = configErrorOf([&] { ep.resolve(2, false); });  // ranks along ep read different batches: gradients must sync
+  EXPECT_EQ(e.field(), "parallel.strategy");
+  EXPECT_TRUE(mentions(e, "parallel.ep (2)")) << e.what();
+  ep.strategy = "ddp";
+  EXPECT_NO_THROW(ep.resolve(2, false));
 
   // Pipelines run (pp = 2 resolves); their own keys are checked with it.
   ParallelConfig pp = configOf(1, 1, "none");

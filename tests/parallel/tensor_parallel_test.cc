@@ -259,12 +259,8 @@ TEST(TensorParallelGpt, ConfigErrorsNameTheKeyAndBothNumbers) {
   EXPECT_EQ(e.field(), "model.vocab_size");
 
   c.vocab_size = 64;
-  c.use_moe = true;
-  e = testing::configErrorOf([&] { models::Gpt(c)->applyTensorParallel(std::make_shared<NoComm>(2), false); });
-  EXPECT_EQ(e.field(), "model.use_moe");
 
   // A sequence the group does not divide fails at forward, naming both numbers.
-  c.use_moe = false;
   models::Gpt gpt(c);
   gpt->applyTensorParallel(std::make_shared<NoComm>(4), /*sequenceParallel=*/true);
   try {

@@ -145,6 +145,11 @@ std::unique_ptr<DataParallel> makeNoDataParallel(torch::nn::Module& model);
 
 // DDP over `comm` (collective: broadcasts rank 0's parameters).
 std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, comm::CommPtr comm, DdpConfig config = {});
+// DDP with parameter groups, each averaged over its own communicator
+// (DdpGroup: expert parameters over the expert-data-parallel group).
+// Collective over every group's comm.
+std::unique_ptr<DataParallel> makeDdpDataParallel(torch::nn::Module& model, std::vector<DdpGroup> groups,
+                                                  DdpConfig config = {});
 
 // The L2 norm of the gradients of `parameters` (undefined grads count as 0).
 double localGradNorm(const std::vector<at::Tensor>& parameters);

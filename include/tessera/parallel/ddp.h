@@ -33,7 +33,9 @@
 // communicator (DdpGroup), so that expert parameters can reduce over the
 // expert-data-parallel group while dense ones reduce over all of dp. The
 // simple constructors make one group of every parameter. A bucket holds
-// parameters of one group only.
+// parameters of one group only. A group may scale its averaged gradients
+// (DdpGroup::gradientScale: expert gradients are the sum over their holders
+// divided by the whole data-parallel size, not by the holders' count).
 //
 // What this deliberately does not do: sharding (FSDP lives in its own file),
 // re-broadcasting buffers every forward (buffers are broadcast once, at
@@ -119,6 +121,16 @@ struct DdpGroup {
   // Selects parameters (and, with the module constructor, buffers) by name.
   // Empty selects every name. A name belongs to the first group that selects it.
   std::function<bool(const std::string& name)> selects;
+  // Multiplies the group's gradients after the average over `comm`: .grad =
+  // gradientScale * (sum over comm's ranks) / comm->size(). Expert
+  // parallelism's expert group: its comm is the ranks holding the same experts
+  // (dp_replicate), whose gradients already carry every ep rank's tokens (the
+  // all-to-all's backward), so gradientScale = 1 / ep makes them the sum over
+  // the holders divided by the whole data-parallel size N = dp_replicate * ep,
+  // as the single-process gradient is. At 1.0 (the default) nothing is
+  // multiplied, so the average stays bit-exact. Must be finite and > 0
+  // (InvalidArgument from the constructor otherwise).
+  double gradientScale = 1.0;
 };
 
 // Not copyable; movable. The hooks it installs on the parameters are removed

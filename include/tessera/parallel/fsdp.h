@@ -59,7 +59,29 @@
 // Communicators: each unit is sharded over its own shard comm and replicated
 // over its own replicate comm (FsdpUnitSpec; null takes the constructor's),
 // so expert parameters can live on a different group than dense ones. The
-// root always uses the constructor's.
+// root always uses the constructor's. A unit's gradient is the average over
+// its shard comm (and its replicate comm when hybrid) times its
+// gradientScale (1 by default, which multiplies nothing).
+//
+// Nested units: a unit's prefix may lie inside another's ("blocks.0.moe.experts"
+// inside "blocks.0"). Each parameter belongs to the LAST unit in spec order
+// whose prefix names it, so list the inner unit after the outer one: the inner
+// unit takes its parameters out of the outer one, and the outer unit's forward
+// must run the inner part through forwardUnit(inner, ...) (its parameters are
+// gathered only there). Layers (split backward's deferred-store lookup) go
+// to the same unit as their parameters.
+//
+// Expert parallelism (issue 17): with FsdpExpertUnits, each MoE block's
+// experts ("blocks.<i>.moe.experts", the module block.moe->experts) are a
+// unit of their own, listed right after their block, run through the block's
+// MoE layer (MoeFeedForwardImpl::setExpertRunner), sharded over the experts'
+// shard comm (dp_shard: the ranks holding the same experts) while the dense
+// units use the constructor's (dp_shard x ep), and scaled by 1 / ep (their
+// all-to-all already summed every ep rank's tokens into them: the sum over
+// the holders divided by N). Cost of the nesting: the experts are gathered
+// and run three times per step (the block's forward, the block's
+// recomputation in backward, and their own recomputation in their backward),
+// the dense block parts twice, as before.
 //
 // Randomness inside a unit (dropout): the backward recomputation must draw
 // exactly the forward's random numbers. It does when the unit's randomness is
@@ -98,6 +120,7 @@ class Module;
 }
 namespace tessera::models {
 class GptImpl;
+class MoeFeedForwardImpl;
 }
 
 namespace tessera::parallel {
@@ -121,6 +144,18 @@ struct FsdpUnitSpec {
                                                               // x, the parameters and any random key
   comm::CommPtr shardComm;      // null: the constructor's shardComm
   comm::CommPtr replicateComm;  // null: the constructor's replicateComm; a single-rank comm: none
+  // Multiplies the unit's gradient after the reduce-scatter's average over
+  // shardComm (and the hybrid average over replicateComm): 1 / ep for expert
+  // units under expert parallelism. Finite and > 0 (InvalidArgument otherwise).
+  double gradientScale = 1.0;
+};
+
+// Makes every held MoE block's experts an FSDP unit of their own (file
+// comment), for the GPT constructor. Null comms take the constructor's.
+struct FsdpExpertUnits {
+  comm::CommPtr shardComm;      // the ranks holding the same experts along dp_shard (e.g. the mesh's dp_shard)
+  comm::CommPtr replicateComm;  // the same along dp_replicate when hybrid; a single-rank comm: none
+  double gradientScale = 1.0;   // 1 / ep under expert parallelism (FsdpUnitSpec::gradientScale)
 };
 
 // Not copyable or movable (autograd nodes and the GPT's block runner refer to
@@ -143,8 +178,15 @@ class FullyShardedDataParallel {
                            comm::CommPtr replicateComm = nullptr);
   // Every GPT block is a unit (dense or MoE, any dropout; an MoE block's aux
   // loss is the unit's aux), over the constructor's comms; installs a block
-  // runner on `gpt` (removed by the destructor).
-  FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr);
+  // runner on `gpt` (removed by the destructor). With `experts`, every held
+  // MoE block's experts are a unit "blocks.<i>.moe.experts" right after the
+  // block's unit, over its shardComm / replicateComm and scaled by
+  // its gradientScale, run through an expert runner installed on the
+  // block's MoE layer (removed by the destructor); a GPT without MoE blocks
+  // then gets no expert unit. `experts` is read during the call only (null:
+  // no expert units). Collective as above.
+  FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr,
+                           const FsdpExpertUnits* experts = nullptr);
   // Local. Leaves the module's parameters as they are: empty, or the full
   // values when unshard() is in effect (call it first to keep them).
   ~FullyShardedDataParallel();
@@ -173,7 +215,8 @@ class FullyShardedDataParallel {
   // contributes 0). When every unit's parameters are the same logical tensors
   // on every data-parallel rank, that is the whole model's norm, the same on
   // every rank; units whose parameters differ across groups (experts under
-  // expert parallelism) contribute only this rank's group's part.
+  // expert parallelism) contribute only this rank's group's part
+  // (withLogicalNorm, logical_norm.h, counts every parameter once).
   double gradNorm();
 
   // RAII; scopes nest. Every rank must use the same pattern.
@@ -227,6 +270,7 @@ class FullyShardedDataParallel {
  private:
   std::shared_ptr<State> state_;
   models::GptImpl* gpt_ = nullptr;  // runner installed; cleared by the destructor
+  std::vector<models::MoeFeedForwardImpl*> expertRunners_;  // the same, for expert units
 };
 
 using Fsdp = FullyShardedDataParallel;
@@ -234,7 +278,8 @@ using Fsdp = FullyShardedDataParallel;
 // DataParallel over FSDP: name() is "fsdp", or "hybrid" when replicateComm
 // has more than one rank. Collective as the constructors above.
 std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
-                                                   comm::CommPtr replicateComm = nullptr);
+                                                   comm::CommPtr replicateComm = nullptr,
+                                                   const FsdpExpertUnits* experts = nullptr);
 std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,
                                                    comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr);
 

@@ -11,8 +11,9 @@
 //                           dp_replicate)  or replicate over dp_replicate (DDP, hybrid)
 //   5. DiLoCo / elastic    (dp_replicate)  across replicas: the communication-light optimizers
 //                                          (optim/) average over replicaComm, built after this
-// Step 3 is not built yet: validate() refuses ep > 1 with an error naming
-// the axis. Step 1 is pipeline/ (stage.h, executor.h): the caller builds the
+// Step 3 is expert_parallel.h (the experts split over ep, the all-to-all
+// exchange; with ep > 1 the ep axis is data-parallel for every dense
+// parameter, see DataParallelPlan). Step 1 is pipeline/ (stage.h, executor.h): the caller builds the
 // model as this rank's part (pipelinePart) before parallelize(), which then
 // runs it with the pipeline executor. Step 2 is tensor_parallel.h. Step 5 is the optimizer's (it needs the strategy's
 // tensors): parallelize() hands it replicaComm.
@@ -41,10 +42,17 @@ struct DataParallelPlan {
   bool localUpdates = false;           // the optimizer replicates over dp_replicate itself
   // The axes gradients are averaged over by the strategy (empty: none), and
   // the axes data is sharded over (the "data ranks": losses are averaged and
-  // tokens counted over them). Ranks that differ only along tp/pp/ep read the
-  // same batch.
+  // tokens counted over them). Ranks that differ only along tp/pp read the
+  // same batch. ep is a data axis (ranks along ep read different batches)
+  // and a gradient axis of the dense parameters.
   std::vector<MeshAxis> gradientAxes;
   std::vector<MeshAxis> dataAxes;
+  // Expert parameters (expert_parallel.h): each ep rank holds other experts,
+  // so their gradients are reduced over gradientAxes without ep (the ranks
+  // holding the same experts), summed there and divided by the whole data
+  // size: averaged over those axes, then times expertGradientScale = 1/ep.
+  std::vector<MeshAxis> expertGradientAxes;
+  double expertGradientScale = 1.0;
 };
 
 // [pipeline]: how a pp > 1 job runs its stages. Plain struct; read from TOML.
@@ -88,6 +96,10 @@ struct ParallelConfig {
   // No effect with tp = 1.
   bool sequence_parallel = false;
   PipelineConfig pipeline;            // used when mesh.pp > 1
+  // With tp > 1 and MoE: DeepSpeed-TED's duplicate-token dropping -- each tp
+  // rank sends 1/tp of the dispatched slots over ep (expert_parallel.h).
+  // Same outputs and gradients; all-to-all bytes divided by tp.
+  bool moe_dtd = false;
 
   // The single validation of the section: keys, degrees against worldSize
   // (MeshShape::validate with this prefix), and the strategy against the
@@ -96,6 +108,8 @@ struct ParallelConfig {
   // dp_shard: "none" (dp_shard = 1), "ddp" or "fsdp". Throws ConfigError
   // naming prefix + key ("parallel.dp_shard") and the fix.
   DataParallelPlan resolve(int worldSize, bool localUpdates = false, const std::string& prefix = "parallel.") const;
+  // resolve()'s strategy part: the plan's axes before ep is added. Local.
+  DataParallelPlan resolveDataAxes(bool localUpdates, const std::string& prefix) const;
   // resolve() for its checks only.
   void validate(int worldSize, bool localUpdates = false, const std::string& prefix = "parallel.") const {
     resolve(worldSize, localUpdates, prefix);

@@ -50,7 +50,9 @@ void applyTensorParallel(TrainableModel& model, comm::CommPtr tpComm, bool seque
 std::set<std::string> tensorParallelParameters(torch::nn::Module& model);
 
 // The strategy `inner` (built on the tensor-parallel model) with the
-// gradient norm over logical parameters (file comment): `tpSharded` from
+// gradient norm over logical parameters (file comment), without expert
+// parallelism: withLogicalNorm (logical_norm.h) with no ep and the experts
+// held as the dense parameters are, which composes with ep. `tpSharded` from
 // tensorParallelParameters(). `shardComm`: the group over which `inner`
 // holds distinct shards (FSDP's dp_shard), null when it holds whole
 // parameters (none, DDP). Everything else is `inner`'s. gradNorm() is

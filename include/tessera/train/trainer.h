@@ -23,8 +23,8 @@
 //      and zero the gradients.
 //   4. every eval_every steps: validation loss averaged over the data ranks
 //   5. callbacks, a metrics line every log_every steps and after every
-//      skipped step (on the rank given a writer: the one that has the loss), a
-//      progress line
+//      skipped step (on the rank given a writer: the one that has the loss;
+//      TrainerParts::extraMetrics, collective, adds fields), a progress line
 //
 // Optimizer post-validation (Zero Bubble, arXiv 2401.10241 §4), with a
 // pipeline (TrainerParts::stageNorm set) and train.post_validation "auto":
@@ -167,6 +167,14 @@ struct TrainerParts {
   // once (a tied copy counted by one stage only). Null: this stage is the
   // whole model. See the header comment for post-validation.
   std::shared_ptr<parallel::pipeline::CrossStageNorm> stageNorm;
+  // More fields for the metrics line (e.g. parallel::MoeLoadCollector::
+  // metricsHook: the MoE dropped fraction and expert loads). Collective: called
+  // on EVERY rank -- with or without `metrics` -- each time a metrics line is
+  // due (every log_every steps, the last step, after a skipped step: the same
+  // steps everywhere, as the skip decision is), after validation, so it may run
+  // collectives over any group of the job; the fields it adds are written by
+  // the rank with `metrics`, after the standard ones. Empty: nothing.
+  std::function<void(MetricsRecord&)> extraMetrics;
 };
 
 class Trainer {

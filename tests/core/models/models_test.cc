@@ -449,7 +449,7 @@ TEST(MoeTest, TokensOverCapacityAreDropped) {
   EXPECT_TRUE(torch::equal(routing.slot.squeeze(1), torch::tensor({0, 1, 2, 3, 4, -1, -1, -1, -1, -1}, torch::kLong)));
   const auto y = moe->forward(x);
   EXPECT_TRUE(torch::equal(y.narrow(0, 5, 5), torch::zeros({5, 3})));
-  const auto expert0 = moe->experts[0]->as<FeedForwardImpl>()->forward(x.narrow(0, 0, 5));
+  const auto expert0 = moe->experts->at(0).forward(x.narrow(0, 0, 5));
   const auto gate = routing.gates.narrow(0, 0, 5).select(1, 0).unsqueeze(1);
   EXPECT_TRUE(torch::allclose(y.narrow(0, 0, 5), gate * expert0, 1e-5, 1e-6));
 }
@@ -480,7 +480,7 @@ TEST(MoeTest, OneExpertWithRoomEqualsTheExpert) {
   MoeFeedForward moe(5, 10, moeConfig(1, 1, 1.0));  // C = max(S, 4) >= S
   const auto x = torch::randn({2, 7, 5});           // (B, T, M): S = 14
   const auto y = moe->forward(x);
-  const auto want = moe->experts[0]->as<FeedForwardImpl>()->forward(x);
+  const auto want = moe->experts->at(0).forward(x);
   EXPECT_TRUE(torch::allclose(y, want, 1e-5, 1e-6));
 }
 
@@ -492,8 +492,8 @@ TEST(MoeTest, GradientsReachRouterAndEveryExpert) {
   (y.pow(2).sum() + aux).backward();
   ASSERT_TRUE(moe->router->weight.grad().defined());
   EXPECT_GT(moe->router->weight.grad().abs().sum().item<double>(), 0);
-  for (const auto& expert : *moe->experts) {
-    const auto& grad = expert->as<FeedForwardImpl>()->fc->weight.grad();
+  for (size_t e = 0; e < moe->experts->size(); ++e) {
+    const auto& grad = moe->experts->at(e).fc->weight.grad();
     ASSERT_TRUE(grad.defined());
     EXPECT_GT(grad.abs().sum().item<double>(), 0);
   }

@@ -82,8 +82,8 @@ struct GptConfig {
   void validate(const std::string& prefix = "model.") const;
   // Whether tensor parallelism over `tp` ranks (named `axis` in messages,
   // "parallel.tp") can split this model: n_head divisible by tp, a vocabulary
-  // whose padded split leaves every rank a row, no MoE (TED comes with issue
-  // 17). Throws ConfigError naming the field and both numbers. The one check,
+  // whose padded split leaves every rank a row (MoE experts split as the
+  // MLP is: TED). Throws ConfigError naming the field and both numbers. The one check,
   // used by GptImpl::applyTensorParallel and tessera-train's config alike.
   void validateTensorParallel(int64_t tp, const std::string& prefix = "model.",
                               const std::string& axis = "parallel.tp") const;
@@ -289,9 +289,11 @@ class GptImpl : public torch::nn::Module {
   // slice of the current values in place; parameter names do not change and
   // every parameter declares its slice of the logical tensor. Call once, on
   // every rank of the group, before any wrapper or optimizer sees the model.
-  // Throws ConfigError naming the key for a model the group cannot split:
-  // model.n_head not divisible by the group size, a vocabulary too small for
-  // it, or model.use_moe (tensor parallelism inside experts comes with issue 17).
+  // MoE blocks: each expert's fc column-, proj row-parallel (TED), the
+  // router whole; under sequence parallelism the MoE layer sees the gathered
+  // sequence (BlockImpl::forwardWithAux). Throws ConfigError naming the key
+  // for a model the group cannot split: model.n_head not divisible by the
+  // group size, or a vocabulary too small for it.
   void applyTensorParallel(std::shared_ptr<ShardGroup> group, bool sequenceParallel);
   // The group the model is split over; null when whole.
   const std::shared_ptr<ShardGroup>& tensorParallelGroup() const { return tp_group_; }

@@ -94,6 +94,14 @@ class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
   // (fused blocks: out must divide by fused_blocks).
   void shard(LayerOptions options);
 
+  // Switches a sharded (kColumn / kRow) layer between the plain regions and
+  // the sequence-parallel ones along the second-to-last dim (layer_options.h),
+  // keeping its slice: the split is the same, only where the group
+  // communicates changes. Expert parallelism's duplicate-token dropping runs
+  // the experts this way along their slot dim. Local; call between steps.
+  // InvalidArgument for a layer that is not kColumn / kRow.
+  void setSequenceParallel(bool on);
+
   // The part of the logical dimension this rank holds: the output rows
   // (kColumn, per fused block), the input columns (kRow); {0, full} when whole.
   ShardRange outputRange() const;

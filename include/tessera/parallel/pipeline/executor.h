@@ -10,6 +10,17 @@
 // scaled by 1 / (k M), so the gradients are those of the mean over the k
 // batches, exactly as without a pipeline.
 //
+// Mixture of experts (StageModel::hasAuxLoss): every chunk's MoE blocks add
+// moe.aux_loss_weight * their aux loss to the objective -- the last chunk
+// inside its loss, any other chunk as the aux that forward returns, which B
+// scales by the same 1 / (k M) and backpropagates together with the
+// activation gradient (one backward over both). So gradients equal pp = 1's
+// with train.grad_accum = k M (capacity and the aux loss are per forward,
+// i.e. per micro-batch). The reported loss is pp = 1's too: the non-last
+// chunks' aux values (detached) are summed over the pp ranks with one
+// all-reduce at the end of each step and of each evaluate() -- collective
+// over pp only for MoE models -- and added on the rank holding the last chunk.
+//
 // Actions (schedule.h):
 //   F(c, m)     forward of chunk c: chunk 0 from the micro-batch's tokens, any
 //               other from the received (or, for chunks on the same rank,

@@ -59,8 +59,21 @@ class StageModel {
   // Forward of chunk `chunk` on a micro-batch. Chunk 0 reads batch.inputs
   // (`input` undefined); any other chunk reads `input`, the previous chunk's
   // output. Returns the chunk's activation, or, for the last chunk, the
-  // micro-batch's mean loss (a scalar). Throws what the model throws.
-  virtual at::Tensor forward(int chunk, const at::Tensor& input, const Batch& batch) = 0;
+  // micro-batch's mean loss (a scalar) -- with MoE, cross-entropy plus
+  // moe.aux_loss_weight times the last chunk's own blocks' aux losses.
+  // `aux` (may be null): set to the objective's share of a NON-last chunk's
+  // MoE blocks, aux_loss_weight * their summed aux loss (() fp32, attached to
+  // the graph), which the caller must add to the objective (backpropagate
+  // with the activation) and to the reported loss; undefined for the last
+  // chunk (already in the loss), for a chunk without MoE blocks and without
+  // MoE. A null `aux` drops it: only for callers that neither train nor
+  // report (the gradient would miss the load-balancing term). Throws what
+  // the model throws.
+  virtual at::Tensor forward(int chunk, const at::Tensor& input, const Batch& batch, at::Tensor* aux) = 0;
+  // Whether forward can return an aux loss (the model uses MoE). The same on
+  // every pp rank of a model: the executor's extra collective over pp (the
+  // other stages' aux values reaching the loss) keys on it.
+  virtual bool hasAuxLoss() const { return false; }
   // Shape and dtype of the activation between two chunks for `batch`, as
   // this rank holds it (the sequence shard under sequence parallelism): what
   // a receive buffer must be.
@@ -77,8 +90,9 @@ class StageModel {
 // The chunk ranges and owners for this rank: chunk ranges from
 // gptChunkBlocks over `layersPerChunk` (empty: balanced), owners from the
 // schedule. Throws ConfigError naming the key: more chunks than layers or
-// counts that do not sum to n_layer ("pipeline.layers_per_stage"), use_moe
-// ("parallel.pp": expert parallelism inside pipelines comes with issue 17).
+// counts that do not sum to n_layer ("pipeline.layers_per_stage"). MoE
+// models are cut like dense ones (each MoE block stays whole in its chunk;
+// its aux loss travels as StageModel::forward says).
 StagePlan planStage(const models::GptConfig& config, std::vector<int> chunkOwner, int rank,
                     const std::vector<int64_t>& layersPerChunk);
 
