@@ -17,12 +17,25 @@
 //               an all-reduce-sum of 3 N (sum of exps, target logit, owner count)
 //   sequence-parallel parameters: the gradients of replicated parameters used
 //               on sequence shards are all-reduced: per block ln1, ln2 (2 C each)
-//               and the biases of attn.proj and mlp.proj (C each); ln_f (2 C); the
+//               and the biases of attn.proj and mlp.proj (C each; no mlp with
+//               MoE); ln_f (2 C); the
 //               position table (block_size C) with learned positions
+//   MoE blocks  (model.use_moe, TED) the feed-forward's two all-reduces are
+//               replaced by the experts': per local expert (E/ep of them, on
+//               their (ep*C, M) slots, C the capacity of B*T tokens) fc's
+//               backward and proj's forward all-reduce; with
+//               parallel.moe_dtd, on slots padded to C' (a multiple of p):
+//               fc's all-gather forward / reduce-scatter backward and proj's
+//               reduce-scatter forward / all-gather backward of (ep*C', M),
+//               proj's bias gradient all-reduced (M), and the exchange's
+//               all-gather of the (E, C', M) buffer each way. Under sequence
+//               parallelism the block all-gathers the MoE input (B,T,C)
+//               forward and its output's gradient backward
 //   FSDP        recomputes each block's forward in backward: its forward
-//               collectives run twice
+//               collectives run twice (with ep > 1 the experts are a unit
+//               of their own, recomputed once more: their Linears' three times)
 // Per step: grad_accum micro-batches, plus the clipping norm's all-reduce of
-// one float64 over tp.
+// two float64 over tp (dense and expert squares). Not modelled: pp > 1.
 #pragma once
 
 #include <cstdint>

@@ -9,6 +9,7 @@
 #include "launcher/train_config.h"
 #include "launcher/train_job.h"
 #include "bench/bench_command.h"
+#include "bench/ep_traffic_model.h"
 #include "bench/tp_traffic_model.h"
 #include "tessera/core/config.h"
 #include "tessera/core/metrics.h"
@@ -38,8 +39,19 @@ double sgemmPeakFlopsPerSecond() {
 // Training FLOPs per token (per example for the classifier): 6 per parameter
 // (forward 2, backward 4), plus attention's score and value matmuls for the
 // GPT, 12 * n_layer * d_model * T (the PaLM appendix B estimate).
+// A mixture of experts counts the parameters a token passes through: each
+// token visits top_k of the E experts (capacity slack and dropped tokens
+// aside), so the other experts' parameters are left out.
 double flopsPerToken(const launcher::TrainJobConfig& job, int64_t parameters) {
-  double flops = 6.0 * static_cast<double>(parameters);
+  double active = static_cast<double>(parameters);
+  if (job.model.kind == "gpt" && job.model.gpt.use_moe) {
+    const auto& gpt = job.model.gpt;
+    const double M = static_cast<double>(gpt.d_model);
+    const double H = static_cast<double>(gpt.mlp_ratio) * M;
+    const double expert = 2 * M * H + H + M;  // fc and proj with biases
+    active -= static_cast<double>(gpt.n_layer * (gpt.moe.num_experts - gpt.moe.top_k)) * expert;
+  }
+  double flops = 6.0 * active;
   if (job.model.kind == "gpt") {
     flops += 12.0 * job.model.gpt.n_layer * job.model.gpt.d_model * job.data.seq_len;
   }
@@ -106,6 +118,13 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
                           .add("bytes", static_cast<int64_t>(traffic.bytesSent - before.bytesSent))
                           .add("exposed_s", traffic.exposedSeconds - before.exposedSeconds));
   }
+  // Bytes communicator `name` sent per timed step (0 when it does not exist).
+  auto timedBytesPerStep = [&](const std::string& name) {
+    const auto it = last.comm.find(name);
+    if (it == last.comm.end()) return 0.0;
+    const double before = perCommAtWarmup.count(name) ? static_cast<double>(perCommAtWarmup.at(name).bytesSent) : 0;
+    return (static_cast<double>(it->second.bytesSent) - before) / static_cast<double>(config.steps);
+  };
   MetricsRecord record;
   record.add("bench", "train")
       .add("config", config.configPath)
@@ -129,9 +148,7 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
   if (job.parallel.mesh.tp > 1 && job.model.kind == "gpt") {
     // The tp communicator's measured bytes per step beside the analytic model (tp_traffic_model.h).
     const TpTrafficModel model = tensorParallelTrafficPerStep(job);
-    const auto it = last.comm.find("tp");
-    const double before = perCommAtWarmup.count("tp") ? static_cast<double>(perCommAtWarmup.at("tp").bytesSent) : 0;
-    const double measured = it == last.comm.end() ? 0 : (static_cast<double>(it->second.bytesSent) - before) / config.steps;
+    const double measured = timedBytesPerStep("tp");
     MetricsRecord terms;
     for (const auto& [name, bytes] : model.termBytes) terms.add(name, bytes);
     record.add("tp", MetricsRecord()
@@ -141,6 +158,32 @@ void runTrainBench(DistributedContext& ctx, const TrainBenchConfig& config) {
                          .add("model_bytes_per_step", model.totalBytes)
                          .add("measured_over_model", model.totalBytes > 0 ? measured / model.totalBytes : 0.0)
                          .add("model_terms", terms));
+  }
+  if (job.model.kind == "gpt" && job.model.gpt.use_moe && (job.parallel.mesh.ep > 1 || job.parallel.moe_dtd)) {
+    // The ep communicator's measured bytes per step (the experts' all-to-alls)
+    // beside the model (ep_traffic_model.h); with DTD, the reduction against
+    // the model's bytes without it (target: the tp degree).
+    const EpTrafficModel model = expertParallelTrafficPerStep(job);
+    const double measured = timedBytesPerStep("ep");
+    MetricsRecord terms;
+    for (const auto& [name, bytes] : model.termBytes) terms.add(name, bytes);
+    MetricsRecord ep;
+    ep.add("degree", model.ep)
+        .add("dtd", model.dtd)
+        .add("tp", model.tp)
+        .add("moe_layers", model.moeLayers)
+        .add("tokens_per_forward", model.tokensPerForward)
+        .add("capacity", model.capacity)
+        .add("bytes_per_step", measured)
+        .add("model_bytes_per_step", model.totalBytes)
+        .add("measured_over_model", model.totalBytes > 0 ? measured / model.totalBytes : 0.0)
+        .add("model_terms", terms);
+    if (model.dtd) {
+      ep.add("model_bytes_per_step_without_dtd", model.totalBytesWithoutDtd)
+          .add("reduction_measured", measured > 0 ? model.totalBytesWithoutDtd / measured : 0.0)
+          .add("reduction_model", model.totalBytes > 0 ? model.totalBytesWithoutDtd / model.totalBytes : 0.0);
+    }
+    record.add("ep", ep);
   }
   std::printf("%s\n", record.toJson().c_str());
   std::fflush(stdout);

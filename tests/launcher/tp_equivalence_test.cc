@@ -285,6 +285,15 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"moe_pipeline_zb_h1", "ep", plus(kMoe, {"parallel.pp=2", "pipeline.microbatches=4",
                                                      "pipeline.schedule=zb_h1"}),
              kEpDdp1, 4, kEpDdp2, 4},
+        Case{"moe_hybrid", "ep", kMoe, {"parallel.strategy=hybrid", "parallel.dp_replicate=2", "parallel.dp_shard=2"}, 4,
+             {"parallel.strategy=hybrid", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.ep=2"}, 4},
+        Case{"moe_mt_dao", "ep",
+             plus(kMoe, {"optim.name=mt-dao", "optim.lr=3e-3", "mt_dao.sync_params=3", "mt_dao.sync_momenta=[2]"}),
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.dp_shard=2"}, 4,
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.ep=2"}, 4},
+        Case{"moe_demo", "ep", plus(kMoe, {"optim.name=demo", "optim.lr=1e-3", "demo.compression_chunk=16"}),
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.dp_shard=2"}, 4,
+             {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.ep=2"}, 4},
         // DiLoCo across 2 replicas, each an ep = 2 group (ddp inside: ep is data-parallel there).
         Case{"moe_diloco", "ep", plus(kMoe, {"optim.name=diloco", "diloco.inner_steps=4"}),
              {"parallel.strategy=ddp", "parallel.dp_replicate=2", "parallel.dp_shard=2"}, 4,
@@ -299,21 +308,48 @@ Curve trainMoe(const std::string& tag, const std::vector<std::string>& mesh, con
 }
 
 void expectResumedCurve(const std::vector<std::string>& first, const std::vector<std::string>& second,
-                        const std::string& tag) {
+                        const std::string& tag, bool checkExport) {
   const std::string dir = ::testing::TempDir() + "ep_ckpt_" + tag + "_" + std::to_string(getpid());
   const Curve head = trainMoe(tag + "_head", first, {"--checkpoint-dir", dir, "--checkpoint-every", "4"});
-  const Curve tail = trainMoe(tag + "_tail", second, {"--resume", dir + "/step-4"});
-  std::filesystem::remove_all(dir);
-  ASSERT_EQ(head.losses.size(), static_cast<size_t>(kSteps));
-  ASSERT_EQ(tail.losses.size(), static_cast<size_t>(kSteps / 2)) << "the resumed run logs steps 5-8";
-  for (int i = 0; i < kSteps / 2; ++i) {
+  const Curve tail = trainMoe(tag + "_tail", second, {"--resume", dir + "/step-00000004"});
+  EXPECT_EQ(head.losses.size(), static_cast<size_t>(kSteps));
+  EXPECT_EQ(tail.losses.size(), static_cast<size_t>(kSteps / 2)) << "the resumed run logs steps 5-8";
+  for (size_t i = 0; i < tail.losses.size() && kSteps / 2 + i < head.losses.size(); ++i) {
     EXPECT_NEAR(tail.losses[i], head.losses[kSteps / 2 + i], kTolerance) << tag << ": step " << kSteps / 2 + i + 1;
   }
+  if (checkExport) {
+    // tessera-export writes the whole model: every expert of every layer, whichever rank held it.
+    const std::string file = dir + "/model.safetensors";
+    const ProcessResult exported =
+        runProcess({TESSERA_EXPORT_PATH, dir + "/step-00000004", file}, std::chrono::seconds(60));
+    EXPECT_EQ(exported.exitCode, 0) << exported.output;
+    std::ifstream in(file, std::ios::binary);
+    uint64_t headerBytes = 0;
+    in.read(reinterpret_cast<char*>(&headerBytes), sizeof headerBytes);
+    std::string header(headerBytes, '\0');
+    in.read(header.data(), static_cast<std::streamsize>(headerBytes));
+    const nlohmann::json names = nlohmann::json::parse(header);
+    for (int block = 0; block < 2; ++block) {
+      for (int e = 0; e < 4; ++e) {
+        const std::string name = "blocks." + std::to_string(block) + ".moe.experts." + std::to_string(e) + ".fc.weight";
+        EXPECT_TRUE(names.contains(name)) << tag << ": the export lacks " << name;
+      }
+    }
+    // model.init_from loads that whole file into either layout's experts: the same first loss, not the fresh init's.
+    const Curve fromFileFirst = trainMoe(tag + "_init_first", first, {"--set", "model.init_from=" + file});
+    const Curve fromFileSecond = trainMoe(tag + "_init_second", second, {"--set", "model.init_from=" + file});
+    EXPECT_FALSE(fromFileFirst.losses.empty() || fromFileSecond.losses.empty() || head.losses.empty());
+    if (!fromFileFirst.losses.empty() && !fromFileSecond.losses.empty() && !head.losses.empty()) {
+      EXPECT_NEAR(fromFileFirst.losses[0], fromFileSecond.losses[0], kTolerance) << tag << ": init_from";
+      EXPECT_GT(std::abs(fromFileFirst.losses[0] - head.losses[0]), 10 * kTolerance) << tag << ": init_from loaded nothing";
+    }
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(EpCheckpoint, Ep2ResumesAtEp1AndBack) {
-  expectResumedCurve(kEpDdp2, kEpDdp1, "ep2_to_ep1");
-  expectResumedCurve(kEpDdp1, kEpDdp2, "ep1_to_ep2");
+  expectResumedCurve(kEpDdp2, kEpDdp1, "ep2_to_ep1", /*checkExport=*/true);
+  expectResumedCurve(kEpDdp1, kEpDdp2, "ep1_to_ep2", /*checkExport=*/false);
 }
 
 }  // namespace
