@@ -36,6 +36,8 @@
 namespace tessera {
 namespace {
 
+using testing::sliceOf;
+
 namespace fs = std::filesystem;
 using Tensors = std::map<std::string, at::Tensor>;
 using Shapes = std::map<std::string, std::vector<int64_t>>;
@@ -64,11 +66,6 @@ models::GptPart stagePart(int stage) {
 }
 
 // The flat elements of `slice` of `whole`.
-at::Tensor sliceOf(const at::Tensor& whole, const TensorSlice& slice) {
-  at::Tensor out = at::empty({slice.numel}, whole.options());
-  copyOverlap(TensorSlice::whole(whole.sizes().vec()), whole.contiguous().reshape({-1}), slice, out);
-  return out;
-}
 
 // A gradient that depends only on the parameter's name and shape: every
 // layout (a stage, an FSDP shard, the whole model) sees the same one, as the

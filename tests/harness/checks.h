@@ -1,6 +1,7 @@
 // Small checks several test files share (header-only).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -12,8 +13,17 @@
 
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
+#include "tessera/core/state.h"
 
 namespace tessera::testing {
+
+// The elements of whole tensor `whole` that `slice` holds, flat (a copy):
+// what a rank holding that piece of a logical tensor should hold.
+inline at::Tensor sliceOf(const at::Tensor& whole, const TensorSlice& slice) {
+  at::Tensor out = at::empty({slice.numel}, whole.options());
+  copyOverlap(TensorSlice::whole(whole.sizes().vec()), whole.contiguous().reshape({-1}), slice, out);
+  return out;
+}
 
 // A shell command's exit and everything it printed (stdout; add 2>&1 for stderr).
 struct ShellResult {

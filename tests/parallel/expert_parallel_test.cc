@@ -19,10 +19,13 @@
 #include "tessera/core/models/logical_parameters.h"
 #include "tessera/parallel/expert_parallel.h"
 #include "tessera/parallel/parallelize.h"
+#include "tests/harness/checks.h"
 #include "tests/harness/multiprocess.h"
 
 namespace tessera::parallel {
 namespace {
+
+using testing::sliceOf;
 
 // 4 experts of a 2-block GPT; heads and hidden sizes split by tp = 2.
 models::GptConfig moeGpt(const testing::WorkerContext& ctx) {
@@ -51,12 +54,6 @@ Batch batchOf(int dataRank) {
   const at::Tensor all = at::randint(0, 37, {2, 13}, gen, at::kLong);
   const at::Tensor idx = all.narrow(1, 0, 12).contiguous();
   return Batch{idx, all.narrow(1, 1, 12).contiguous(), idx.numel()};
-}
-
-at::Tensor sliceOf(const at::Tensor& whole, const TensorSlice& slice) {
-  at::Tensor out = at::empty({slice.numel}, whole.options());
-  copyOverlap(TensorSlice::whole(whole.sizes().vec()), whole.contiguous().reshape({-1}), slice, out);
-  return out;
 }
 
 TESSERA_WORKER(ep_matches_one_process) {

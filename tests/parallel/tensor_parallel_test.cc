@@ -23,6 +23,8 @@
 namespace tessera::parallel {
 namespace {
 
+using testing::sliceOf;
+
 // 37 tokens: uneven over 2 (19 + 18), 3 (13 + 13 + 11) and 4 (10 x 3 + 7).
 // 12 heads of 4 dims split by 2, 3 and 4; a sequence of 12 too.
 models::GptConfig gptConfig(const testing::WorkerContext& ctx) {
@@ -45,13 +47,6 @@ std::pair<at::Tensor, at::Tensor> tokens(int64_t seed, int64_t batch = 3, int64_
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const at::Tensor all = at::randint(0, 37, {batch, length + 1}, gen, at::kLong);
   return {all.narrow(1, 0, length).contiguous(), all.narrow(1, 1, length).contiguous()};
-}
-
-// The elements `slice` of whole tensor `whole` holds, flat.
-at::Tensor sliceOf(const at::Tensor& whole, const TensorSlice& slice) {
-  at::Tensor out = at::empty({slice.numel}, whole.options());
-  copyOverlap(TensorSlice::whole(whole.sizes().vec()), whole.contiguous().reshape({-1}), slice, out);
-  return out;
 }
 
 // Max |local - reference| over every parameter's pieces, of values or grads.
