@@ -140,6 +140,7 @@ class Executor final : public PipelineExecutor {
   const std::vector<TimedAction>& timeline() const override { return timeline_; }
   std::chrono::steady_clock::time_point timelineOrigin() const override { return origin_; }
   int64_t peakActivationBytes() const override { return pool_ ? pool_->peakResidentBytes() : -1; }
+  void setSynchronousOffload(bool on) override { synchronousOffload_ = on; }
   void resetMeasurements() override { forward_ = backwardInput_ = backwardWeight_ = fused_ = recvWait_ = Sum{}; }
 
   PipelineCosts measuredCosts() const override {
@@ -315,6 +316,7 @@ class Executor final : public PipelineExecutor {
         }
         case ActionKind::kOffload:
           pool_->offload(key);  // asynchronous: the copy thread moves them while compute goes on
+          if (synchronousOffload_) pool_->waitIdle();
           continue;
         case ActionKind::kReload:
           pool_->reload(key);
@@ -459,6 +461,7 @@ class Executor final : public PipelineExecutor {
   PipelineSchedule schedule_;  // base_ with the offload actions, the one run
   std::unique_ptr<ActivationPool> pool_;  // with offload or measureActivations
   double bytesPerMicroBatch_ = 0;         // saved activation bytes of one micro-batch through the stage
+  bool synchronousOffload_ = false;       // setSynchronousOffload
   int chunks_ = 1;
   int64_t stepsRun_ = 0;
   std::vector<TimedAction> timeline_;

@@ -172,6 +172,9 @@ TESSERA_WORKER(pipeline_offload_lowers_resident_activations) {
     ParallelModel pm = parallelize(*model, mesh, config, false);
     auto* executor = dynamic_cast<pipeline::PipelineExecutor*>(pm.executor.get());
     TESSERA_CHECK(executor != nullptr, "no pipeline executor");
+    // Each offload's copies finish before the next action: the peak no longer
+    // depends on the copy thread getting a core (this machine's 2 are shared).
+    executor->setSynchronousOffload(true);
     executor->forwardBackward({batchOf(0, 0, 64)}, 0);  // 8 rows a micro-batch: saved tensors above minBytes
     pm.dp->finishGradientSync();
     peak[offload] = executor->peakActivationBytes();
@@ -180,9 +183,8 @@ TESSERA_WORKER(pipeline_offload_lowers_resident_activations) {
   for (const auto& [name, grad] : grads["none"]) {
     TESSERA_CHECK(at::equal(grad, grads["all"].at(name)), name << ": the gradient differs with offload");
   }
-  // How much lower depends on the copy thread keeping up (on an idle machine
-  // about 4x lower here; tessera-bench pipeline --offload none,all measures it),
-  // so the test asks only for lower: a starved copy thread must not be a failure.
+  // How much lower with the copies overlapped depends on the copy thread keeping
+  // up (tessera-bench pipeline --offload none,all measures it).
   TESSERA_CHECK(peak["none"] > 0 && peak["all"] < peak["none"],
                 "rank " << world->rank() << ": peak resident activation bytes " << peak["all"] << " with offload vs "
                         << peak["none"] << " without");

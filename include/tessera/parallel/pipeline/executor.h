@@ -104,6 +104,11 @@ class PipelineExecutor : public StepExecutor {
   // Collective in effect: every pp rank must switch before the same step.
   virtual void setSchedule(PipelineSchedule schedule) = 0;
   virtual const PipelineSchedule& schedule() const = 0;
+  // With offload: wait for each offload action's copies before the next
+  // action, so the resident bytes no longer depend on how fast the copy
+  // thread is scheduled (tests and measurements of what offload can save;
+  // training wants the overlap, the default). Local; call between steps.
+  virtual void setSynchronousOffload(bool on) = 0;
 };
 
 struct ExecutorOptions {
