@@ -138,10 +138,13 @@ void applyExpertParallel(TrainableModel& model, comm::CommPtr epComm, bool dupli
   TESSERA_CHECK_ARG(epComm != nullptr, "applyExpertParallel needs the ep communicator");
   const int ep = epComm->size();
   auto* gpt = dynamic_cast<models::GptImpl*>(&model.module());
-  TESSERA_CHECK_CONFIG(gpt != nullptr && gpt->config().use_moe, "parallel.ep",
-                       "expert parallelism splits the experts of a mixture-of-experts GPT; set model.use_moe = true "
-                       "(model.kind = \"gpt\") or parallel.ep = 1, got parallel.ep = "
-                           << ep);
+  // Called for ep > 1, or for duplicate-token dropping alone (ep = 1): name the key that asked.
+  TESSERA_CHECK_CONFIG(gpt != nullptr && gpt->config().use_moe, ep > 1 ? "parallel.ep" : "parallel.moe_dtd",
+                       (ep > 1 ? "expert parallelism splits" : "duplicate-token dropping splits the slots of")
+                           << " the experts of a mixture-of-experts GPT; set model.use_moe = true (model.kind = "
+                              "\"gpt\"), or "
+                           << (ep > 1 ? "parallel.ep = 1, got parallel.ep = " + std::to_string(ep)
+                                      : std::string("parallel.moe_dtd = false")));
   const int64_t E = gpt->config().moe.num_experts;
   TESSERA_CHECK_CONFIG(E % ep == 0, "model.moe.num_experts",
                        "model.moe.num_experts (" << E << ") must be divisible by parallel.ep (" << ep

@@ -208,10 +208,10 @@ TEST(ExpertParallel, ConfigErrorsNameTheKeys) {
   models::Gpt plain(dense);
   auto plainModel = makeTrainable(plain);
   try {
-    applyExpertParallel(*plainModel, comm::makeSingleRankCommunicator("ep"), false);
-    FAIL() << "a dense GPT has no experts to split";
+    applyExpertParallel(*plainModel, comm::makeSingleRankCommunicator("ep"), /*duplicateTokenDropping=*/true);
+    FAIL() << "a dense GPT has no experts' slots to split";
   } catch (const ConfigError& e) {
-    EXPECT_EQ(e.field(), "parallel.ep");
+    EXPECT_EQ(e.field(), "parallel.moe_dtd");
   }
 }
 
