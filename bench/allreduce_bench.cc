@@ -73,10 +73,11 @@ std::vector<double> slowestAcrossRanks(comm::Communicator& world, const std::vec
   return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
 }
 
-// int8 vs float32 all-reduce of the same Gaussian inputs, interleaved.
+// int8 or fp8 vs float32 all-reduce of the same Gaussian inputs, interleaved.
 void runCompressedComparison(DistributedContext& ctx, const AllreduceBenchConfig& config) {
   comm::Communicator& world = *ctx.world;
   const int n = world.size();
+  const std::string name = comm::toString(config.compression);  // field prefix: "int8" or "fp8"
   for (const int64_t bytes : config.bytes) {
     const int64_t numel = bytes / 4;
     auto input = at::empty({numel}, at::kFloat);
@@ -84,14 +85,14 @@ void runCompressedComparison(DistributedContext& ctx, const AllreduceBenchConfig
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (int64_t i = 0; i < numel; ++i) input.data_ptr<float>()[i] = normal(gen);
     auto buffer = at::empty({numel}, at::kFloat);
-    auto int8 = [&] { comm::allReduceCompressed(world, buffer, comm::ReduceOp::kSum, comm::Compression::kInt8); };
+    auto compressed = [&] { comm::allReduceCompressed(world, buffer, comm::ReduceOp::kSum, config.compression); };
     auto fp32 = [&] { world.allReduce(buffer, comm::ReduceOp::kSum); };
-    // The error of one int8 all-reduce against the fp32 one, same inputs.
+    // The error of one compressed all-reduce against the fp32 one, same inputs.
     buffer.copy_(input);
     fp32();
     const auto exact = buffer.clone();
     buffer.copy_(input);
-    int8();
+    compressed();
     double errSq = 0, refSq = 0;
     for (int64_t i = 0; i < numel; ++i) {
       const double e = exact.data_ptr<float>()[i], d = buffer.data_ptr<float>()[i] - e;
@@ -103,42 +104,42 @@ void runCompressedComparison(DistributedContext& ctx, const AllreduceBenchConfig
       for (int k = 0; k < 2; ++k) {
         buffer.copy_(input);
         world.barrier();
-        k == 0 ? int8() : fp32();
+        k == 0 ? compressed() : fp32();
       }
     }
-    std::vector<double> int8Seconds, fp32Seconds;
-    uint64_t int8Sent = 0, fp32Sent = 0;
+    std::vector<double> compressedSeconds, fp32Seconds;
+    uint64_t compressedSent = 0, fp32Sent = 0;
     for (int i = 0; i < config.iterations; ++i) {
       for (int k = 0; k < 2; ++k) {
-        const bool int8Now = (i + k) % 2 == 0;
+        const bool compressedNow = (i + k) % 2 == 0;
         buffer.copy_(input);  // in place: restart from the inputs every time
         world.barrier();
         const uint64_t sentBefore = world.stats().totalBytesSent();
         Stopwatch watch;
-        int8Now ? int8() : fp32();
-        (int8Now ? int8Seconds : fp32Seconds).push_back(watch.seconds());
-        (int8Now ? int8Sent : fp32Sent) += world.stats().totalBytesSent() - sentBefore;
+        compressedNow ? compressed() : fp32();
+        (compressedNow ? compressedSeconds : fp32Seconds).push_back(watch.seconds());
+        (compressedNow ? compressedSent : fp32Sent) += world.stats().totalBytesSent() - sentBefore;
       }
     }
-    const double int8Median = median(slowestAcrossRanks(world, int8Seconds));
+    const double compressedMedian = median(slowestAcrossRanks(world, compressedSeconds));
     const double fp32Median = median(slowestAcrossRanks(world, fp32Seconds));
     if (world.rank() != 0) continue;
     MetricsRecord record;
     record.add("bench", "allreduce")
-        .add("compression", "int8")
+        .add("compression", name)
         .add("link", config.link.empty() ? "loopback" : config.link)
         .add("backend", world.backend())
         .add("ranks", n)
         .add("bytes", bytes)
         .add("iterations", config.iterations)
-        .add("int8_median_s", int8Median)
-        .add("int8_algbw_gbps", bytes / int8Median / 1e9)
-        .add("int8_sent_bytes_per_rank", int8Sent / config.iterations)
+        .add(name + "_median_s", compressedMedian)
+        .add(name + "_algbw_gbps", bytes / compressedMedian / 1e9)
+        .add(name + "_sent_bytes_per_rank", compressedSent / config.iterations)
         .add("fp32_median_s", fp32Median)
         .add("fp32_algbw_gbps", bytes / fp32Median / 1e9)
         .add("fp32_sent_bytes_per_rank", fp32Sent / config.iterations)
-        .add("speedup_vs_fp32", fp32Median / int8Median)
-        .add("int8_rel_rms_error", relError);
+        .add("speedup_vs_fp32", fp32Median / compressedMedian)
+        .add(name + "_rel_rms_error", relError);
     std::printf("%s\n", record.toJson().c_str());
     std::fflush(stdout);
   }
@@ -149,8 +150,8 @@ void runCompressedComparison(DistributedContext& ctx, const AllreduceBenchConfig
 void AllreduceBenchConfig::validate() const {
   TESSERA_CHECK_CONFIG(link.empty() || link == "loopback" || linkIsRate(link), "link",
                        "must be loopback or a tc rate such as 100mbit or 1gbit, got '" << link << "'");
-  TESSERA_CHECK_CONFIG(link.empty() || compression == comm::Compression::kInt8, "link",
-                       "--link compares int8 with fp32: add --compression int8");
+  TESSERA_CHECK_CONFIG(link.empty() || compression != comm::Compression::kNone, "link",
+                       "--link compares a compressed all-reduce with fp32: add --compression int8 or fp8");
   TESSERA_CHECK_CONFIG(!bytes.empty(), "bytes", "give at least one size");
   for (int64_t b : bytes) {
     TESSERA_CHECK_CONFIG(b >= 4 && b % 4 == 0, "bytes", "sizes must be positive multiples of 4 (float32), got " << b);
@@ -161,7 +162,7 @@ void AllreduceBenchConfig::validate() const {
 
 void runAllreduceBench(DistributedContext& ctx, const AllreduceBenchConfig& config) {
   config.validate();
-  if (config.compression == comm::Compression::kInt8) return runCompressedComparison(ctx, config);
+  if (config.compression != comm::Compression::kNone) return runCompressedComparison(ctx, config);
   comm::Communicator& world = *ctx.world;
   const int n = world.size();
   for (const int64_t bytes : config.bytes) {
@@ -370,7 +371,8 @@ std::vector<std::string> commandLineArguments() {
 std::unique_ptr<BenchCommand> addAllreduceCommand(CLI::App& app) {
   auto command = std::make_unique<BenchCommand>();
   command->app = app.add_subcommand(
-      "allreduce", "tessera's allReduce vs the backend's own (float32 sum), or int8 vs fp32 (--compression int8)");
+      "allreduce",
+      "tessera's allReduce vs the backend's own (float32 sum), or int8/fp8 vs fp32 (--compression int8|fp8)");
   addLaunchOptions(*command);
   auto config = std::make_shared<AllreduceBenchConfig>();
   auto sizes = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"1MiB", "16MiB", "64MiB"});
@@ -378,11 +380,13 @@ std::unique_ptr<BenchCommand> addAllreduceCommand(CLI::App& app) {
   command->app->add_option("--iters", config->iterations, "timed iterations per size")->check(CLI::PositiveNumber);
   command->app->add_option("--warmup", config->warmup, "untimed iterations per size")->check(CLI::NonNegativeNumber);
   auto compression = std::make_shared<std::string>("none");
-  command->app->add_option("--compression", *compression, "none: tessera vs the raw backend; int8: int8 vs fp32")
-      ->check(CLI::IsMember({"none", "int8"}));
+  command->app
+      ->add_option("--compression", *compression,
+                   "none: tessera vs the raw backend; int8 / fp8: that compressed all-reduce vs fp32")
+      ->check(CLI::IsMember({"none", "int8", "fp8"}));
   command->app->add_option("--link", config->link,
                            "loopback, or a rate (100mbit, 1gbit): 2 ranks in network namespaces joined by a "
-                           "veth pair limited by tc tbf (needs root; int8 only)");
+                           "veth pair limited by tc tbf (needs root; int8 or fp8)");
   BenchCommand* self = command.get();
   command->validate = [config, sizes, compression, self] {
     config->bytes.clear();

@@ -3,8 +3,9 @@
 // buffer and connections, interleaved iteration by iteration so that drift in
 // machine load hits both alike.
 //
-// With --compression int8 it compares instead the int8 ring all-reduce
-// (tessera/comm/compression.h) with the float32 comm.allReduce, side by side.
+// With --compression int8 (or fp8) it compares instead the int8 (or FP8 E4M3,
+// tessera/comm/fp8_allreduce.h) ring all-reduce (tessera/comm/compression.h)
+// with the float32 comm.allReduce, side by side.
 // With --link RATE (e.g. 100mbit; needs root) the bench runs its two ranks in
 // two network namespaces joined by a rate-limited veth pair
 // (scripts/netns-link.sh), which it creates and always removes.
@@ -24,7 +25,7 @@ struct AllreduceBenchConfig {
   std::vector<int64_t> bytes = {1 << 20, 16 << 20, 64 << 20};  // buffer sizes (float32)
   int iterations = 10;   // timed iterations per implementation and size
   int warmup = 2;        // untimed iterations first
-  // kNone: tessera vs the raw backend (the JSON below). kInt8: int8 vs fp32.
+  // kNone: tessera vs the raw backend (the JSON below). kInt8 / kFp8: that vs fp32.
   comm::Compression compression = comm::Compression::kNone;
   // "" (not given), "loopback", or a tc rate ("100mbit", "1gbit"): printed in
   // the JSON; a rate means the ranks run across a simulated link.
@@ -40,7 +41,8 @@ struct AllreduceBenchConfig {
 //  "bytes", "int8_median_s", "int8_algbw_gbps", "int8_sent_bytes_per_rank",
 //  "fp32_median_s", "fp32_algbw_gbps", "fp32_sent_bytes_per_rank",
 //  "speedup_vs_fp32" (fp32 time / int8 time = effective bandwidth ratio),
-//  "int8_rel_rms_error" (vs the fp32 result of the same inputs)}.
+//  "int8_rel_rms_error" (vs the fp32 result of the same inputs)};
+// with compression fp8 the same fields with "fp8_" for "int8_".
 void runAllreduceBench(DistributedContext& ctx, const AllreduceBenchConfig& config);
 
 // Whether `link` is a rate, i.e. the bench must build a simulated link.

@@ -36,7 +36,9 @@
 #include "tessera/core/config.h"
 #include "tessera/core/logging.h"
 #include "tessera/core/metrics.h"
+#include "tessera/core/models/precision.h"
 #include "tessera/core/timer.h"
+#include "tessera/parallel/memory_accounting.h"
 
 namespace tessera::bench {
 namespace {
@@ -82,9 +84,39 @@ std::vector<std::string> methodOverrides(const std::string& method, int ranks) {
                  std::string("diloco.compression=\"") + (suffix == "int8" ? "int8" : "none") + "\""},
                 "fsdp");
   }
+  // Precision (issue 18): DDP AdamW over every rank as "ddp", computed in
+  // bf16 or FP8 at an MS-AMP level (delayed scaling unless a recipe is named:
+  // fp8-o1-tensorwise). fp8-o3 shards its optimizer over whole tensors
+  // (strategy "fsdp" under O3).
+  if (method == "fp32" || method == "bf16" || method.rfind("fp8-o", 0) == 0) {
+    std::vector<std::string> out = {"optim.name=\"adamw\"", "parallel.dp_replicate=1",
+                                    "parallel.dp_shard=" + std::to_string(ranks)};
+    if (method == "fp32" || method == "bf16") {
+      out.push_back("precision.mode=\"" + method + "\"");
+      out.push_back("parallel.strategy=\"" + std::string(ranks > 1 ? "ddp" : "none") + "\"");
+      if (ranks > 1) out[1] = "parallel.dp_replicate=" + std::to_string(ranks), out[2] = "parallel.dp_shard=1";
+      return out;
+    }
+    const std::string rest = method.substr(5);  // "1", "2-rowwise", ...
+    const std::string level = rest.substr(0, 1);
+    const std::string recipe = rest.size() > 2 && rest[1] == '-' ? rest.substr(2) : "delayed";
+    TESSERA_CHECK_CONFIG((level == "1" || level == "2" || level == "3") && (rest.size() == 1 || rest[1] == '-'),
+                         "methods", "cannot read '" << method << "' (expected fp8-o<1|2|3>[-<recipe>])");
+    out.push_back("precision.mode=\"fp8\"");
+    out.push_back("precision.level=\"O" + level + "\"");
+    out.push_back("precision.fp8_recipe=\"" + recipe + "\"");
+    if (level == "3" && ranks > 1) {
+      out.push_back("parallel.strategy=\"fsdp\"");  // O3: ZeRO over whole tensors
+    } else {
+      out.push_back("parallel.strategy=\"" + std::string(ranks > 1 ? "ddp" : "none") + "\"");
+      if (ranks > 1) out[1] = "parallel.dp_replicate=" + std::to_string(ranks), out[2] = "parallel.dp_shard=1";
+    }
+    return out;
+  }
   if (method == "demo") return with({"optim.name=\"demo\""}, "ddp");
   if (method == "mt-dao") return with({"optim.name=\"mt-dao\""}, "ddp");
-  throw ConfigError("methods", "unknown method '" + method + "' (valid: ddp, diloco-h<H>[-int8], demo, mt-dao)");
+  throw ConfigError("methods", "unknown method '" + method +
+                                     "' (valid: ddp, diloco-h<H>[-int8], demo, mt-dao, fp32, bf16, fp8-o<1|2|3>[-<recipe>])");
 }
 
 struct MethodResult {
@@ -97,6 +129,7 @@ struct MethodResult {
   uint64_t insideBytes = 0;  // this rank, over dp_shard
   double wallSeconds = 0;
   std::vector<std::pair<int64_t, double>> curve;  // (tokens, val loss)
+  parallel::MemoryReport memory;  // rank 0's, after the last step (gradients still held)
 };
 
 uint64_t bytesSent(const comm::CommPtr& comm) { return comm ? comm->stats().totalBytesSent() : 0; }
@@ -142,6 +175,12 @@ MethodResult runMethod(DistributedContext& ctx, const ConvergenceBenchConfig& c,
     if (r.valLoss) result.curve.emplace_back(r.tokens, *r.valLoss);
   });
   const StepReport last = trainer.run();  // collective
+  {
+    parallel::MemoryOptions options;
+    options.logicalParameters = built->numParameters;
+    options.scales.push_back(models::fp8ScalingState(built->model->module()));  // the size of what the layers hold
+    result.memory = parallel::measureMemory(built->model->module(), *built->optimizer, *built->dp, options);
+  }
   result.crossBytes = bytesSent(cross) - crossStart;
   result.insideBytes = bytesSent(inside) - insideStart;
   result.valLoss = last.valLoss ? *last.valLoss : trainer.evaluate();  // collective only when needed
@@ -190,8 +229,10 @@ void runConvergenceBench(DistributedContext& ctx, const ConvergenceBenchConfig& 
     }
     results.push_back(runMethod(ctx, c, method));
   }
+  const MethodResult* fp32 = nullptr;
   for (const auto& r : results) {
     if (r.method == "ddp") ddp = &r;
+    if (r.method == "fp32") fp32 = &r;
   }
   if (ctx.rank() != 0) return;
   for (const auto& r : results) {
@@ -211,6 +252,21 @@ void runConvergenceBench(DistributedContext& ctx, const ConvergenceBenchConfig& 
       // One replica sends nothing across replicas: no ratio to report.
       if (r.crossBytes > 0) line.add("bytes_ratio_vs_ddp", static_cast<double>(ddp->crossBytes) / r.crossBytes);
       line.add("val_gap_vs_ddp", r.valLoss / ddp->valLoss - 1.0);
+    }
+    if (fp32 != nullptr && r.method != "fp32") {  // precision methods: same tokens, same layout
+      line.add("val_gap_vs_fp32", r.valLoss / fp32->valLoss - 1.0);
+      if (r.crossBytes > 0) line.add("bytes_ratio_vs_fp32", static_cast<double>(fp32->crossBytes) / r.crossBytes);
+    }
+    // Bytes per parameter this rank holds after a step (parallel/memory_accounting.h: storage summed, not a formula).
+    const parallel::MemoryBytes& m = r.memory.bytes;
+    line.add("mem_weights_bpp", r.memory.perParameter(m.weights));
+    line.add("mem_master_bpp", r.memory.perParameter(m.masterWeights));
+    line.add("mem_grads_bpp", r.memory.perParameter(m.gradients));
+    line.add("mem_optimizer_bpp", r.memory.perParameter(m.optimizerState));
+    line.add("mem_scales_bpp", r.memory.perParameter(m.scales));
+    line.add("mem_total_bpp", r.memory.perParameter(m.total()));
+    if (fp32 != nullptr && r.method != "fp32" && fp32->memory.bytes.total() > 0) {
+      line.add("mem_vs_fp32", static_cast<double>(m.total()) / static_cast<double>(fp32->memory.bytes.total()) - 1.0);
     }
     line.add("wall_s", r.wallSeconds);
     std::printf("%s\n", line.toJson().c_str());
@@ -241,7 +297,8 @@ std::unique_ptr<BenchCommand> addConvergenceCommand(CLI::App& app) {
   command->app->add_option("--batch-per-rank", c->batchPerRank, "sequences per rank per step (default 64 / ranks)");
   command->app->add_option("--eval-every", c->evalEvery, "steps between validation points of the curves");
   command->app->add_option("--eval-batches", c->evalBatches, "validation batches per rank");
-  command->app->add_option("--methods", c->methods, "ddp, diloco-h<H>[-int8], demo, mt-dao")->delimiter(',');
+  command->app->add_option("--methods", c->methods, "ddp, diloco-h<H>[-int8], demo, mt-dao; precision: fp32, bf16, fp8-o<1|2|3>[-<recipe>]")
+      ->delimiter(',');
   command->app->add_option("--demo-lr", c->demoLr, "DeMo's learning rate (sign updates)");
   command->app->add_option("--mt-dao-lr", c->mtDaoLr, "MT-DAO's learning rate");
   command->app->add_option("--out", c->outDir, "directory for the curves (TSV) and the PNG plot");

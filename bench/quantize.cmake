@@ -9,7 +9,7 @@ if(TESSERA_BUILD_TESTS)
   add_test(NAME bench_quantize_smoke
     COMMAND tessera-bench quantize --floats 4096,100000 --iters 2)
   set_tests_properties(bench_quantize_smoke PROPERTIES TIMEOUT 60
-    PASS_REGULAR_EXPRESSION "\"floats\": 100000.*\"quantize_gbps\".*\"naive_quantize_gbps\".*\"dequant_accumulate_gbps\"")
+    PASS_REGULAR_EXPRESSION "\"floats\": 100000.*\"quantize_gbps\".*\"naive_quantize_gbps\".*\"dequant_accumulate_gbps\".*\"fp8_encode_gbps\".*\"fp8_decode_gbps\".*\"memcpy_gbps\"")
   add_test(NAME bench_allreduce_int8_smoke
     COMMAND tessera-bench allreduce --compression int8 --link loopback --ranks 2 --bytes 4KiB,64KiB
             --iters 2 --warmup 1)

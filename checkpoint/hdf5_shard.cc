@@ -16,6 +16,7 @@
 #include "checkpoint/file_ops.h"
 #include "checkpoint/zstd_filter.h"
 #include "tessera/checkpoint/checkpoint.h"
+#include "tessera/core/numerics/torch_float8.h"
 
 namespace tessera::checkpoint {
 namespace {
@@ -95,6 +96,10 @@ hid_t fileTypeOf(at::ScalarType dtype) {
     case at::kChar: return H5Tcopy(H5T_STD_I8LE);
     case at::kByte: return H5Tcopy(H5T_STD_U8LE);
     case at::kBool: return H5Tcopy(H5T_STD_U8LE);
+#if TESSERA_HAS_TORCH_FLOAT8
+    case at::kFloat8_e4m3fn:  // the OCP codes as bytes, dtype attribute "float8_e4m3fn"
+    case at::kFloat8_e5m2: return H5Tcopy(H5T_STD_U8LE);
+#endif
     default: return -1;
   }
 }
@@ -222,10 +227,14 @@ std::string dtypeName(at::ScalarType dtype, const std::string& tensor) {
     case at::kChar: return "int8";
     case at::kByte: return "uint8";
     case at::kBool: return "bool";
+#if TESSERA_HAS_TORCH_FLOAT8
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case at::kFloat8_e5m2: return "float8_e5m2";
+#endif
     default:
       throw CheckpointError("tensor " + tensor + " has dtype " + std::string(c10::toString(dtype)) +
                             ", which checkpoints cannot store: convert it to one of float32, float64, "
-                            "float16, bfloat16, int64, int32, int16, int8, uint8, bool");
+                            "float16, bfloat16, int64, int32, int16, int8, uint8, bool (and float8_e4m3fn, float8_e5m2 with torch >= 2.1)");
   }
 }
 
@@ -233,7 +242,11 @@ bool dtypeFromName(const std::string& name, at::ScalarType* dtype) {
   static const std::pair<const char*, at::ScalarType> kNames[] = {
       {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
       {"int64", at::kLong},    {"int32", at::kInt},      {"int16", at::kShort},  {"int8", at::kChar},
-      {"uint8", at::kByte},    {"bool", at::kBool}};
+      {"uint8", at::kByte},    {"bool", at::kBool},
+#if TESSERA_HAS_TORCH_FLOAT8
+      {"float8_e4m3fn", at::kFloat8_e4m3fn}, {"float8_e5m2", at::kFloat8_e5m2},
+#endif
+  };
   for (const auto& [text, type] : kNames) {
     if (name == text) {
       *dtype = type;

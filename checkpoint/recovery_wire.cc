@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "tessera/core/error.h"
+#include "tessera/core/numerics/torch_float8.h"
 
 namespace tessera::checkpoint::recovery_wire {
 namespace {
@@ -20,6 +21,10 @@ constexpr char kTrailerMagic[4] = {'D', 'O', 'N', 'E'};
 // Code order is the wire's: never reorder, only append.
 constexpr at::ScalarType kDtypeByCode[] = {
     at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kInt, at::kLong, at::kByte, at::kChar, at::kShort, at::kBool,
+#if TESSERA_HAS_TORCH_FLOAT8
+    // Codes 11 and 12; a libtorch without them answers "unknown dtype code".
+    at::kFloat8_e4m3fn, at::kFloat8_e5m2,
+#endif
 };
 constexpr size_t kDtypeCount = sizeof(kDtypeByCode) / sizeof(kDtypeByCode[0]);
 

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include "tessera/checkpoint/checkpoint.h"
 #include "tessera/checkpoint/training_state.h"
 #include "tessera/core/error.h"
+#include "tessera/core/numerics/fp8.h"
 
 namespace tessera::checkpoint {
 namespace {
@@ -54,7 +56,7 @@ std::string shapeText(at::IntArrayRef shape) {
 }  // namespace
 
 void writeSafetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+                      const std::map<std::string, std::string>& metadata, const std::map<std::string, bool>& fp8Codes) {
   TESSERA_CHECK_ARG(littleEndianHost(), "safetensors: writing from a big-endian host is not supported");
   nlohmann::json header = nlohmann::json::object();
   std::vector<at::Tensor> data;  // CPU contiguous, in name order
@@ -62,7 +64,14 @@ void writeSafetensors(const std::string& path, const std::map<std::string, at::T
   for (const auto& [name, tensor] : tensors) {
     TESSERA_CHECK_ARG(!name.empty() && name != "__metadata__", "safetensors: invalid tensor name '" << name << "'");
     TESSERA_CHECK_ARG(tensor.defined(), "safetensors: tensor '" << name << "' is undefined");
-    const std::string dtype = dtypeName(tensor.scalar_type(), name);
+    std::string dtype;
+    if (auto fp8 = fp8Codes.find(name); fp8 != fp8Codes.end()) {
+      TESSERA_CHECK_ARG(tensor.scalar_type() == at::kByte, "safetensors: FP8 tensor '" << name << "' must be uint8 codes, got "
+                                                                                         << tensor.scalar_type());
+      dtype = fp8->second ? "F8_E4M3" : "F8_E5M2";
+    } else {
+      dtype = dtypeName(tensor.scalar_type(), name);
+    }
     at::Tensor cpu = tensor.detach().to(at::kCPU).contiguous();
     const uint64_t bytes = static_cast<uint64_t>(cpu.numel()) * cpu.element_size();
     header[name] = {{"dtype", dtype}, {"shape", cpu.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
@@ -139,8 +148,9 @@ SafetensorsFile readSafetensors(const std::string& path) {
     }
     try {
       const std::string dtype = entry.at("dtype").get<std::string>();
-      auto type =
-          std::find_if(dtypeNames().begin(), dtypeNames().end(), [&](const auto& item) { return item.first == dtype; });
+      const bool fp8 = dtype == "F8_E4M3" || dtype == "F8_E5M2";
+      auto type = std::find_if(dtypeNames().begin(), dtypeNames().end(),
+                               [&](const auto& item) { return item.first == (fp8 ? std::string("U8") : dtype); });
       if (type == dtypeNames().end()) throw fail("tensor '" + name + "' has unknown dtype '" + dtype + "'");
       const auto shape = entry.at("shape").get<std::vector<int64_t>>();
       const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
@@ -166,6 +176,11 @@ SafetensorsFile readSafetensors(const std::string& path) {
       in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));
       if (!in) throw fail("reading tensor '" + name + "' failed");
       ranges.emplace_back(offsets[0], offsets[1]);
+      if (fp8) {  // exact in float32, so a build without float8 dtypes reads them too
+        t = numerics::decodeFp8(t, at::Tensor(), dtype == "F8_E4M3" ? numerics::Fp8Format::kE4M3
+                                                                   : numerics::Fp8Format::kE5M2);
+        out.fp8[name] = dtype;
+      }
       out.tensors[name] = std::move(t);
     } catch (const nlohmann::json::exception& e) {
       throw fail("entry '" + name + "' is malformed: " + e.what());
@@ -180,7 +195,17 @@ SafetensorsFile readSafetensors(const std::string& path) {
 
 void loadSafetensorsInto(torch::nn::Module& module, const std::string& path,
                          const std::map<std::string, std::vector<int64_t>>* wholeModel) {
-  const SafetensorsFile file = readSafetensors(path);
+  SafetensorsFile file = readSafetensors(path);
+  // FP8 weights with their scales (the header's convention): value = decoded * scale_inv.
+  for (const auto& [name, dtype] : file.fp8) {
+    auto companion = file.tensors.find(name + "_scale_inv");
+    if (companion == file.tensors.end()) continue;
+    TESSERA_CHECK_ARG(companion->second.numel() == 1, "safetensors file '" << path << "': '" << companion->first
+                                                          << "' must be one value (a per-tensor scale), got shape "
+                                                          << shapeText(companion->second.sizes()));
+    file.tensors[name] = file.tensors[name] * companion->second.to(at::kFloat).reshape({});
+    file.tensors.erase(companion);
+  }
 
   // Every name the module answers to, and the tensors that must be covered
   // (each parameter once, whichever of its names the file uses).
@@ -236,8 +261,11 @@ void loadSafetensorsInto(torch::nn::Module& module, const std::string& path,
   }
 }
 
-int64_t exportSafetensors(const std::string& checkpointPath, const std::string& outPath, int replica,
-                          std::optional<at::ScalarType> dtype) {
+namespace {
+
+// The whole model of a checkpoint: names without "model/" -> tensors, and its metadata.
+std::map<std::string, at::Tensor> wholeModelOf(const std::string& checkpointPath, int replica,
+                                               std::map<std::string, std::string>* metadata) {
   const std::string dir = resolveCheckpoint(checkpointPath);
   const CheckpointIndex index = readIndex(dir);
   const int replicas = savedReplicas(index.meta);
@@ -254,15 +282,48 @@ int64_t exportSafetensors(const std::string& checkpointPath, const std::string& 
     throw CheckpointError("export: checkpoint '" + dir + "' holds no tensor under '" + prefix + "'");
   const StateDict loaded = load(dir, requests, {});
   std::map<std::string, at::Tensor> tensors;
-  for (const LoadRequest& r : requests) {
-    at::Tensor whole = loaded.whole(r.name).reshape(r.globalShape);
-    if (dtype) whole = whole.to(*dtype);
-    tensors[r.name.substr(prefix.size())] = whole;
+  for (const LoadRequest& r : requests) tensors[r.name.substr(prefix.size())] = loaded.whole(r.name).reshape(r.globalShape);
+  *metadata = {{"format", "pt"}, {"step", std::to_string(index.step)}};
+  if (auto it = index.meta.find("dp/strategy"); it != index.meta.end()) (*metadata)["dp_strategy"] = it->second;
+  return tensors;
+}
+
+}  // namespace
+
+int64_t exportSafetensors(const std::string& checkpointPath, const std::string& outPath, int replica,
+                          std::optional<at::ScalarType> dtype) {
+  std::map<std::string, std::string> metadata;
+  std::map<std::string, at::Tensor> tensors = wholeModelOf(checkpointPath, replica, &metadata);
+  if (dtype) {
+    for (auto& [name, tensor] : tensors) tensor = tensor.to(*dtype);
   }
-  std::map<std::string, std::string> metadata = {{"format", "pt"}, {"step", std::to_string(index.step)}};
-  if (auto it = index.meta.find("dp/strategy"); it != index.meta.end()) metadata["dp_strategy"] = it->second;
   writeSafetensors(outPath, tensors, metadata);
   return static_cast<int64_t>(tensors.size());
+}
+
+int64_t exportSafetensorsFp8(const std::string& checkpointPath, const std::string& outPath, bool e4m3, int replica) {
+  std::map<std::string, std::string> metadata;
+  const std::map<std::string, at::Tensor> model = wholeModelOf(checkpointPath, replica, &metadata);
+  const numerics::Fp8Format format = e4m3 ? numerics::Fp8Format::kE4M3 : numerics::Fp8Format::kE5M2;
+  std::map<std::string, at::Tensor> tensors;
+  std::map<std::string, bool> fp8Codes;
+  for (const auto& [name, tensor] : model) {
+    if (tensor.dim() < 2 || !tensor.is_floating_point()) {
+      tensors[name] = tensor;
+      continue;
+    }
+    const at::Tensor values = tensor.to(at::kFloat).contiguous();
+    const double amax = values.numel() > 0 ? values.abs().max().item<double>() : 0.0;
+    double scale = 1.0;  // the largest power of two with amax * scale <= max
+    if (amax > 0 && std::isfinite(amax)) scale = std::exp2(std::floor(std::log2(numerics::fp8Max(format) / amax)));
+    tensors[name] = numerics::encodeFp8(values, at::scalar_tensor(scale, at::kFloat), format,
+                                        numerics::Overflow::kSaturate);
+    fp8Codes[name] = e4m3;
+    tensors[name + "_scale_inv"] = at::scalar_tensor(1.0 / scale, at::kFloat);
+  }
+  metadata["fp8"] = e4m3 ? "F8_E4M3" : "F8_E5M2";
+  writeSafetensors(outPath, tensors, metadata, fp8Codes);
+  return static_cast<int64_t>(model.size());
 }
 
 }  // namespace tessera::checkpoint

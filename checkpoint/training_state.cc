@@ -19,6 +19,8 @@
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 
+#include <string>
+
 namespace tessera::checkpoint {
 namespace {
 
@@ -32,6 +34,33 @@ constexpr const char* kSampler = "trainer/sampler/";
 constexpr const char* kOptimName = "optim/name";
 constexpr const char* kOptimKinds = "optim/kinds";
 constexpr const char* kReplicas = "replicas";
+// Per-rank state that is not shaped like a parameter (training_state.h):
+// "trainer/rank-<r>/fp8_scaling", "trainer/rank-<r>/optim_aux/<kind>/<index>".
+constexpr const char* kRankPrefix = "trainer/rank-";
+constexpr const char* kFp8Scaling = "fp8_scaling";
+constexpr const char* kOptimAux = "optim_aux/";
+
+std::string rankName(int rank, const std::string& what) { return kRankPrefix + std::to_string(rank) + "/" + what; }
+
+// The name of this rank's copy of per-rank tensor `what` among `names`: its
+// own rank's, or -- from one peer's state (live recovery), which holds one
+// rank's only -- that one. Empty when neither.
+template <typename Map>
+std::string perRankName(const Map& names, int rank, bool onePeer, const std::string& what) {
+  const std::string own = rankName(rank, what);
+  if (names.count(own)) return own;
+  if (!onePeer) return {};
+  std::string found;
+  for (const auto& item : names) {
+    const std::string& name = item.first;
+    if (name.rfind(kRankPrefix, 0) != 0) continue;
+    const size_t slash = name.find('/', std::char_traits<char>::length(kRankPrefix));
+    if (slash == std::string::npos || name.compare(slash + 1, std::string::npos, what) != 0) continue;
+    if (!found.empty()) return {};
+    found = name;
+  }
+  return found;
+}
 
 void checkParts(const TrainingParts& parts, const char* what) {
   TESSERA_CHECK_ARG(parts.trainer != nullptr && parts.dp != nullptr && parts.optimizer != nullptr,
@@ -242,6 +271,19 @@ StateDict collectTrainingState(const TrainingParts& parts, const std::map<std::s
       addPieces(prefix + kOptim + kind + "/", i, tensors[i]);
     }
   }
+  // Per-rank, whole: FP8 scales and amax histories (not shaped like a parameter).
+  const auto putRankTensor = [&](const std::string& what, const at::Tensor& value) {
+    const at::Tensor whole = value.detach().contiguous();
+    const std::vector<int64_t> shape(whole.sizes().begin(), whole.sizes().end());
+    out.putPiece(rankName(parts.rank, what), shape, TensorSlice::whole(shape), whole);
+  };
+  for (const auto& [kind, tensors] : state.optimizer.perParameterAux) {
+    kinds.push_back(kind);
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].defined()) putRankTensor(kOptimAux + kind + "/" + std::to_string(i), tensors[i]);
+    }
+  }
+  if (state.fp8Scaling.defined() && state.fp8Scaling.numel() > 0) putRankTensor(kFp8Scaling, state.fp8Scaling);
   if (!state.optimizer.scalars.empty()) {
     std::string text;
     for (const auto& [key, value] : state.optimizer.scalars) {
@@ -404,6 +446,16 @@ std::vector<LoadRequest> trainingStateRequests(const TrainingParts& parts, const
     requests.push_back(LoadRequest{scalars->first, scalars->second.shape, scalars->second.dtype, std::nullopt});
   }
   if (auto rng = rngRequest(parts, source)) requests.push_back(*rng);
+  const auto requestRankTensor = [&](const std::string& what) {
+    const std::string name = perRankName(source.tensors, parts.rank, source.onePeer, what);
+    if (name.empty()) return;
+    const StateSummary::Tensor& t = source.tensors.at(name);
+    requests.push_back(LoadRequest{name, t.shape, t.dtype, std::nullopt});
+  };
+  for (const auto& item : live.perParameterAux) {
+    for (size_t i = 0; i < layout.params.size(); ++i) requestRankTensor(kOptimAux + item.first + "/" + std::to_string(i));
+  }
+  requestRankTensor(kFp8Scaling);
   return requests;
 }
 
@@ -465,6 +517,17 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded) {
                       "training state: optimizer scalar '" << item.first << "' of '" << parts.optimizer->name()
                                                            << "' is missing; resume with the same optimizer");
   }
+  // Per-rank tensors: this rank's, or the one peer's (only what was requested is loaded).
+  const auto rankTensor = [&](const std::string& what) -> at::Tensor {
+    const std::string name = perRankName(loaded.tensors, parts.rank, /*onePeer=*/true, what);
+    return name.empty() ? at::Tensor() : loaded.whole(name).clone();
+  };
+  for (const auto& item : live.perParameterAux) {
+    std::vector<at::Tensor>& tensors = state.optimizer.perParameterAux[item.first];
+    tensors.resize(layout.params.size());
+    for (size_t i = 0; i < layout.params.size(); ++i) tensors[i] = rankTensor(kOptimAux + item.first + "/" + std::to_string(i));
+  }
+  state.fp8Scaling = rankTensor(kFp8Scaling);
   if (auto rng = loaded.tensors.find(kRng); rng != loaded.tensors.end()) {
     // Format 1: [bytes], whole. Format 2: this rank's row (the only piece loaded).
     const StateTensor& t = rng->second;

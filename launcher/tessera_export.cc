@@ -1,6 +1,11 @@
 // tessera-export: writes the model of a checkpoint in another format.
 //
-//   tessera-export --format safetensors CKPT OUT [--replica K] [--dtype f32|bf16|f16]
+//   tessera-export --format safetensors CKPT OUT [--replica K] [--dtype f32|bf16|f16|f8e4m3|f8e5m2]
+//
+// f8e4m3 / f8e5m2 write the weights (tensors of 2+ dimensions) as FP8 with a
+// per-tensor power-of-two scale and a "<name>_scale_inv" companion
+// (safetensors.h): torch >= 2.1 reads them as float8_e4m3fn / float8_e5m2,
+// and model.init_from loads them back (decoded times the scale) on any build.
 //
 // CKPT is a checkpoint directory (format 1 or 2) or a checkpoint root (its `latest` is
 // used). Every model tensor is gathered from all ranks' pieces, so a sharded
@@ -32,16 +37,21 @@ int main(int argc, char** argv) {
   app.add_option("out", outPath, "output file")->required();
   app.add_option("--replica", replica, "replica to export from a checkpoint of several (DiLoCo); default 0")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--dtype", dtype, "convert the tensors: f32, bf16, f16, or keep (default)")
-      ->check(CLI::IsMember({"keep", "f32", "bf16", "f16"}));
+  app.add_option("--dtype", dtype,
+                 "convert the tensors: f32, bf16, f16, f8e4m3 / f8e5m2 (weights in FP8 with per-tensor scales), "
+                 "or keep (default)")
+      ->check(CLI::IsMember({"keep", "f32", "bf16", "f16", "f8e4m3", "f8e5m2"}));
   CLI11_PARSE(app, argc, argv);
 
   static const std::map<std::string, at::ScalarType> kDtypes = {
       {"f32", at::kFloat}, {"bf16", at::kBFloat16}, {"f16", at::kHalf}};
   std::optional<at::ScalarType> convert;
-  if (dtype != "keep") convert = kDtypes.at(dtype);
+  const bool fp8 = dtype == "f8e4m3" || dtype == "f8e5m2";
+  if (dtype != "keep" && !fp8) convert = kDtypes.at(dtype);
   try {
-    const int64_t written = tessera::checkpoint::exportSafetensors(checkpointPath, outPath, replica, convert);
+    const int64_t written =
+        fp8 ? tessera::checkpoint::exportSafetensorsFp8(checkpointPath, outPath, dtype == "f8e4m3", replica)
+            : tessera::checkpoint::exportSafetensors(checkpointPath, outPath, replica, convert);
     std::printf("wrote %lld tensors from %s to %s\n", static_cast<long long>(written),
                 tessera::checkpoint::resolveCheckpoint(checkpointPath).c_str(), outPath.c_str());
     return 0;

@@ -25,7 +25,8 @@ struct Field {
 // Dotted section name ("optim", "model.moe") -> its keys, in documentation order.
 using Schema = std::map<std::string, std::vector<Field>>;
 
-const char* const kSectionNames = "model, data, optim, diloco, demo, mt_dao, train, parallel, pipeline, elastic, faults";
+const char* const kSectionNames =
+    "model, data, optim, diloco, demo, mt_dao, train, parallel, pipeline, precision, elastic, faults";
 
 // The keys of every section, pointing into `c`. [model] lists the keys of c.model.kind only.
 Schema schemaOf(TrainJobConfig& c) {
@@ -76,7 +77,10 @@ Schema schemaOf(TrainJobConfig& c) {
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
                    {"bucket_mb", &p.bucket_mb}, {"backend", &p.backend}, {"sequence_parallel", &p.sequence_parallel},
-                   {"moe_dtd", &p.moe_dtd}};
+                   {"moe_dtd", &p.moe_dtd}, {"grad_comm", &p.grad_comm}};
+  auto& pr = c.parallel.precision;
+  s["precision"] = {{"mode", &pr.mode},           {"level", &pr.level}, {"fp8_recipe", &pr.fp8_recipe},
+                    {"amax_history", &pr.amax_history}, {"margin", &pr.margin}};
   auto& pl = c.parallel.pipeline;
   s["pipeline"] = {{"schedule", &pl.schedule},         {"microbatches", &pl.microbatches},
                    {"virtual_stages", &pl.virtual_stages}, {"layers_per_stage", &pl.layers_per_stage},
@@ -315,6 +319,7 @@ void TrainJobConfig::validate() const {
   validateExpertParallel(*this);
   TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd" || localUpdates(), "optim.name",
                        "got '" << optimizer << "' (valid: adamw, sgd, diloco, demo, mt-dao)");
+  parallel::resolvePrecision(parallel.precision, parallel.grad_comm, parallel.strategy, steppingOptimizer());
   if (optimizer == "diloco") {
     TESSERA_CHECK_CONFIG(diloco_inner == "adamw" || diloco_inner == "sgd", "diloco.inner",
                          "got '" << diloco_inner << "' (valid: adamw, sgd)");

@@ -69,6 +69,9 @@ struct TrainJobConfig {
   void validate() const;
   // True for the optimizers that replicate over dp_replicate themselves.
   bool localUpdates() const { return optimizer == "diloco" || optimizer == "demo" || optimizer == "mt-dao"; }
+  // The optimizer that updates the parameters every step (DiLoCo's inner
+  // one), which [precision]'s O2 / O3 replace the states of.
+  std::string steppingOptimizer() const { return optimizer == "diloco" ? diloco_inner : optimizer; }
 };
 
 // Parses TOML text (`sourceName` appears in syntax errors), applies

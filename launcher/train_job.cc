@@ -13,6 +13,7 @@
 #include "tessera/core/data/fashion_mnist.h"
 #include "tessera/core/error.h"
 #include "tessera/core/logging.h"
+#include "tessera/optim/low_precision_adamw.h"
 #include "tessera/optim/lr_schedule.h"
 
 namespace tessera::launcher {
@@ -48,11 +49,21 @@ std::vector<int> layerGroups(const parallel::DataParallel& dp, int blocks = 0) {
 // The optimizer [optim] name selects, over the strategy's tensors. Collective
 // for the communication-light ones (they broadcast or split over dp_replicate).
 // Step 5 of parallelize.h's composition order: across replicas.
-std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& config, parallel::DataParallel& dp,
-                                                   const parallel::DeviceMesh& mesh, const ElasticJobOptions* elastic) {
+std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& job, parallel::DataParallel& dp,
+                                                   const parallel::DeviceMesh& mesh,
+                                                   const parallel::ParallelModel& parallel,
+                                                   const ElasticJobOptions* elastic) {
   using parallel::MeshAxis;
   const comm::CommPtr& replicas = mesh.comm(MeshAxis::kDpReplicate);
   std::vector<at::Tensor> parameters = dp.optimizerParameters();
+  // [precision]'s levels O2 / O3 choose how AdamW stores its state (precision.h).
+  TrainJobConfig config = job;
+  config.optim.states = parallel.precision.optimizerStates;
+  config.optim.master = parallel.precision.master;
+  if (parallel.wholeTensorShardComm) {  // O3 with strategy "fsdp": ZeRO over whole tensors
+    return std::make_unique<optim::LowPrecisionAdamW>(config.optim, parameters, config.schedule.lr,
+                                                      optim::WholeTensorShards{parallel.wholeTensorShardComm});
+  }
   if (elastic) {
     auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
     return optim::makeElasticDiloco(config.diloco, std::move(inner), parameters, elastic->averager, layerGroups(dp));
@@ -173,10 +184,11 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
       job->numParameters += n;
     }
   }
-  job->parallel = parallel::parallelize(*job->model, *job->mesh, config.parallel, localUpdates);  // collective
+  job->parallel = parallel::parallelize(*job->model, *job->mesh, config.parallel, localUpdates,
+                                        config.steppingOptimizer());  // collective
   job->dp = job->parallel.dp.get();
   job->dpComm = job->parallel.dataComm;
-  job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh, elastic);  // collective for DiLoCo
+  job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh, job->parallel, elastic);  // collective for DiLoCo
   job->replica = job->parallel.replica;
   job->replicas = job->parallel.replicas;
   const int dataRank = job->parallel.dataRank;

@@ -10,6 +10,7 @@
 
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
+#include "tessera/optim/low_precision_adamw.h"
 
 namespace tessera::optim {
 
@@ -22,6 +23,14 @@ void OptimizerConfig::validate(const std::string& prefix) const {
                        "must be >= 0, got " << weight_decay);
   TESSERA_CHECK_CONFIG(momentum >= 0 && momentum < 1, prefix + "momentum", "must be in [0, 1), got " << momentum);
   TESSERA_CHECK_CONFIG(!nesterov || momentum > 0, prefix + "nesterov", "needs optim.momentum > 0");
+  TESSERA_CHECK_CONFIG(states == "fp32" || states == "fp8", prefix + "states",
+                       "got '" << states << "' (valid: fp32, fp8)");
+  TESSERA_CHECK_CONFIG(master == "fp32" || master == "fp16", prefix + "master",
+                       "got '" << master << "' (valid: fp32, fp16)");
+  TESSERA_CHECK_CONFIG(name == "adamw" || states == "fp32", prefix + "states",
+                       "'" << states << "' needs " << prefix << "name = adamw (sgd keeps fp32 state); set it to fp32");
+  TESSERA_CHECK_CONFIG(name == "adamw" || master == "fp32", prefix + "master",
+                       "'" << master << "' needs " << prefix << "name = adamw (sgd updates the parameters); set it to fp32");
 }
 
 void checkOptimizerState(const std::string& who, const OptimizerState& state, const std::vector<at::Tensor>& parameters,
@@ -195,6 +204,9 @@ std::unique_ptr<Optimizer> makeOptimizer(const OptimizerConfig& config, std::vec
   config.validate();
   TESSERA_CHECK_CONFIG(lr > 0, "optim.lr", "must be > 0, got " << lr);
   TESSERA_CHECK_ARG(!parameters.empty(), "makeOptimizer: no parameters to optimize");
+  if (config.name == "adamw" && (config.states != "fp32" || config.master != "fp32")) {
+    return std::make_unique<LowPrecisionAdamW>(config, std::move(parameters), lr);
+  }
   if (config.name == "adamw") return std::make_unique<AdamW>(config, std::move(parameters), lr);
   return std::make_unique<Sgd>(config, std::move(parameters), lr);
 }

@@ -98,6 +98,9 @@ struct DistributedDataParallel::State {
   size_t nextToLaunch = 0;
   DdpSyncStats last;
   DdpSyncStats total;
+  // Per communicator, the last bucket launched on it this step: an fp8
+  // bucket's all-reduce starts after it (one FP8 ring in flight per comm).
+  std::map<const comm::Communicator*, comm::WorkPtr> lastLaunched;
 
   void beginStep() {
     stepActive = true;
@@ -106,6 +109,7 @@ struct DistributedDataParallel::State {
       slot.ready = false;
       slot.arrived = 0;
     }
+    lastLaunched.clear();
     for (Bucket& bucket : buckets) {
       bucket.pending = static_cast<int>(bucket.slots.size());
       bucket.work.reset();
@@ -137,7 +141,11 @@ struct DistributedDataParallel::State {
     while (nextToLaunch < buckets.size() && buckets[nextToLaunch].pending == 0) {
       Bucket& bucket = buckets[nextToLaunch];
       bucket.launchedAt = SteadyClock::now();
-      bucket.work = bucket.comm->allReduceAsync(bucket.flat, comm::ReduceOp::kAvg);
+      // fp32: exactly comm->allReduceAsync(flat, kAvg). fp8: chained behind
+      // the comm's previous bucket, so the ring still overlaps backward.
+      comm::WorkPtr& previous = lastLaunched[bucket.comm.get()];
+      bucket.work = allReduceGradientAsync(bucket.comm, bucket.flat, config.gradComm, previous);
+      previous = bucket.work;
       if (exposed != nullptr) {
         exposed->exposedSecondsByComm[bucket.comm->name()] +=
             std::chrono::duration<double>(SteadyClock::now() - bucket.launchedAt).count();
@@ -322,6 +330,7 @@ DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> par
   std::vector<int> perGroup(state_->groups.size(), 0);
   for (auto& [name, param] : parameters) {
     checkParameter(name, param);
+    checkGradientCommTensor(config.gradComm, param, "DDP parameter '" + name + "'");
     if (!seen.insert(param.unsafeGetTensorImpl()).second) continue;
     Slot slot;
     slot.name = name;
@@ -409,11 +418,16 @@ void DistributedDataParallel::finishGradientSync() {
       bucket.done = true;
       bucket.doneAt = SteadyClock::now();
       exposed += waiting.seconds();
+    } else {
+      bucket.work->wait();  // done: returns at once, rethrows its error; bf16 widens its result here
     }
     // Scale after the average (never folded into it): at 1.0 the average stays bit-exact.
     if (bucket.scale != 1.0) bucket.flat.mul_(bucket.scale);
     ++step.buckets;
-    const int64_t bytes = bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
+    // What went on the wire per element: the buffer's own size in fp32 mode.
+    const int64_t bytes = bucket.flat.numel() * (s.config.gradComm == GradientComm::kFp32
+                                                     ? static_cast<int64_t>(bucket.flat.element_size())
+                                                     : gradientWireBytes(s.config.gradComm));
     step.bytes += bytes;
     step.bytesByComm[commName] += bytes;
   }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 
@@ -83,10 +84,12 @@ std::vector<FsdpUnitSpec> gptUnits(models::GptImpl& gpt, const FsdpExpertUnits* 
 }  // namespace
 
 FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> specs,
-                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm)
+                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm,
+                                                   FsdpConfig config)
     : state_(std::make_shared<State>()) {
   TESSERA_CHECK_ARG(shardComm != nullptr, "FSDP needs a dp_shard communicator, got nullptr");
   State& s = *state_;
+  s.gradComm = config.gradComm;  // FSDP's parameters are CPU float32 (checked below): every mode can carry them
   s.shardComm = std::move(shardComm);
   if (replicateComm && replicateComm->size() > 1) s.replicateComm = std::move(replicateComm);
 
@@ -186,8 +189,10 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
 }
 
 FullyShardedDataParallel::FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
-                                                   comm::CommPtr replicateComm, const FsdpExpertUnits* experts)
-    : FullyShardedDataParallel(gpt, gptUnits(gpt, experts), std::move(shardComm), std::move(replicateComm)) {
+                                                   comm::CommPtr replicateComm, const FsdpExpertUnits* experts,
+                                                   FsdpConfig config)
+    : FullyShardedDataParallel(gpt, gptUnits(gpt, experts), std::move(shardComm), std::move(replicateComm),
+                               config) {
   const auto indexOf = [this](const std::string& name) {
     const std::vector<Unit>& units = state_->units;
     const auto it = std::find_if(units.begin(), units.end(), [&](const Unit& u) { return u.name == name; });
@@ -287,8 +292,8 @@ void FullyShardedDataParallel::finishGradientSync() {
   std::lock_guard<std::mutex> lock(s.mutex);
   for (PendingReduce& p : s.pending) {
     const Stopwatch waiting;
+    p.work->wait();  // also when done: rethrows its error; bf16 widens its result here
     if (!p.done) {
-      p.work->wait();
       p.done = true;
       s.stats.commSeconds += secondsBetween(p.launchedAt, SteadyClock::now());
     }
@@ -298,12 +303,15 @@ void FullyShardedDataParallel::finishGradientSync() {
   // own dp_shard group; averaging those over dp_replicate averages over all.
   const Stopwatch replicating;
   std::vector<std::pair<comm::WorkPtr, comm::CommPtr>> works;
+  std::map<const comm::Communicator*, comm::WorkPtr> previousOn;  // fp8: one ring in flight per comm
   for (PendingReduce& p : s.pending) {
     const comm::CommPtr& replicate = s.units[p.unit].replicateComm;
     if (!replicate) continue;
     const Stopwatch launching;
-    works.emplace_back(replicate->allReduceAsync(p.output, comm::ReduceOp::kAvg), replicate);
-    s.countBytes(replicate, p.output.numel() * static_cast<int64_t>(sizeof(float)));
+    comm::WorkPtr& previous = previousOn[replicate.get()];
+    previous = allReduceGradientAsync(replicate, p.output, s.gradComm, previous);
+    works.emplace_back(previous, replicate);
+    s.countBytes(replicate, p.output.numel() * gradientWireBytes(s.gradComm));
     s.countExposed(replicate, launching.seconds());
   }
   for (auto& [work, replicate] : works) {

@@ -37,17 +37,19 @@ bool isHybrid(const comm::CommPtr& replicateComm) { return replicateComm && repl
 }  // namespace
 
 std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
-                                                   comm::CommPtr replicateComm, const FsdpExpertUnits* experts) {
+                                                   comm::CommPtr replicateComm, const FsdpExpertUnits* experts,
+                                                   FsdpConfig config) {
   const bool hybrid = isHybrid(replicateComm);
   return std::make_unique<FsdpDataParallel>(hybrid, gpt, std::move(shardComm), std::move(replicateComm),
-                                            experts);
+                                            experts, config);
 }
 
 std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,
-                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm) {
+                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm,
+                                                   FsdpConfig config) {
   const bool hybrid = isHybrid(replicateComm);
   return std::make_unique<FsdpDataParallel>(hybrid, module, std::move(units), std::move(shardComm),
-                                            std::move(replicateComm));
+                                            std::move(replicateComm), config);
 }
 
 }  // namespace tessera::parallel

@@ -84,6 +84,7 @@ struct FullyShardedDataParallel::State {
 
   comm::CommPtr shardComm;      // the constructor's: the root's and every unit's default
   comm::CommPtr replicateComm;  // the same; null unless hybrid with > 1 replica
+  GradientComm gradComm = GradientComm::kFp32;  // FsdpConfig::gradComm
   std::vector<Unit> units;      // spec order; the root last when it has parameters
   bool hasRoot = false;
   bool unsharded = false;       // unshard() in effect

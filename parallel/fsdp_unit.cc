@@ -137,8 +137,13 @@ void FullyShardedDataParallel::State::launchReduce(size_t index, at::Tensor flat
   p.input = std::move(flat);
   p.output = at::empty({unit.shardNumel}, at::kFloat);
   p.launchedAt = SteadyClock::now();
-  p.work = unit.shardComm->reduceScatterAsync(p.input, p.output, comm::ReduceOp::kAvg);
-  countBytes(unit.shardComm, unit.paddedNumel * static_cast<int64_t>(sizeof(float)));
+  // fp32: exactly reduceScatterAsync(input, output, kAvg). fp8 runs here, on
+  // this thread, before the next unit's all-gather (fsdp.h: its own
+  // collectives must keep their order on the shard comm).
+  const Stopwatch launching;
+  p.work = reduceScatterGradientAsync(unit.shardComm, p.input, p.output, gradComm);
+  if (gradComm == GradientComm::kFp8) countExposed(unit.shardComm, launching.seconds());  // it blocked backward
+  countBytes(unit.shardComm, unit.paddedNumel * gradientWireBytes(gradComm));
   pending.push_back(std::move(p));
   pollCompletions();
 }

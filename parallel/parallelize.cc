@@ -9,6 +9,7 @@
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
+#include "tessera/core/models/precision.h"
 #include "tessera/parallel/expert_parallel.h"
 #include "tessera/parallel/fsdp.h"
 #include "tessera/parallel/logical_norm.h"
@@ -186,14 +187,20 @@ struct StrategyComms {
   std::vector<NamedComm> used;     // every communicator it reduces over, with its metrics name
 };
 
+// FSDP's flat shards: strategy fsdp / hybrid, except under O3, whose "fsdp"
+// is the optimizer's whole-tensor ZeRO over DDP replicas (precision.h).
+bool shardsFlat(const DataParallelPlan& plan, const PrecisionPlan& precision) {
+  return (plan.strategy == "fsdp" || plan.strategy == "hybrid") && !precision.wholeTensorZero;
+}
+
 std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const ParallelConfig& config,
-                                           torch::nn::Module& module, DeviceMesh& mesh, const NamedComm& data,
-                                           StrategyComms* comms) {
+                                           const PrecisionPlan& precision, torch::nn::Module& module,
+                                           DeviceMesh& mesh, const NamedComm& data, StrategyComms* comms) {
   std::vector<NamedComm>* used = &comms->used;
   if (plan.strategy == "none") return makeNoDataParallel(module);
   const bool experts = !plan.expertGradientAxes.empty();
   std::string denseName, expertName;
-  const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+  const bool fsdp = shardsFlat(plan, precision);
   // FSDP replicates over dp_replicate (hybrid) outside its shard group: the
   // shard group is the gradient axes without dp_replicate.
   std::vector<MeshAxis> denseAxes, expertAxes;
@@ -215,6 +222,7 @@ std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const P
   if (!fsdp) {
     DdpConfig ddp;
     ddp.bucketCapBytes = static_cast<int64_t>(config.bucket_mb * 1024 * 1024);
+    ddp.gradComm = precision.gradientComm;
     if (!experts) return makeDdpDataParallel(module, dense, ddp);
     std::vector<DdpGroup> groups;
     groups.push_back(DdpGroup{expert, isExpertParameter, plan.expertGradientScale});
@@ -228,9 +236,11 @@ std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const P
                        "\"" << plan.strategy << "\" shards GPT blocks; model.kind = \"mlp\" supports none, ddp");
   const comm::CommPtr replicate = plan.strategy == "hybrid" ? mesh.comm(MeshAxis::kDpReplicate) : nullptr;
   if (replicate && replicate->size() > 1) used->push_back(NamedComm{toString(MeshAxis::kDpReplicate), replicate});
-  if (!experts) return makeFsdpDataParallel(*gpt, dense, replicate);
+  FsdpConfig fsdpConfig;
+  fsdpConfig.gradComm = precision.gradientComm;
+  if (!experts) return makeFsdpDataParallel(*gpt, dense, replicate, nullptr, fsdpConfig);
   FsdpExpertUnits expertUnits{expert, replicate, plan.expertGradientScale};
-  return makeFsdpDataParallel(*gpt, dense, replicate, &expertUnits);
+  return makeFsdpDataParallel(*gpt, dense, replicate, &expertUnits, fsdpConfig);
 }
 
 void addTraffic(std::vector<NamedComm>& traffic, const std::string& name, const comm::CommPtr& comm) {
@@ -244,9 +254,10 @@ void addTraffic(std::vector<NamedComm>& traffic, const std::string& name, const 
 }  // namespace
 
 ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const ParallelConfig& config,
-                          bool localUpdates) {
+                          bool localUpdates, const std::string& optimizer) {
   ParallelModel out;
   out.plan = config.resolve(mesh.world()->size(), localUpdates);  // the same error on every rank, before any collective
+  out.precision = resolvePrecision(config.precision, config.grad_comm, out.plan.strategy, optimizer);
   const DataParallelPlan& plan = out.plan;
 
   // Step 1: the pipeline split. The caller built this rank's part (pipelinePart).
@@ -273,15 +284,26 @@ ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const Paralle
   if (epComm || (tpComm && config.moe_dtd)) {
     applyExpertParallel(model, epComm ? epComm : mesh.comm(MeshAxis::kEp), config.moe_dtd);
   }
+  // Step 3b: precision, on the layers as TP / EP left them (a sharded
+  // layer's FP8 weight scale reduces over its shard group).
+  if (out.precision.layers != models::Precision::kDefault) {
+    models::setPrecision(model.module(), out.precision.layers, out.precision.recipe);
+  }
   // Step 4: data parallelism inside a replica.
   std::string dataGroupName;
   out.dataComm = groupOver(mesh, plan.dataAxes, "dp", &dataGroupName);  // collective when several data axes are split
   out.dataRank = out.dataComm ? out.dataComm->rank() : 0;
   out.dataRanks = out.dataComm ? out.dataComm->size() : 1;
   StrategyComms strategyComms;
-  out.dp = makeStrategy(plan, config, model.module(), mesh, NamedComm{dataGroupName, out.dataComm},
+  out.dp = makeStrategy(plan, config, out.precision, model.module(), mesh, NamedComm{dataGroupName, out.dataComm},
                         &strategyComms);  // collective: broadcasts
-  const bool fsdp = plan.strategy == "fsdp" || plan.strategy == "hybrid";
+  const bool fsdp = shardsFlat(plan, out.precision);
+  if (out.precision.wholeTensorZero) {
+    TESSERA_CHECK_CONFIG(plan.expertGradientAxes.empty(), "precision.level",
+                         "O3's whole-tensor ZeRO shards over the dense gradient group, which expert parameters "
+                         "(parallel.ep > 1) do not share; use precision.level = \"O2\" or parallel.ep = 1");
+    out.wholeTensorShardComm = strategyComms.dense;
+  }
   const comm::CommPtr denseShards = fsdp ? strategyComms.dense : nullptr;  // holds distinct dense shards
   if (tpComm || epComm) {
     out.dp = withLogicalNorm(std::move(out.dp), std::move(tpSharded), tpComm, epComm, denseShards,

@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "tessera/core/error.h"
+#include "tessera/core/models/precision.h"
 #include "tessera/core/logging.h"
 #include "tessera/core/timer.h"
 #include "tessera/optim/grad_clip.h"
@@ -60,11 +61,18 @@ class Trainer::StepRollback {
     for (size_t i = 0; i < parameters_.size(); ++i) copyInto(savedParameters_[i], parameters_[i]);
     const optim::OptimizerState live = optimizer_.state();  // aliases the live buffers
     saved_.scalars = live.scalars;
-    saved_.perParameter.clear();
-    for (const auto& [kind, tensors] : live.perParameter) {
-      std::vector<at::Tensor>& buffers = buffers_[kind];
+    copyKinds(live.perParameter, saved_.perParameter, "");
+    copyKinds(live.perParameterAux, saved_.perParameterAux, "aux/");
+  }
+
+  // saved[kind] := copies of live[kind] in buffers_[bufferPrefix + kind].
+  void copyKinds(const std::map<std::string, std::vector<at::Tensor>>& live,
+                 std::map<std::string, std::vector<at::Tensor>>& saved, const std::string& bufferPrefix) {
+    saved.clear();
+    for (const auto& [kind, tensors] : live) {
+      std::vector<at::Tensor>& buffers = buffers_[bufferPrefix + kind];
       buffers.resize(tensors.size());
-      std::vector<at::Tensor>& out = saved_.perParameter[kind];
+      std::vector<at::Tensor>& out = saved[kind];
       out.resize(tensors.size());
       for (size_t i = 0; i < tensors.size(); ++i) {
         if (!tensors[i].defined()) continue;  // out[i] stays undefined: loadState() un-creates it
@@ -320,22 +328,32 @@ TrainingState Trainer::snapshotView() const {
   at::Generator generator = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(generator.mutex());
   s.rng = generator.get_state();
+  s.fp8Scaling = models::fp8ScalingState(parts_.model->module());
   return s;
 }
 
 TrainingState Trainer::snapshot() const {
   TrainingState s = snapshotView();
-  for (auto& [kind, tensors] : s.optimizer.perParameter) {
-    for (auto& t : tensors) {
-      if (t.defined()) t = t.detach().clone();
+  for (auto* kinds : {&s.optimizer.perParameter, &s.optimizer.perParameterAux}) {
+    for (auto& [kind, tensors] : *kinds) {
+      for (auto& t : tensors) {
+        if (t.defined()) t = t.detach().clone();
+      }
     }
   }
+  if (s.fp8Scaling.defined()) s.fp8Scaling = s.fp8Scaling.clone();
   return s;
 }
 
 void Trainer::restore(const TrainingState& s) {
   // Both loadState()s check before they change anything; the sampler is put
   // back if the optimizer refuses, so a failed restore changes nothing.
+  if (s.fp8Scaling.defined()) {
+    const int64_t held = models::fp8ScalingState(parts_.model->module()).numel();
+    TESSERA_CHECK_ARG(s.fp8Scaling.numel() == held,
+                      "training state: the FP8 scaling state has " << s.fp8Scaling.numel() << " values, this model's FP8 "
+                      "layers hold " << held << "; resume with the same [precision] and model");
+  }
   const data::SamplerState previous = parts_.train->state();
   parts_.train->loadState(s.trainSampler);
   try {
@@ -349,6 +367,7 @@ void Trainer::restore(const TrainingState& s) {
     std::lock_guard<std::mutex> lock(generator.mutex());
     generator.set_state(s.rng);
   }
+  if (s.fp8Scaling.defined()) models::loadFp8ScalingState(parts_.model->module(), s.fp8Scaling);
   state_.step = s.step;
   state_.tokens = s.tokens;
 }

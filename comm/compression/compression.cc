@@ -1,22 +1,27 @@
-// allReduceCompressed: argument checks and dispatch to the algorithm of each
-// Compression (int8: int8_allreduce.cc), plus the background-thread async form.
+// allReduceCompressed / reduceScatterCompressed: argument checks and dispatch
+// to the algorithm of each Compression (int8: int8_allreduce.cc, fp8:
+// fp8_allreduce.cc), plus the background-thread async form.
 #include "tessera/comm/compression.h"
 
 #include <ATen/ops/empty.h>
 
+#include <functional>
 #include <thread>
 
+#include "comm/compression/fp8_allreduce.h"
 #include "comm/compression/int8_allreduce.h"
 #include "comm/op_queue.h"
 #include "comm/tensor_checks.h"
+#include "tessera/comm/fp8_allreduce.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 
 namespace tessera::comm {
-namespace {
+namespace detail {
 
-void checkInt8Arguments(const Communicator& comm, const at::Tensor& tensor, ReduceOp op) {
-  const std::string what = "int8 all-reduce on group '" + comm.name() + "'";
+void checkCompressedArguments(const Communicator& comm, const at::Tensor& tensor, ReduceOp op,
+                              Compression compression) {
+  const std::string what = std::string(toString(compression)) + " all-reduce on group '" + comm.name() + "'";
   TESSERA_CHECK_ARG(tensor.defined(), what << ": the tensor is undefined");
   detail::checkTensor(tensor, what);
   TESSERA_CHECK_ARG(tensor.scalar_type() == at::kFloat,
@@ -27,21 +32,22 @@ void checkInt8Arguments(const Communicator& comm, const at::Tensor& tensor, Redu
                          << toString(op));
 }
 
-// Runs one compressed all-reduce on its own thread; the destructor joins it
+namespace {
+
+// Runs one compressed collective on its own thread; the destructor joins it
 // (the operation ends by itself: every transfer carries a timeout).
 class BackgroundAllReduceWork final : public Work {
  public:
-  BackgroundAllReduceWork(CommPtr comm, at::Tensor tensor, ReduceOp op, Compression compression,
+  BackgroundAllReduceWork(CommPtr comm, const std::string& what, std::function<void(Communicator&)> body,
                           CallOptions options) {
     const Timeout perTransfer = options.timeout.count() < 0 ? comm->timeout() : options.timeout;
-    // 2(n-1) hops per lane run one after another, each with its own timeout.
-    const Timeout backstop = perTransfer * (2 * comm->size() + 1);
-    done_ = std::make_shared<detail::CompletionWork>(
-        std::string(toString(compression)) + " all-reduce on group '" + comm->name() + "'", backstop);
-    thread_ = std::thread([done = done_, comm = std::move(comm), tensor = std::move(tensor), op, compression,
-                           options] {
+    // 2(n-1) hops per lane run one after another, each with its own timeout
+    // (+ 2 for the small all-reduces before and after).
+    const Timeout backstop = perTransfer * (2 * comm->size() + 3);
+    done_ = std::make_shared<detail::CompletionWork>(what, backstop);
+    thread_ = std::thread([done = done_, comm = std::move(comm), body = std::move(body)] {
       try {
-        allReduceCompressed(*comm, tensor, op, compression, options);
+        body(*comm);
         done->complete(nullptr);
       } catch (...) {
         done->complete(std::current_exception());
@@ -60,12 +66,30 @@ class BackgroundAllReduceWork final : public Work {
 
 }  // namespace
 
-const char* toString(Compression compression) { return compression == Compression::kInt8 ? "int8" : "none"; }
+WorkPtr runCompressedInBackground(CommPtr comm, const std::string& what, std::function<void(Communicator&)> body,
+                                  CallOptions options) {
+  return std::make_shared<BackgroundAllReduceWork>(std::move(comm), what, std::move(body), options);
+}
+
+}  // namespace detail
+
+const char* toString(Compression compression) {
+  switch (compression) {
+    case Compression::kInt8:
+      return "int8";
+    case Compression::kFp8:
+      return "fp8";
+    case Compression::kNone:
+      break;
+  }
+  return "none";
+}
 
 Compression parseCompression(const std::string& value, const std::string& field) {
   if (value == "none") return Compression::kNone;
   if (value == "int8") return Compression::kInt8;
-  TESSERA_CHECK_CONFIG(false, field, "got '" << value << "' (valid: none, int8)");
+  if (value == "fp8") return Compression::kFp8;
+  TESSERA_CHECK_CONFIG(false, field, "got '" << value << "' (valid: none, int8, fp8)");
   return Compression::kNone;
 }
 
@@ -90,7 +114,11 @@ void checkSameNumel(Communicator& comm, const at::Tensor& tensor, CallOptions op
 void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Compression compression,
                          CallOptions options) {
   if (compression == Compression::kNone) return comm.allReduce(tensor, op, options);
-  checkInt8Arguments(comm, tensor, op);
+  if (compression == Compression::kFp8) {
+    fp8AllReduce(comm, tensor, op, nullptr, options);
+    return;
+  }
+  detail::checkCompressedArguments(comm, tensor, op, compression);
   // One rank: the sum and the average are the tensor itself. Nothing to send.
   if (comm.size() == 1) return;
   checkSameNumel(comm, tensor, options);
@@ -102,8 +130,31 @@ WorkPtr allReduceCompressedAsync(CommPtr comm, at::Tensor tensor, ReduceOp op, C
                                  CallOptions options) {
   TESSERA_CHECK_ARG(comm != nullptr, "allReduceCompressedAsync needs a communicator, got null");
   if (compression == Compression::kNone) return comm->allReduceAsync(tensor, op, options);
-  checkInt8Arguments(*comm, tensor, op);  // bad arguments throw here, at the call
-  return std::make_shared<BackgroundAllReduceWork>(std::move(comm), std::move(tensor), op, compression, options);
+  if (compression == Compression::kFp8) return fp8AllReduceAsync(std::move(comm), std::move(tensor), op, nullptr, options);
+  detail::checkCompressedArguments(*comm, tensor, op, compression);  // bad arguments throw here, at the call
+  const std::string what = std::string(toString(compression)) + " all-reduce on group '" + comm->name() + "'";
+  return detail::runCompressedInBackground(
+      std::move(comm), what,
+      [tensor = std::move(tensor), op, compression, options](Communicator& c) {
+        allReduceCompressed(c, tensor, op, compression, options);
+      },
+      options);
+}
+
+void reduceScatterCompressed(Communicator& comm, at::Tensor input, at::Tensor output, ReduceOp op,
+                             Compression compression, CallOptions options) {
+  switch (compression) {
+    case Compression::kNone:
+      return comm.reduceScatter(input, output, op, {}, options);
+    case Compression::kFp8:
+      fp8ReduceScatter(comm, input, output, op, nullptr, options);
+      return;
+    case Compression::kInt8:
+      break;
+  }
+  throw InvalidArgument("reduceScatterCompressed on group '" + comm.name() +
+                        "': int8 is not offered for reduce-scatter (its per-chunk tables do not fit a sharded "
+                        "output); use compression 'fp8' or 'none'");
 }
 
 }  // namespace tessera::comm

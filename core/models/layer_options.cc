@@ -55,12 +55,15 @@ void LayerOptions::validate(const std::string& layer, Kind kind) const {
                           << toString(sharding));
   TESSERA_CHECK_ARG(weight_grad != WeightGrad::kDeferred || weight_grad_store != nullptr,
                     layer << ": a deferred weight gradient needs the WeightGradStore that runs it");
-  // Modes whose implementation arrives with a later issue. Each fails here
-  // rather than computing the plain layer under a name that promises more.
-  if (precision == Precision::kBf16 || precision == Precision::kFp8) {
-    throw NotSupported(layer + ": " + toString(precision) +
-                       " precision is not implemented yet (mixed precision, issue 18); use kDefault or kFp32");
-  }
+  // FP8 is a mode of the Linear GEMM only: the tied head keeps the
+  // embedding's precision (the logits' range; FP8-LM and Transformer Engine
+  // keep the head in higher precision), and a LayerNorm has no GEMM.
+  TESSERA_CHECK_ARG(precision != Precision::kFp8 || kind == Kind::kLinear,
+                    layer << ": fp8 precision is for Linear layers; embeddings (the tied head) and norms keep "
+                             "kDefault / kFp32 / kBf16");
+  TESSERA_CHECK_ARG(precision != Precision::kBf16 || kind != Kind::kNorm,
+                    layer << ": a LayerNorm computes in its parameters' dtype; bf16 is a precision of GEMMs");
+  if (precision == Precision::kFp8) fp8.validate("fp8.");
 }
 
 }  // namespace tessera::models

@@ -8,11 +8,18 @@
 #include <utility>
 
 #include "tessera/core/error.h"
+#include "tessera/core/models/precision.h"
 
 namespace tessera::models {
 
 at::Tensor applyLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       const LayerOptions& options) {
+                       const LayerOptions& options, Fp8LinearScalers* fp8) {
+  if (options.precision == Precision::kBf16) return bf16Linear(x, weight, bias, options);
+  if (options.precision == Precision::kFp8) {
+    TESSERA_CHECK_ARG(fp8 != nullptr, "applyLinear: fp8 precision needs the layer's scaling state (a Linear "
+                                      "holds it); embeddings and other GEMMs cannot run in fp8");
+    return fp8Linear(x, weight, bias, options, *fp8);
+  }
   const bool deferred = options.weight_grad == WeightGrad::kDeferred && at::GradMode::is_enabled();
   if (options.precision == Precision::kFp32) {
     auto fp32 = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
@@ -41,6 +48,21 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool with_bias
   } else {
     options_ = std::move(options);
   }
+  resetFp8State();
+}
+
+void LinearImpl::resetFp8State() {
+  fp8_ = options_.precision == Precision::kFp8 ? std::make_shared<Fp8LinearScalers>(options_.fp8) : nullptr;
+}
+
+void LinearImpl::setPrecision(Precision precision, const numerics::Fp8RecipeConfig& fp8) {
+  LayerOptions next = options_;
+  next.precision = precision;
+  next.fp8 = fp8;
+  next.validate("Linear(" + std::to_string(in_features_) + ", " + std::to_string(out_features_) + ")",
+                LayerOptions::Kind::kLinear);
+  options_ = std::move(next);
+  resetFp8State();
 }
 
 void LinearImpl::setSequenceParallel(bool on) {
@@ -98,6 +120,7 @@ void LinearImpl::shard(LayerOptions options) {
   } else if (options_.sharding == Sharding::kRow) {
     weight.set_data(weight.narrow(1, in.begin, in.size).contiguous());  // (out, in_r); bias stays whole
   }
+  resetFp8State();
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
@@ -113,21 +136,21 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
     case Sharding::kColumn: {
       // f (or the sequence gather) at the block's entry; no communication after.
       const at::Tensor whole = sequence ? group->gatherFromSequence(x, seqDim) : group->copyToShards(x);
-      return applyLinear(whole, weight, bias, options_);  // (..., blocks * out_r)
+      return applyLinear(whole, weight, bias, options_, fp8_.get());  // (..., blocks * out_r)
     }
     case Sharding::kRow: {
       // Partial products over this rank's inputs, summed (or reduce-scattered
       // along the sequence) at the block's exit; the bias once, after the sum.
-      const at::Tensor partial = applyLinear(x, weight, at::Tensor(), options_);  // (..., out)
+      const at::Tensor partial = applyLinear(x, weight, at::Tensor(), options_, fp8_.get());  // (..., out)
       at::Tensor y = sequence ? group->reduceScatterToSequence(partial, seqDim) : group->reduceFromShards(partial);
       if (bias.defined()) y = y + (sequence ? group->copyToShards(bias) : bias);
       return y;
     }
     default: {
-      if (!sequence) return applyLinear(x, weight, bias, options_);  // (..., out)
+      if (!sequence) return applyLinear(x, weight, bias, options_, fp8_.get());  // (..., out)
       // A replicated layer on this rank's sequence shard: its gradients are partial sums.
       return applyLinear(x, group->copyToShards(weight), bias.defined() ? group->copyToShards(bias) : bias,
-                         options_);
+                         options_, fp8_.get());
     }
   }
 }

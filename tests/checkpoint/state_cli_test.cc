@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -263,6 +264,30 @@ TEST_F(StateCli, FourRankFsdpCheckpointReshardsExportsAndLoads) {
   const auto half = checkpoint::readSafetensors(path("bf16.safetensors"));
   EXPECT_EQ(half.tensors.at("wte.weight").scalar_type(), at::kBFloat16);
   EXPECT_TRUE(at::equal(half.tensors.at("wte.weight"), model4.at("model/wte.weight").to(at::kBFloat16)));
+
+  // FP8 export: weights as E4M3 codes of w * s with "<name>_scale_inv" = 1 / s, vectors as float32.
+  const ProcessResult fp8 = runProcess(
+      {TESSERA_EXPORT_PATH, path("fsdp4"), path("fp8.safetensors"), "--dtype", "f8e4m3"}, std::chrono::seconds(60));
+  ASSERT_EQ(fp8.exitCode, 0) << fp8.output;
+  const auto eight = checkpoint::readSafetensors(path("fp8.safetensors"));
+  EXPECT_EQ(eight.fp8.at("wte.weight"), "F8_E4M3");
+  EXPECT_EQ(eight.fp8.count("ln_f.weight"), 0u);  // a vector stays float32
+  const at::Tensor w = model4.at("model/wte.weight");
+  const double scale = std::exp2(std::floor(std::log2(448.0 / w.abs().max().item<double>())));
+  EXPECT_FLOAT_EQ(eight.tensors.at("wte.weight_scale_inv").item<float>(), static_cast<float>(1.0 / scale));
+  // Independent of the codec: every decoded value is within E4M3's half ulp (2^-4 relative, or the
+  // subnormal step 2^-10 absolute) of w * s, and the largest hits 448 or below.
+  const at::Tensor decoded = eight.tensors.at("wte.weight");
+  const at::Tensor scaled = w * scale;
+  const at::Tensor err = (decoded - scaled).abs();
+  EXPECT_TRUE((err <= scaled.abs() * 0.0625 + std::ldexp(1.0, -10)).all().item<bool>());
+  EXPECT_LE(decoded.abs().max().item<float>(), 448.0f);
+  // model.init_from reads it back: decoded * scale_inv, within FP8's rounding of the original.
+  models::Gpt fromFp8(smallGptConfig());
+  checkpoint::loadSafetensorsInto(*fromFp8, path("fp8.safetensors"));
+  const at::Tensor loaded = fromFp8->named_parameters()["wte.weight"].detach();
+  EXPECT_TRUE(at::equal(loaded, decoded / scale));
+  EXPECT_TRUE(at::equal(fromFp8->named_parameters()["ln_f.weight"].detach(), model4.at("model/ln_f.weight")));
 }
 
 TEST_F(StateCli, ResumingAnotherModelOrOptimizerFailsNamingIt) {

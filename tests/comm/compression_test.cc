@@ -183,7 +183,9 @@ TEST(CompressedAllReduce, ParseAndPrint) {
   EXPECT_EQ(parseCompression("none"), Compression::kNone);
   EXPECT_STREQ(toString(Compression::kInt8), "int8");
   EXPECT_STREQ(toString(Compression::kNone), "none");
-  EXPECT_THROW(parseCompression("fp8", "diloco.compression"), ConfigError);
+  EXPECT_EQ(parseCompression("fp8"), Compression::kFp8);
+  EXPECT_STREQ(toString(Compression::kFp8), "fp8");
+  EXPECT_THROW(parseCompression("fp4", "diloco.compression"), ConfigError);
 }
 
 TEST(CompressedAllReduce, RejectsBadDtypeAndOp) {

@@ -22,6 +22,12 @@
 //   trainer/rng                   every rank's torch CPU generator state (uint8):
 //                                 [world size, state bytes], rank r holding the box
 //                                 row r (format-1 checkpoints: [state bytes], rank 0's)
+//   trainer/rank-<r>/fp8_scaling  rank r's FP8 delayed-scaling state (amax histories and
+//                                 scales of its FP8 Linears, models::fp8ScalingState), float32
+//   trainer/rank-<r>/optim_aux/<kind>/<i>
+//                                 rank r's optimizer tensors that are not shaped like
+//                                 their parameter (OptimizerState::perParameterAux: the
+//                                 scale of an FP8 moment), whole, any dtype
 // Meta: trainer/step, trainer/tokens, trainer/sampler/<epoch|offset|seed|
 // num_examples>, optim/name, optim/kinds (comma-separated), replicas, and
 // whatever the caller adds (config text, mesh).
@@ -40,6 +46,13 @@
 // in-memory state (live recovery) a rank takes the row that state holds: the
 // joiner continues its source's stream. A format-1 checkpoint's single state
 // goes to every rank (as it did then).
+//
+// Per-rank state (trainer/rank-<r>/...). A rank restores its own rank's
+// tensors; from one peer's state (live recovery) the joiner takes that
+// peer's, as with the generator. At another world size a rank without its own
+// entry starts its FP8 histories afresh, and an optimizer whose aux state is
+// missing says so (an FP8 moment's codes cannot be decoded without their
+// scale): FP8 optimizer states resume bit for bit on the same mesh only.
 //
 // Optimizer tensors not created yet (Optimizer::state() gives undefined
 // tensors, e.g. SGD without momentum) are not saved; restoring leaves them

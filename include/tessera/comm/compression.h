@@ -1,5 +1,8 @@
-// Compressed all-reduce: the int8 ring of PRIME/INTELLECT-1 (REFERENCE §4),
-// selectable per call or per optimizer (`compression = "none" | "int8"`).
+// Compressed all-reduce: the int8 ring of PRIME/INTELLECT-1 (REFERENCE §4)
+// and the FP8 ring of issue 18 (fp8_allreduce.h: E4M3 codes under one shared
+// scale, FP8-LM's auto-scaling as an option), selectable per call or per
+// optimizer (`compression = "none" | "int8" | "fp8"`). The text below is
+// the int8 ring's; fp8_allreduce.h has the FP8 ring's error bound and errors.
 //
 // int8 algorithm (any communicator with send/recv; CPU tensors: Gloo, MPI):
 // the flat fp32 tensor is split into 2 * size chunks; a ring reduce-scatter
@@ -25,8 +28,9 @@
 // their bin means, so the output stays finite but loses their detail.
 //
 // Tags: the int8 ring sends on tags 8388352..8388355 (2^23 - 256 + 0..3) of
-// the communicator; user send/recv on the same communicator must not use them
-// (MPI libraries accept at least 2^23 - 1 in practice, the standard only 32767).
+// the communicator, the FP8 ring on 8388356..8388359; user send/recv on the
+// same communicator must not use them (MPI libraries accept at least 2^23 - 1
+// in practice, the standard only 32767).
 //
 // A group of one returns at once (the tensor is its own sum and average;
 // nothing is checked or quantized); so does an empty tensor.
@@ -40,8 +44,10 @@
 
 namespace tessera::comm {
 
-enum class Compression { kNone, kInt8 };
-const char* toString(Compression compression);  // "none", "int8"
+// kFp8: the FP8 ring (fp8_allreduce.h): E4M3 codes with one shared
+// power-of-two scale per call, chosen so no partial sum can overflow.
+enum class Compression { kNone, kInt8, kFp8 };
+const char* toString(Compression compression);  // "none", "int8", "fp8"
 // Throws ConfigError naming `field` and the valid values.
 Compression parseCompression(const std::string& value, const std::string& field = "compression");
 
@@ -50,7 +56,8 @@ Compression parseCompression(const std::string& value, const std::string& field 
 // thread and keeps up to about half the tensor's bytes in message buffers). kNone is exactly
 // comm.allReduce(tensor, op). Throws InvalidArgument for another op or dtype
 // (naming it) and for non-finite values (above), CommError/TimeoutError from
-// the communicator. Bytes show in comm.stats() under send/recv for int8.
+// the communicator. Bytes show in comm.stats() under send/recv for int8 and
+// fp8 (fp8 also runs one small allReduce first, to agree on the scale).
 // kAvg divides the decoded sum by size() on every rank alike.
 void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Compression compression,
                          CallOptions options = {});
@@ -61,9 +68,20 @@ void allReduceCompressed(Communicator& comm, at::Tensor tensor, ReduceOp op, Com
 // a different order on different ranks -- give overlapping traffic its own
 // communicator (comm->split). Argument errors throw at the call; wait()
 // rethrows the others. Destroying the handle waits for the thread.
-// At most one int8 call may be in flight per communicator: the ring uses
-// fixed tags, so two would exchange each other's messages.
+// At most one int8 and one fp8 call may be in flight per communicator: each
+// ring uses fixed tags, so two would exchange each other's messages.
 WorkPtr allReduceCompressedAsync(CommPtr comm, at::Tensor tensor, ReduceOp op, Compression compression,
                                  CallOptions options = {});
+
+// Collective over comm: output = this rank's part (rank order, equal parts)
+// of the kSum / kAvg of `input` over the ranks, with `compression` on the
+// wire (FSDP's compressed gradient reduce-scatter). input: contiguous float32
+// CPU, numel = size() * output.numel(); output: contiguous float32 CPU.
+// kNone is exactly comm.reduceScatter(input, output, op). kFp8: a ring
+// reduce-scatter of E4M3 codes under one shared scale (fp8_allreduce.h),
+// fp32 accumulation. kInt8: InvalidArgument (not offered: use kFp8).
+// Errors as allReduceCompressed.
+void reduceScatterCompressed(Communicator& comm, at::Tensor input, at::Tensor output, ReduceOp op,
+                             Compression compression, CallOptions options = {});
 
 }  // namespace tessera::comm

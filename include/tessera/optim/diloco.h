@@ -78,9 +78,9 @@
 // `groups` come from parameter names (the launcher's: the block index), the
 // same on every tp rank, so fragment f holds the same parameters' shards on
 // every tp rank and syncs at the same steps. Exception: compression =
-// "int8" quantizes chunks of the flat pseudo-gradient, whose contents depend
-// on the sharding, so there tp = N matches tp = 1 only up to the
-// quantization error.
+// "int8" / "fp8" quantizes the flat pseudo-gradient (int8: per chunk; fp8:
+// one shared scale per flat tensor), whose contents depend on the sharding,
+// so there tp = N matches tp = 1 only up to the quantization error.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -103,7 +103,7 @@ struct DilocoConfig {
   double outer_lr = 0.7;          // outer SGD learning rate; > 0
   double outer_momentum = 0.9;    // outer SGD momentum, in [0, 1)
   bool nesterov = true;           // PyTorch-style Nesterov outer momentum
-  std::string compression = "none";  // pseudo-gradient all-reduce: "none" or "int8"
+  std::string compression = "none";  // pseudo-gradient all-reduce: "none", "int8" or "fp8" (comm/compression.h)
   int64_t fragments = 1;          // P (streaming); 1..H, and H % P == 0
   int64_t delay = 0;              // tau (streaming): steps the all-reduce overlaps; 0 <= tau < H/P
   double mixing = 0.0;            // alpha (streaming), in [0, 1]

@@ -25,12 +25,25 @@ namespace tessera::optim {
 
 // An optimizer's state in a form checkpoints and live recovery can reshard:
 // per-parameter tensors (each shaped like its parameter, so a sharded
-// parameter's state is sharded the same way) plus scalars.
+// parameter's state is sharded the same way), small per-parameter tensors
+// that are NOT shaped like it (FP8 scales, amax histories), plus scalars.
 struct OptimizerState {
   // kind ("exp_avg", "momentum_buffer", "diloco/outer", ...) -> one tensor per
   // parameter, in the order the parameters were given at construction, each
-  // of that parameter's shape. An undefined tensor: not created yet.
+  // of that parameter's shape (any dtype: FP8 codes are uint8, FP16 moments
+  // float16). An undefined tensor: not created yet (or, for an optimizer
+  // sharded over whole tensors, held by another rank).
   std::map<std::string, std::vector<at::Tensor>> perParameter;
+  // kind ("exp_avg.scale", ...) -> one tensor per parameter, in the same
+  // order, of any small shape that does NOT follow the parameter's (a {1}
+  // float32 per-tensor scale, an amax history window). They describe this
+  // rank's piece as a whole, so they cannot be split or merged by a
+  // reshard: checkpoints save them as per-rank rows (like the RNG state) and
+  // restore them only onto the same mesh, which resumes bit for bit. An
+  // optimizer whose perParameter tensors need an aux entry throws
+  // InvalidArgument from loadState() when it is missing (a resharded load).
+  // Undefined: as in perParameter.
+  std::map<std::string, std::vector<at::Tensor>> perParameterAux;
   // Small values ("step" -> "12"); doubles written with 17 digits.
   std::map<std::string, std::string> scalars;
 };
@@ -44,6 +57,15 @@ struct OptimizerConfig {
   double weight_decay = 0.1;   // adamw: decoupled (p -= lr * wd * p); sgd: L2 added to the gradient; >= 0
   double momentum = 0.0;       // sgd: momentum, in [0, 1)
   bool nesterov = false;       // sgd: Nesterov momentum (needs momentum > 0)
+  // adamw: how the moments are stored (MS-AMP, FP8-LM arXiv 2310.18313 §2.3):
+  // "fp32", or "fp8" (level O2: first moment as FP8 E4M3 codes with one
+  // per-tensor power-of-two scale, second moment as FP16 with one as well;
+  // low_precision_adamw.h). sgd: only "fp32".
+  std::string states = "fp32";
+  // adamw: the master weights: "fp32" (the parameters are the master
+  // weights) or "fp16" (level O3: the optimizer keeps an FP16 master copy and
+  // writes it back into the parameters after each step). sgd: only "fp32".
+  std::string master = "fp32";
 
   // Throws ConfigError naming the field (prefix + "beta1") and the accepted values.
   void validate(const std::string& prefix = "optim.") const;
@@ -104,7 +126,9 @@ class ParameterOptimizer : public Optimizer {
 
 // AdamW or SGD over `parameters` (e.g. DataParallel::optimizerParameters()),
 // starting at learning rate `lr`. The tensors are shared, not copied: they
-// must outlive the optimizer. Throws ConfigError for a bad config.
+// must outlive the optimizer. AdamW with states or master other than "fp32"
+// is LowPrecisionAdamW (low_precision_adamw.h), unsharded; build that class
+// directly for its whole-tensor ZeRO. Throws ConfigError for a bad config.
 std::unique_ptr<Optimizer> makeOptimizer(const OptimizerConfig& config, std::vector<at::Tensor> parameters,
                                          double lr);
 

@@ -37,9 +37,24 @@
 // (DdpGroup::gradientScale: expert gradients are the sum over their holders
 // divided by the whole data-parallel size, not by the holders' count).
 //
+// Communication precision (DdpConfig::gradComm, `parallel.grad_comm`;
+// gradient_comm.h): fp32 all-reduces each bucket as is (bit-exact, the
+// default); bf16 sends each bucket as bfloat16 (half the bytes; the average
+// comes back to the fp32 .grad); fp8 sends each bucket through the FP8 ring
+// (a quarter of the bytes, one shared power-of-two scale per bucket). The
+// FP8 ring allows one call in flight per communicator, so a group's fp8
+// buckets run one after another on a background thread each, every one
+// starting when the previous bucket on the same comm completes: launched from
+// the hooks as before, they still overlap backward. During a synced backward
+// with fp8, nothing else may issue collectives on a group's comm (the ring's
+// own small collectives run on those threads). The group's gradientScale
+// applies after the average in every mode. Every rank gets bit-identical
+// gradients in every mode.
+//
 // What this deliberately does not do: sharding (FSDP lives in its own file),
 // re-broadcasting buffers every forward (buffers are broadcast once, at
-// construction), sparse gradients, or mixed-precision communication.
+// construction), sparse gradients, or mixed-precision compute (autocast is
+// the precision layer's).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -53,6 +68,7 @@
 #include <vector>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/parallel/gradient_comm.h"
 
 namespace torch::nn {
 class Module;
@@ -81,6 +97,10 @@ struct DdpConfig {
   // Broadcast parameters and buffers from rank 0 at construction, so every
   // replica starts identical. Turn off only when replicas are known equal.
   bool broadcastAtConstruction = true;
+  // Precision of the gradient all-reduce (`parallel.grad_comm`; file comment).
+  // bf16 and fp8 need float32 parameters, fp8 also CPU ones (InvalidArgument
+  // from the constructor otherwise).
+  GradientComm gradComm = GradientComm::kFp32;
 
   // Throws ConfigError ("ddp.bucket_cap_bytes") for a bad value.
   void validate() const;
@@ -103,7 +123,8 @@ struct DdpSyncStats {
   int64_t steps = 0;            // synced steps counted
   int64_t buckets = 0;          // buckets all-reduced
   int64_t bucketsLaunchedInBackward = 0;  // of those, launched by a gradient hook (overlappable)
-  int64_t bytes = 0;            // gradient bytes all-reduced (each rank's buffer)
+  int64_t bytes = 0;            // gradient bytes all-reduced, at the wire precision (each rank's buffer:
+                                // numel * 4 / 2 / 1 for fp32 / bf16 / fp8)
   double commSeconds = 0;       // see above
   double exposedSeconds = 0;    // see above
   std::map<std::string, int64_t> bytesByComm;          // sums to bytes

@@ -96,9 +96,22 @@
 // per-rank streams do. A unit that draws from torch's generator would get
 // different masks in the recomputation and wrong gradients.
 //
+// Gradient communication precision (FsdpConfig::gradComm,
+// `parallel.grad_comm`; gradient_comm.h): fp32 reduce-scatters as is (the
+// default, bit-exact); bf16 sends the unit's flat gradient as bfloat16 (half
+// the bytes); fp8 runs comm::reduceScatterCompressed (kFp8, kAvg: E4M3 on the
+// wire, a quarter of the bytes). The hybrid replicate all-reduce follows the
+// same setting. Cost of fp8: its reduce-scatter runs synchronously where the
+// async one would be launched (at the unit's post-backward, on autograd's
+// thread), because the FP8 ring issues collectives of its own on the shard
+// comm, which must stay in order with the next unit's all-gather on every
+// rank -- so in fp8 the reduce-scatters no longer overlap backward. The fp8
+// replicate all-reduces run one after another per replicate comm (one FP8
+// ring in flight per communicator).
+//
 // What this deliberately does not do: prefetching the next unit's all-gather
 // (gathers are blocking; reduce-scatters overlap with backward), mixed
-// precision, CPU offload, parameters of other dtypes than float32, and frozen
+// precision parameters or compute, CPU offload, parameters of other dtypes than float32, and frozen
 // parameters (requires_grad = false are left alone, unsharded, and not
 // synced). Every rank must run the same units in the same order.
 #pragma once
@@ -114,6 +127,7 @@
 
 #include "tessera/comm/communicator.h"
 #include "tessera/parallel/data_parallel.h"
+#include "tessera/parallel/gradient_comm.h"
 
 namespace torch::nn {
 class Module;
@@ -158,6 +172,13 @@ struct FsdpExpertUnits {
   double gradientScale = 1.0;   // 1 / ep under expert parallelism (FsdpUnitSpec::gradientScale)
 };
 
+// Options of FSDP beyond its units and communicators.
+struct FsdpConfig {
+  // Precision of the gradient reduce-scatter and of the hybrid replicate
+  // all-reduce (`parallel.grad_comm`; file comment).
+  GradientComm gradComm = GradientComm::kFp32;
+};
+
 // Not copyable or movable (autograd nodes and the GPT's block runner refer to
 // it). Must outlive every backward through it. The public methods are called
 // from the training thread; unit backward runs on autograd's thread.
@@ -175,7 +196,7 @@ class FullyShardedDataParallel {
   // empty unit prefix, a non-float32 parameter; CommError/TimeoutError from
   // the comms.
   FullyShardedDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units, comm::CommPtr shardComm,
-                           comm::CommPtr replicateComm = nullptr);
+                           comm::CommPtr replicateComm = nullptr, FsdpConfig config = {});
   // Every GPT block is a unit (dense or MoE, any dropout; an MoE block's aux
   // loss is the unit's aux), over the constructor's comms; installs a block
   // runner on `gpt` (removed by the destructor). With `experts`, every held
@@ -186,7 +207,7 @@ class FullyShardedDataParallel {
   // then gets no expert unit. `experts` is read during the call only (null:
   // no expert units). Collective as above.
   FullyShardedDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr,
-                           const FsdpExpertUnits* experts = nullptr);
+                           const FsdpExpertUnits* experts = nullptr, FsdpConfig config = {});
   // Local. Leaves the module's parameters as they are: empty, or the full
   // values when unshard() is in effect (call it first to keep them).
   ~FullyShardedDataParallel();
@@ -279,8 +300,9 @@ using Fsdp = FullyShardedDataParallel;
 // has more than one rank. Collective as the constructors above.
 std::unique_ptr<DataParallel> makeFsdpDataParallel(models::GptImpl& gpt, comm::CommPtr shardComm,
                                                    comm::CommPtr replicateComm = nullptr,
-                                                   const FsdpExpertUnits* experts = nullptr);
+                                                   const FsdpExpertUnits* experts = nullptr, FsdpConfig config = {});
 std::unique_ptr<DataParallel> makeFsdpDataParallel(torch::nn::Module& module, std::vector<FsdpUnitSpec> units,
-                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr);
+                                                   comm::CommPtr shardComm, comm::CommPtr replicateComm = nullptr,
+                                                   FsdpConfig config = {});
 
 }  // namespace tessera::parallel

@@ -7,6 +7,7 @@
 //   1. pipeline split      (pp)            the model cut into stages; each rank keeps its stage
 //   2. tensor parallel     (tp)            per stage: column/row/vocabulary-parallel layers
 //   3. expert parallel     (ep)            per stage: experts over ep (TED: tp inside experts)
+//   3b. precision          (precision.h)   per stage: bf16 / FP8 Linears, after TP/EP split them
 //   4. FSDP / DDP          (dp_shard,      inside a replica: shard over dp_shard (FSDP, hybrid)
 //                           dp_replicate)  or replicate over dp_replicate (DDP, hybrid)
 //   5. DiLoCo / elastic    (dp_replicate)  across replicas: the communication-light optimizers
@@ -31,6 +32,7 @@
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/device_mesh.h"
 #include "tessera/parallel/pipeline/post_validation.h"
+#include "tessera/parallel/precision.h"
 #include "tessera/parallel/pipeline/stage.h"
 #include "tessera/parallel/step_executor.h"
 
@@ -100,6 +102,13 @@ struct ParallelConfig {
   // rank sends 1/tp of the dispatched slots over ep (expert_parallel.h).
   // Same outputs and gradients; all-to-all bytes divided by tp.
   bool moe_dtd = false;
+  // Gradient communication of DDP / FSDP: "fp32", "bf16" or "fp8" (the FP8
+  // ring, comm/compression.h). "" (unset): fp32, or fp8 under precision.mode
+  // = "fp8", which implies it (precision.h: setting it there is an error).
+  std::string grad_comm;
+  // [precision]: resolved by resolvePrecision (precision.h) inside
+  // parallelize(); the launcher reads the same plan for the optimizer.
+  PrecisionConfig precision;
 
   // The single validation of the section: keys, degrees against worldSize
   // (MeshShape::validate with this prefix), and the strategy against the
@@ -128,6 +137,7 @@ struct NamedComm {
 // model and the mesh are referenced and must outlive it.
 struct ParallelModel {
   DataParallelPlan plan;
+  PrecisionPlan precision;  // what [precision] resolved to (applied to the layers and the strategy)
   // Pipelines (pp > 1): this rank's chunks as the executor drives them, and
   // the sum of the gradient norm over the stages for the Trainer
   // (TrainerParts::stageNorm). Null otherwise.
@@ -143,6 +153,9 @@ struct ParallelModel {
   int replica = 0;                          // this rank's dp_replicate coordinate (local updates)
   int replicas = 1;                         // replicas whose parameters differ between syncs (local updates)
   std::vector<NamedComm> traffic;           // every communicator the strategy and the loop use
+  // O3 with strategy "fsdp" (precision.h): the ranks the optimizer shards
+  // whole tensors over (the dense gradient group). Null otherwise.
+  comm::CommPtr wholeTensorShardComm;
   // True on the one rank that writes metrics: the rank that has the loss
   // with every data, tp and ep coordinate 0 (world rank 0 until pipelines).
   bool reportsMetrics = false;
@@ -153,8 +166,9 @@ struct ParallelModel {
 // above to `model`. Throws ConfigError as ParallelConfig::resolve does, and
 // for a strategy the model cannot run ("fsdp" needs a GPT); CommError /
 // TimeoutError from the comms.
+// `optimizer` (optim.name) is what resolvePrecision checks the levels against.
 ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const ParallelConfig& config,
-                          bool localUpdates);
+                          bool localUpdates, const std::string& optimizer = "adamw");
 
 // The part of the GPT that pipeline rank `ppRank` builds under `config`
 // (the whole model when mesh.pp == 1). Local; throws ConfigError as

@@ -140,6 +140,11 @@ struct TrainingState {
   data::SamplerState trainSampler; // position of the training batches
   optim::OptimizerState optimizer; // Optimizer::state(), cloned (no aliasing with the live buffers)
   at::Tensor rng;                  // torch's default CPU generator state (uint8)
+  // The model's FP8 delayed-scaling state (models::fp8ScalingState: amax
+  // histories and scales of every FP8 Linear, this rank's); undefined or
+  // empty without FP8 layers. Restored when defined; a run resumed without
+  // it (another world size) starts its histories afresh.
+  at::Tensor fp8Scaling;
 };
 
 // The pieces a Trainer drives. It owns none of them: each must outlive it.

@@ -2,10 +2,8 @@
 // layer that tensor parallelism (issue 14), the pipeline's deferred weight
 // gradient (issue 16) and bf16 / FP8 (issue 18) extend.
 //
-// Sharding (tensor and sequence parallelism) and the deferred weight gradient
-// are implemented; bf16 / FP8 are not yet. A layer validates its options, so
-// a mode that does not exist yet fails loudly (NotSupported naming the issue
-// that adds it) rather than silently computing the plain thing. Model code builds layers and calls
+// A layer validates its options, so a mode it cannot have fails loudly rather
+// than silently computing the plain thing. Model code builds layers and calls
 // forward(); a sharded or FP8 layer changes what happens inside forward() and
 // which slice the layer holds, never the model's calls.
 //
@@ -20,6 +18,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+
+#include "tessera/core/numerics/fp8_scaling.h"
 
 namespace tessera::models {
 
@@ -37,8 +37,8 @@ enum class Sharding {
 enum class Precision {
   kDefault,  // the dtype of the operands (fp32 parameters: fp32), as torch::nn::Linear
   kFp32,     // always fp32, operands cast up: the MoE router, whose top-k choice flips on small logit errors
-  kBf16,     // bf16 operands, fp32 accumulation (issue 18)
-  kFp8,      // E4M3 forward / E5M2 gradients with scaling recipes (issue 18)
+  kBf16,     // bf16 operands, fp32 accumulation, fp32 result (autocast-like; precision.h)
+  kFp8,      // Linear only: E4M3 forward / E5M2 gradients under LayerOptions::fp8 (precision.h)
 };
 
 // When the weight-gradient GEMM of backward runs.
@@ -146,13 +146,15 @@ struct LayerOptions {
   // block, in block order: `fused_blocks` pieces of the logical weight.
   int64_t fused_blocks = 1;
   Precision precision = Precision::kDefault;
+  numerics::Fp8RecipeConfig fp8;  // the scaling recipe when precision == kFp8 (fp8_scaling.h)
   WeightGrad weight_grad = WeightGrad::kWithInput;
   std::shared_ptr<WeightGradStore> weight_grad_store;  // required when weight_grad == kDeferred
 
-  // Throws NotSupported naming `layer` and the issue that adds a mode this
-  // build does not implement yet (bf16, FP8),
-  // InvalidArgument for a mode without its group or store, a sharding the
-  // layer kind cannot have, or fused blocks without column sharding.
+  // Throws InvalidArgument for a mode without its group or store, a sharding
+  // the layer kind cannot have, fused blocks without column sharding, or kFp8
+  // on a layer other than Linear (the tied head and LayerNorm keep their
+  // precision; precision.h says why) or kBf16 on a LayerNorm; ConfigError
+  // naming "fp8.<field>" for a bad recipe config under kFp8.
   enum class Kind { kLinear, kEmbedding, kNorm };
   void validate(const std::string& layer, Kind kind) const;
 };

@@ -60,14 +60,19 @@
 
 namespace tessera::models {
 
+struct Fp8LinearScalers;  // precision.h
+
 // The GEMM every tessera layer runs: x (..., in) -> x W^T + b (..., out) under
 // `options`' precision (kFp32 casts operands and computes in fp32; kDefault
-// uses the operands' dtype). bias may be undefined. Embedding::attend (the
-// tied head) runs it too, so a precision mode applies to both.
+// uses the operands' dtype; kBf16 / kFp8: precision.h). bias may be
+// undefined. Embedding::attend (the tied head) runs it too, in the
+// embedding's precision (never kFp8: layer_options.h). kFp8 needs the layer's
+// scaling state `fp8` (InvalidArgument without it) and is collective over a
+// sharded layer's group (precision.h's fp8Linear).
 // With options.weight_grad == kDeferred (and grad mode on) the GEMM is
 // deferredLinear below, after the precision cast.
 at::Tensor applyLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       const LayerOptions& options);
+                       const LayerOptions& options, Fp8LinearScalers* fp8 = nullptr);
 
 // y = x W^T + b whose backward computes the gradients of x and b and defers
 // the weight's into `store` (see the file comment). x (..., in), weight
@@ -113,6 +118,14 @@ class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
   // keeps its mode).
   void setWeightGradStore(std::shared_ptr<WeightGradStore> store);
 
+  // Local: switches the GEMM's precision (kFp8 with `fp8` as its recipe,
+  // a fresh scaling state). For setPrecision (precision.h); call between
+  // steps. Throws what LayerOptions::validate throws, leaving the layer as it was.
+  void setPrecision(Precision precision, const numerics::Fp8RecipeConfig& fp8 = {});
+  // The FP8 scaling state (kFp8 layers; null otherwise). Owned by the layer;
+  // reset by shard() and setPrecision().
+  Fp8LinearScalers* fp8Scalers() const { return fp8_.get(); }
+
   const LayerOptions& options() const { return options_; }
   int64_t inFeatures() const { return in_features_; }    // logical (whole-layer) sizes
   int64_t outFeatures() const { return out_features_; }
@@ -122,12 +135,14 @@ class LinearImpl : public torch::nn::Module, public DeclaresParameterLayout {
 
  private:
   void setLayouts();
+  void resetFp8State();
 
   int64_t in_features_;
   int64_t out_features_;
   LayerOptions options_;
   ParameterLayout weight_layout_;
   ParameterLayout bias_layout_;
+  std::shared_ptr<Fp8LinearScalers> fp8_;  // kFp8 only
 };
 TORCH_MODULE(Linear);
 
