@@ -492,8 +492,20 @@ void restoreTrainingState(const TrainingParts& parts, const StateDict& loaded) {
       bool any = false;
       for (const auto& piece : layout.pieces[i]) any = any || loaded.tensors.count(base + piece.name) != 0;
       if (!any) continue;  // not created when saved: stays undefined
-      const at::ScalarType dtype = i < liveTensors.size() && liveTensors[i].defined() ? liveTensors[i].scalar_type()
-                                                                                      : layout.params[i].scalar_type();
+      // The saved dtype: FP8 codes (uint8) and FP16 moments stay what they were,
+      // also into an optimizer that has not created its state yet.
+      at::ScalarType dtype = layout.params[i].scalar_type();
+      if (i < liveTensors.size() && liveTensors[i].defined()) {
+        dtype = liveTensors[i].scalar_type();
+      } else {
+        for (const auto& piece : layout.pieces[i]) {
+          auto it = loaded.tensors.find(base + piece.name);
+          if (it != loaded.tensors.end() && !it->second.pieces.empty()) {
+            dtype = it->second.pieces[0].local.scalar_type();
+            break;
+          }
+        }
+      }
       at::Tensor staged = at::zeros(layout.params[i].sizes(), layout.params[i].options().dtype(dtype));
       at::Tensor flat = staged.view({-1});
       for (const auto& piece : layout.pieces[i]) {

@@ -80,7 +80,8 @@ Schema schemaOf(TrainJobConfig& c) {
                    {"moe_dtd", &p.moe_dtd}, {"grad_comm", &p.grad_comm}};
   auto& pr = c.parallel.precision;
   s["precision"] = {{"mode", &pr.mode},           {"level", &pr.level}, {"fp8_recipe", &pr.fp8_recipe},
-                    {"amax_history", &pr.amax_history}, {"margin", &pr.margin}};
+                    {"amax_history", &pr.amax_history}, {"margin", &pr.margin},
+                    {"fp8_comm_scaling", &pr.fp8_comm_scaling}};
   auto& pl = c.parallel.pipeline;
   s["pipeline"] = {{"schedule", &pl.schedule},         {"microbatches", &pl.microbatches},
                    {"virtual_stages", &pl.virtual_stages}, {"layers_per_stage", &pl.layers_per_stage},

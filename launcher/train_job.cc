@@ -224,6 +224,22 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
         job->model->module(), config.model.gpt.n_layer, config.model.gpt.moe.num_experts, job->mesh->world());
     parts.extraMetrics = job->moeLoad->metricsHook();  // collective over the world at every logged step
   }
+  if (job->parallel.precision.gradientComm == parallel::GradientComm::kFp8) {
+    // FP8 gradient communication: the overflow (saturation) rate of the last
+    // synced step and since the start, and FP8-LM's mu range under "auto". Local.
+    parallel::DataParallel* dp = job->dp;
+    const bool autoScaling = job->parallel.precision.fp8AutoScaling;
+    parts.extraMetrics = [inner = std::move(parts.extraMetrics), dp, autoScaling](MetricsRecord& record) {
+      if (inner) inner(record);
+      const parallel::DataParallelStats stats = dp->stats();
+      MetricsRecord fp8;
+      fp8.add("scaling", autoScaling ? "auto" : "safe");
+      fp8.add("saturated_fraction", stats.fp8LastStep.saturatedFraction());
+      fp8.add("saturated_fraction_total", stats.fp8Total.saturatedFraction());
+      if (autoScaling) fp8.add("mu_min", stats.fp8LastStep.minMu).add("mu_max", stats.fp8LastStep.maxMu);
+      record.add("fp8_comm", fp8);
+    };
+  }
   return job;
 }
 

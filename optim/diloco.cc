@@ -135,6 +135,7 @@ class Diloco final : public Optimizer {
     OptimizerState s = inner_->state();
     OptimizerState out;
     for (auto& [kind, tensors] : s.perParameter) out.perParameter[kInnerPrefix + kind] = std::move(tensors);
+    for (auto& [kind, tensors] : s.perParameterAux) out.perParameterAux[kInnerPrefix + kind] = std::move(tensors);
     for (auto& [key, value] : s.scalars) out.scalars[kInnerPrefix + key] = std::move(value);
     out.perParameter[kOuterKind] = outerViews_;
     std::vector<at::Tensor>& momentum = out.perParameter[kMomentumKind];
@@ -188,6 +189,9 @@ class Diloco final : public Optimizer {
     const std::string prefix = kInnerPrefix;
     for (const auto& [kind, tensors] : s.perParameter) {
       if (kind.rfind(prefix, 0) == 0) innerState.perParameter[kind.substr(prefix.size())] = tensors;
+    }
+    for (const auto& [kind, tensors] : s.perParameterAux) {  // an FP8 inner optimizer's scales (precision O2)
+      if (kind.rfind(prefix, 0) == 0) innerState.perParameterAux[kind.substr(prefix.size())] = tensors;
     }
     for (const auto& [key, value] : s.scalars) {
       if (key.rfind(prefix, 0) == 0) innerState.scalars[key.substr(prefix.size())] = value;

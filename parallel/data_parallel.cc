@@ -76,7 +76,10 @@ class DdpDataParallel final : public DataParallel {
   }
   DataParallelStats stats() const override {
     const DdpSyncStats s = ddp_.totalStats();
-    return DataParallelStats{s.bytes, s.commSeconds, s.exposedSeconds, s.bytesByComm, s.exposedSecondsByComm};
+    DataParallelStats out{s.bytes, s.commSeconds, s.exposedSeconds, s.bytesByComm, s.exposedSecondsByComm, {}, {}};
+    out.fp8Total = s.fp8;
+    out.fp8LastStep = ddp_.lastStepStats().fp8;
+    return out;
   }
   std::vector<std::vector<ParameterPiece>> parameterLayout() const override { return layout_; }
   bool sharded() const override { return false; }

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <unordered_set>
@@ -41,6 +42,7 @@ namespace tessera::parallel {
 
 void DdpConfig::validate() const {
   TESSERA_CHECK_CONFIG(bucketCapBytes > 0, "ddp.bucket_cap_bytes", "must be > 0, got " << bucketCapBytes);
+  if (gradComm == GradientComm::kFp8 && fp8Scaling == Fp8Scaling::kAuto) fp8AutoScale.validate();
 }
 
 DdpSyncStats& DdpSyncStats::operator+=(const DdpSyncStats& other) {
@@ -52,6 +54,7 @@ DdpSyncStats& DdpSyncStats::operator+=(const DdpSyncStats& other) {
   exposedSeconds += other.exposedSeconds;
   for (const auto& [name, n] : other.bytesByComm) bytesByComm[name] += n;
   for (const auto& [name, seconds] : other.exposedSecondsByComm) exposedSecondsByComm[name] += seconds;
+  fp8 += other.fp8;
   return *this;
 }
 
@@ -78,6 +81,10 @@ struct Bucket {
   std::vector<int> slots;       // indexes into State::slots
   int pending = 0;              // slices not yet written this step
   comm::WorkPtr work;           // set when launched
+  // fp8 with scaling "auto": this bucket's FP8-LM scaler (the bucket is one
+  // tensor stream), touched only by its call's thread until wait() returns.
+  std::unique_ptr<comm::Fp8AutoScaler> scaler;
+  comm::Fp8CommStats fp8;       // fp8: the call's figures, written by its thread, read after wait()
   bool done = false;            // completion observed
   SteadyClock::time_point launchedAt;
   SteadyClock::time_point doneAt;
@@ -102,6 +109,21 @@ struct DistributedDataParallel::State {
   // bucket's all-reduce starts after it (one FP8 ring in flight per comm).
   std::map<const comm::Communicator*, comm::WorkPtr> lastLaunched;
 
+  // An fp8 bucket's thread writes the bucket's scaler and figures: let every
+  // one finish (each ends under the communicator's timeout) before the
+  // buckets die, e.g. after a failed finishGradientSync(). Errors were, or
+  // would have been, their waiter's.
+  ~State() {
+    if (config.gradComm != GradientComm::kFp8) return;
+    for (Bucket& bucket : buckets) {
+      if (!bucket.work) continue;
+      try {
+        bucket.work->wait();
+      } catch (...) {
+      }
+    }
+  }
+
   void beginStep() {
     stepActive = true;
     nextToLaunch = 0;
@@ -113,6 +135,7 @@ struct DistributedDataParallel::State {
     for (Bucket& bucket : buckets) {
       bucket.pending = static_cast<int>(bucket.slots.size());
       bucket.work.reset();
+      bucket.fp8 = {};
       bucket.done = false;
     }
   }
@@ -144,7 +167,8 @@ struct DistributedDataParallel::State {
       // fp32: exactly comm->allReduceAsync(flat, kAvg). fp8: chained behind
       // the comm's previous bucket, so the ring still overlaps backward.
       comm::WorkPtr& previous = lastLaunched[bucket.comm.get()];
-      bucket.work = allReduceGradientAsync(bucket.comm, bucket.flat, config.gradComm, previous);
+      bucket.work =
+          allReduceGradientAsync(bucket.comm, bucket.flat, config.gradComm, previous, bucket.scaler.get(), &bucket.fp8);
       previous = bucket.work;
       if (exposed != nullptr) {
         exposed->exposedSecondsByComm[bucket.comm->name()] +=
@@ -345,6 +369,9 @@ DistributedDataParallel::DistributedDataParallel(std::vector<NamedParameter> par
                                                        "them all, or its `selects` matches no name");
   }
   state_->buckets = assignBuckets(state_->slots, state_->groups, config.bucketCapBytes);
+  if (config.gradComm == GradientComm::kFp8 && config.fp8Scaling == Fp8Scaling::kAuto) {
+    for (Bucket& bucket : state_->buckets) bucket.scaler = std::make_unique<comm::Fp8AutoScaler>(config.fp8AutoScale);
+  }
 
   // Broadcast before installing hooks, so that a failed broadcast leaves no
   // hooks behind (the copies run under NoGradGuard and fire none anyway).
@@ -430,6 +457,8 @@ void DistributedDataParallel::finishGradientSync() {
                                                      : gradientWireBytes(s.config.gradComm));
     step.bytes += bytes;
     step.bytesByComm[commName] += bytes;
+    if (s.config.gradComm == GradientComm::kFp8) step.fp8.count(bucket.fp8);
+    if (bucket.scaler) step.fp8.countMu(bucket.scaler->mu());  // updated by the call, before wait() returned
   }
   for (const auto& entry : step.exposedSecondsByComm) step.exposedSeconds += entry.second;
   step.commSeconds = std::max(s.inFlightSeconds(), step.exposedSeconds);

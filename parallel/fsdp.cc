@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 
@@ -90,6 +91,8 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
   TESSERA_CHECK_ARG(shardComm != nullptr, "FSDP needs a dp_shard communicator, got nullptr");
   State& s = *state_;
   s.gradComm = config.gradComm;  // FSDP's parameters are CPU float32 (checked below): every mode can carry them
+  const bool autoFp8 = config.gradComm == GradientComm::kFp8 && config.fp8Scaling == Fp8Scaling::kAuto;
+  if (autoFp8) config.fp8AutoScale.validate();
   s.shardComm = std::move(shardComm);
   if (replicateComm && replicateComm->size() > 1) s.replicateComm = std::move(replicateComm);
 
@@ -160,6 +163,12 @@ FullyShardedDataParallel::FullyShardedDataParallel(torch::nn::Module& module, st
   }
   s.hasRoot = !root.params.empty();
   if (s.hasRoot) s.units.push_back(std::move(root));
+  if (autoFp8) {
+    for (Unit& unit : s.units) {
+      unit.shardScaler = std::make_unique<comm::Fp8AutoScaler>(config.fp8AutoScale);
+      if (unit.replicateComm) unit.replicateScaler = std::make_unique<comm::Fp8AutoScaler>(config.fp8AutoScale);
+    }
+  }
 
   // Layout, rank 0's values everywhere, then keep only this rank's slice.
   at::NoGradGuard noGrad;
@@ -302,14 +311,21 @@ void FullyShardedDataParallel::finishGradientSync() {
   // Hybrid: every replica now holds the same shard slot's average over its
   // own dp_shard group; averaging those over dp_replicate averages over all.
   const Stopwatch replicating;
+  // fp8: each call's figures, written by its thread. Declared before the
+  // works so that it outlives them: destroying the last work of a comm's
+  // chain joins it, and it ran after every earlier one (also on a throw).
+  std::vector<comm::Fp8CommStats> replicateFp8(s.pending.size());
   std::vector<std::pair<comm::WorkPtr, comm::CommPtr>> works;
   std::map<const comm::Communicator*, comm::WorkPtr> previousOn;  // fp8: one ring in flight per comm
-  for (PendingReduce& p : s.pending) {
-    const comm::CommPtr& replicate = s.units[p.unit].replicateComm;
+  for (size_t i = 0; i < s.pending.size(); ++i) {
+    PendingReduce& p = s.pending[i];
+    Unit& unit = s.units[p.unit];
+    const comm::CommPtr& replicate = unit.replicateComm;
     if (!replicate) continue;
     const Stopwatch launching;
     comm::WorkPtr& previous = previousOn[replicate.get()];
-    previous = allReduceGradientAsync(replicate, p.output, s.gradComm, previous);
+    previous = allReduceGradientAsync(replicate, p.output, s.gradComm, previous, unit.replicateScaler.get(),
+                                      &replicateFp8[i]);
     works.emplace_back(previous, replicate);
     s.countBytes(replicate, p.output.numel() * gradientWireBytes(s.gradComm));
     s.countExposed(replicate, launching.seconds());
@@ -320,6 +336,18 @@ void FullyShardedDataParallel::finishGradientSync() {
     s.countExposed(replicate, waiting.seconds());
   }
   if (!works.empty()) s.stats.commSeconds += replicating.seconds();
+  if (s.gradComm == GradientComm::kFp8) {
+    for (size_t i = 0; i < s.pending.size(); ++i) {
+      if (s.units[s.pending[i].unit].replicateComm) s.fp8Step.count(replicateFp8[i]);
+    }
+    for (const Unit& unit : s.units) {
+      if (unit.shardScaler) s.fp8Step.countMu(unit.shardScaler->mu());
+      if (unit.replicateScaler) s.fp8Step.countMu(unit.replicateScaler->mu());
+    }
+    s.stats.fp8LastStep = s.fp8Step;
+    s.stats.fp8Total += s.fp8Step;
+    s.fp8Step = {};
+  }
   at::NoGradGuard noGrad;
   for (PendingReduce& p : s.pending) {
     // After both averages (so hybrid units scale once): expert units' 1 / ep.

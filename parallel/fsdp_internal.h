@@ -55,6 +55,10 @@ struct Unit {
   // backward) names the WeightGradStore the unit's post-backward waits in.
   std::vector<torch::nn::Module*> gemmLayers;
   int holds = 0;                             // post-backwards queued in that store: the unit stays gathered
+  // fp8 scaling "auto" (else null): FP8-LM's scalers of the unit's two
+  // gradient streams, the reduce-scatter and (hybrid) the replicate all-reduce.
+  std::unique_ptr<comm::Fp8AutoScaler> shardScaler;
+  std::unique_ptr<comm::Fp8AutoScaler> replicateScaler;
   std::function<FsdpUnitOutput(const at::Tensor&)> forward;  // empty for the root
 };
 
@@ -94,6 +98,7 @@ struct FullyShardedDataParallel::State {
   int noSyncDepth = 0;
   std::vector<PendingReduce> pending;
   DataParallelStats stats;
+  GradientFp8Stats fp8Step;     // fp8: the current synced step's figures so far
 
   Unit& root() { return units.back(); }
 

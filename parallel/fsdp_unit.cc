@@ -141,8 +141,12 @@ void FullyShardedDataParallel::State::launchReduce(size_t index, at::Tensor flat
   // this thread, before the next unit's all-gather (fsdp.h: its own
   // collectives must keep their order on the shard comm).
   const Stopwatch launching;
-  p.work = reduceScatterGradientAsync(unit.shardComm, p.input, p.output, gradComm);
-  if (gradComm == GradientComm::kFp8) countExposed(unit.shardComm, launching.seconds());  // it blocked backward
+  comm::Fp8CommStats fp8;  // fp8: done with when the call returns
+  p.work = reduceScatterGradientAsync(unit.shardComm, p.input, p.output, gradComm, unit.shardScaler.get(), &fp8);
+  if (gradComm == GradientComm::kFp8) {
+    countExposed(unit.shardComm, launching.seconds());  // it blocked backward
+    fp8Step.count(fp8);
+  }
   countBytes(unit.shardComm, unit.paddedNumel * gradientWireBytes(gradComm));
   pending.push_back(std::move(p));
   pollCompletions();

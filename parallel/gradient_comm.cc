@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -11,7 +12,6 @@
 #include <thread>
 #include <utility>
 
-#include "tessera/comm/compression.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 
@@ -32,6 +32,43 @@ GradientComm parseGradientComm(const std::string& value, const std::string& fiel
   if (value == "fp8") return GradientComm::kFp8;
   TESSERA_CHECK_CONFIG(false, field, "got '" << value << "' (valid: \"fp32\", \"bf16\", \"fp8\")");
   return GradientComm::kFp32;
+}
+
+const char* toString(Fp8Scaling scaling) {
+  switch (scaling) {
+    case Fp8Scaling::kSafe: return "safe";
+    case Fp8Scaling::kAuto: return "auto";
+  }
+  return "?";
+}
+
+Fp8Scaling parseFp8Scaling(const std::string& value, const std::string& field) {
+  if (value == "safe") return Fp8Scaling::kSafe;
+  if (value == "auto") return Fp8Scaling::kAuto;
+  TESSERA_CHECK_CONFIG(false, field, "got '" << value << "' (valid: \"safe\", \"auto\")");
+  return Fp8Scaling::kSafe;
+}
+
+void GradientFp8Stats::count(const comm::Fp8CommStats& call) {
+  ++calls;
+  encoded += call.encoded;
+  saturated += call.saturated;
+}
+
+void GradientFp8Stats::countMu(double mu) {
+  minMu = maxMu > 0 ? std::min(minMu, mu) : mu;
+  maxMu = maxMu > 0 ? std::max(maxMu, mu) : mu;
+}
+
+GradientFp8Stats& GradientFp8Stats::operator+=(const GradientFp8Stats& later) {
+  calls += later.calls;
+  encoded += later.encoded;
+  saturated += later.saturated;
+  if (later.maxMu > 0) {
+    minMu = later.minMu;
+    maxMu = later.maxMu;
+  }
+  return *this;
 }
 
 int64_t gradientWireBytes(GradientComm mode) {
@@ -147,7 +184,7 @@ class CompletedWork final : public comm::Work {
 }  // namespace
 
 comm::WorkPtr allReduceGradientAsync(const comm::CommPtr& comm, at::Tensor flat, GradientComm mode,
-                                     comm::WorkPtr after) {
+                                     comm::WorkPtr after, comm::Fp8AutoScaler* scaler, comm::Fp8CommStats* stats) {
   TESSERA_CHECK_ARG(comm != nullptr, "gradient all-reduce needs a communicator, got nullptr");
   checkGradientCommTensor(mode, flat, "the gradient all-reduced over group '" + comm->name() + "'");
   switch (mode) {
@@ -159,8 +196,10 @@ comm::WorkPtr allReduceGradientAsync(const comm::CommPtr& comm, at::Tensor flat,
     }
     case GradientComm::kFp8: {
       comm::CommPtr held = comm;
-      return std::make_shared<BackgroundWork>(std::move(after), [held, flat] {
-        comm::allReduceCompressed(*held, flat, comm::ReduceOp::kAvg, comm::Compression::kFp8);
+      // scaler null: exactly allReduceCompressed(kFp8, kAvg), the "safe" scale.
+      return std::make_shared<BackgroundWork>(std::move(after), [held, flat, scaler, stats] {
+        const comm::Fp8CommStats call = comm::fp8AllReduce(*held, flat, comm::ReduceOp::kAvg, scaler);
+        if (stats != nullptr) *stats = call;
       });
     }
   }
@@ -168,7 +207,7 @@ comm::WorkPtr allReduceGradientAsync(const comm::CommPtr& comm, at::Tensor flat,
 }
 
 comm::WorkPtr reduceScatterGradientAsync(const comm::CommPtr& comm, at::Tensor input, at::Tensor output,
-                                         GradientComm mode) {
+                                         GradientComm mode, comm::Fp8AutoScaler* scaler, comm::Fp8CommStats* stats) {
   TESSERA_CHECK_ARG(comm != nullptr, "gradient reduce-scatter needs a communicator, got nullptr");
   const std::string what = "the gradient reduce-scattered over group '" + comm->name() + "'";
   checkGradientCommTensor(mode, input, what);
@@ -182,9 +221,12 @@ comm::WorkPtr reduceScatterGradientAsync(const comm::CommPtr& comm, at::Tensor i
       return std::make_shared<Bf16Work>(std::move(inner), std::move(wireOut), std::move(output), comm->size(),
                                         std::move(wireIn));
     }
-    case GradientComm::kFp8:
-      comm::reduceScatterCompressed(*comm, input, output, comm::ReduceOp::kAvg, comm::Compression::kFp8);
+    case GradientComm::kFp8: {
+      // scaler null: exactly reduceScatterCompressed(kFp8, kAvg), the "safe" scale.
+      const comm::Fp8CommStats call = comm::fp8ReduceScatter(*comm, input, output, comm::ReduceOp::kAvg, scaler);
+      if (stats != nullptr) *stats = call;
       return std::make_shared<CompletedWork>();
+    }
   }
   throw InvalidArgument("unknown GradientComm");
 }

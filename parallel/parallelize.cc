@@ -223,6 +223,7 @@ std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const P
     DdpConfig ddp;
     ddp.bucketCapBytes = static_cast<int64_t>(config.bucket_mb * 1024 * 1024);
     ddp.gradComm = precision.gradientComm;
+    ddp.fp8Scaling = precision.fp8AutoScaling ? Fp8Scaling::kAuto : Fp8Scaling::kSafe;
     if (!experts) return makeDdpDataParallel(module, dense, ddp);
     std::vector<DdpGroup> groups;
     groups.push_back(DdpGroup{expert, isExpertParameter, plan.expertGradientScale});
@@ -238,6 +239,7 @@ std::unique_ptr<DataParallel> makeStrategy(const DataParallelPlan& plan, const P
   if (replicate && replicate->size() > 1) used->push_back(NamedComm{toString(MeshAxis::kDpReplicate), replicate});
   FsdpConfig fsdpConfig;
   fsdpConfig.gradComm = precision.gradientComm;
+  fsdpConfig.fp8Scaling = precision.fp8AutoScaling ? Fp8Scaling::kAuto : Fp8Scaling::kSafe;
   if (!experts) return makeFsdpDataParallel(*gpt, dense, replicate, nullptr, fsdpConfig);
   FsdpExpertUnits expertUnits{expert, replicate, plan.expertGradientScale};
   return makeFsdpDataParallel(*gpt, dense, replicate, &expertUnits, fsdpConfig);

@@ -10,6 +10,9 @@ PrecisionPlan resolvePrecision(const PrecisionConfig& config, const std::string&
                                const std::string& strategy, const std::string& optimizer) {
   PrecisionPlan plan;
   const std::string& mode = config.mode;
+  TESSERA_CHECK_CONFIG(config.fp8_comm_scaling == "safe" || config.fp8_comm_scaling == "auto",
+                       "precision.fp8_comm_scaling", "got '" << config.fp8_comm_scaling << "' (valid: safe, auto)");
+  plan.fp8AutoScaling = config.fp8_comm_scaling == "auto";
   TESSERA_CHECK_CONFIG(mode == "fp32" || mode == "bf16" || mode == "fp8", "precision.mode",
                        "got '" << mode << "' (valid: fp32, bf16, fp8)");
   if (mode != "fp8") {

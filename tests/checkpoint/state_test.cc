@@ -14,6 +14,7 @@
 #include "tessera/checkpoint/checkpoint.h"
 #include "tessera/checkpoint/safetensors.h"
 #include "tessera/checkpoint/training_state.h"
+#include "tessera/core/models/precision.h"
 #include "tessera/train/trainer.h"
 #include "tessera/parallel/fsdp.h"
 #include "tests/harness/multiprocess.h"
@@ -60,6 +61,7 @@ struct RigOptions {
   double momentum = 0.0;   // sgd
   comm::CommPtr fsdpComm;  // gpt: FSDP over it; null: no data parallelism
   int64_t steps = 6;
+  bool fp8 = false;        // FP8 Linears (delayed scaling) and AdamW with FP8 / FP16 moments (precision O2)
 };
 
 struct Rig {
@@ -86,6 +88,7 @@ struct Rig {
       mc.dropout = o.dropout;
       mc.seed = o.seed;
       mlp = models::MlpClassifier(mc);
+      if (o.fp8) models::setPrecision(*mlp, models::Precision::kFp8);
       model = makeTrainable(mlp);
       dp = parallel::makeNoDataParallel(*mlp);
       train = makeBatchSource(syntheticImages(), so);
@@ -102,6 +105,7 @@ struct Rig {
     optim::OptimizerConfig oc;
     oc.name = o.optimizer;
     oc.momentum = o.momentum;
+    if (o.fp8) oc.states = "fp8";
     optimizer = optim::makeOptimizer(oc, dp->optimizerParameters(), 0.01);
 
     TrainerParts p;
@@ -298,6 +302,61 @@ TEST(TrainingState, ResumedRunMatchesTheUninterruptedRunExactly) {
     for (size_t i = 0; i < 3; ++i) EXPECT_EQ(resumed.losses[i], reference.losses[3 + i]) << "step " << 4 + i;
     expectSameParameters(resumed.parameters(), reference.parameters());
   }
+}
+
+// FP8 state (precision O2): the Linears' amax histories and scales
+// (trainer/rank-<r>/fp8_scaling) and the optimizer's FP8 / FP16 moments with
+// their scales (codes in optim/, scales in trainer/rank-<r>/optim_aux/) come
+// back exactly -- from a checkpoint (this rank's entries) and from one peer's
+// state as live recovery sends it (the joiner, whatever its rank, takes the
+// peer's) -- and the resumed run continues bit for bit.
+TEST(TrainingState, Fp8ScalesHistoriesAndMomentsResumeBitForBit) {
+  RigOptions o{.fp8 = true};
+  Rig reference(o);
+  reference.trainer->run();
+
+  o.steps = 3;
+  Rig first(o);
+  first.trainer->run();
+  TrainingParts saving = first.parts();
+  saving.rank = 1;  // its per-rank entries are rank 1's
+  saving.worldSize = 2;
+  const StateDict saved = checkpoint::collectTrainingState(saving).clone();
+  ASSERT_TRUE(saved.tensors.count("trainer/rank-1/fp8_scaling"));
+  EXPECT_TRUE(saved.tensors.count("trainer/rank-1/optim_aux/exp_avg.scale/0"));
+  const at::Tensor histories = models::fp8ScalingState(first.module());
+  EXPECT_GT(histories.numel(), 0);
+
+  for (const bool peer : {false, true}) {
+    SCOPED_TRACE(peer ? "from one peer (live recovery), as rank 0" : "from a checkpoint, as rank 1");
+    o.steps = 6;
+    Rig resumed(o);
+    resumed.perturb();
+    TrainingParts target = resumed.parts();
+    target.rank = peer ? 0 : 1;
+    target.worldSize = 2;
+    StateSummary summary = StateSummary::of(saved);
+    summary.onePeer = peer;
+    checkpoint::restoreTrainingState(target,
+                                     checkpoint::extractRanges(saved, checkpoint::trainingStateRequests(target, summary)));
+    EXPECT_TRUE(at::equal(models::fp8ScalingState(resumed.module()), histories));
+    resumed.trainer->run();
+    ASSERT_EQ(resumed.losses.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(resumed.losses[i], reference.losses[3 + i]) << "step " << 4 + i;
+    expectSameParameters(resumed.parameters(), reference.parameters());
+  }
+
+  // Without the optimizer's scales (another mesh's checkpoint) the codes cannot be decoded: a named error.
+  StateDict noScales = saved.clone();
+  for (auto it = noScales.tensors.begin(); it != noScales.tensors.end();) {
+    it = it->first.find("optim_aux/") != std::string::npos ? noScales.tensors.erase(it) : std::next(it);
+  }
+  Rig other(o);
+  TrainingParts target = other.parts();
+  target.rank = 1;
+  target.worldSize = 2;
+  const std::string error = errorOf([&] { restoreFrom(noScales, target); });
+  EXPECT_NE(error.find("scale"), std::string::npos) << error;
 }
 
 // ---- Replicas ---------------------------------------------------------------------

@@ -91,6 +91,10 @@ TEST(PrecisionConfig, ConflictsNameTheKeys) {
   EXPECT_NE(std::string(e.what()).find("O3"), std::string::npos) << e.what();
   e = parseError({"parallel.grad_comm=fp4"});
   EXPECT_EQ(e.field(), "parallel.grad_comm");
+  e = parseError({"precision.fp8_comm_scaling=fast"});
+  EXPECT_EQ(e.field(), "precision.fp8_comm_scaling");
+  EXPECT_TRUE(planOf({"precision.mode=fp8", "precision.fp8_comm_scaling=auto"}).fp8AutoScaling);
+  EXPECT_FALSE(planOf({"precision.mode=fp8"}).fp8AutoScaling);
   // The level is read only with fp8 (a bf16 run ignores it).
   EXPECT_EQ(planOf({"precision.mode=bf16", "precision.level=O2", "optim.name=sgd"}).optimizerStates, "fp32");
   // DiLoCo's inner optimizer is the one O2 replaces the states of.

@@ -44,7 +44,9 @@ const std::vector<std::string> kTiny = {
 
 struct Curve {
   std::vector<double> losses;
-  uint64_t dpBytes = 0;  // the data-parallel gradient traffic after the last step
+  uint64_t dpBytesFirst = 0;  // the data-parallel traffic after the first step (with the initial broadcast)
+  uint64_t dpBytes = 0;       // after the last step: dpBytes - dpBytesFirst is the gradients' of steps 2..8
+  nlohmann::json fp8Comm;     // the last line's "fp8_comm" object (FP8 gradient communication), null without
 };
 
 Curve train(const std::string& tag, int ranks, const std::vector<std::string>& sets,
@@ -72,6 +74,8 @@ Curve train(const std::string& tag, int ranks, const std::vector<std::string>& s
     for (const auto& [name, comm] : j["comm"].items()) {
       if (name == "dp_replicate" || name == "dp_shard" || name == "dp") c.dpBytes += comm["bytes"].get<uint64_t>();
     }
+    if (c.losses.size() == 1) c.dpBytesFirst = c.dpBytes;
+    c.fp8Comm = j.contains("fp8_comm") ? j["fp8_comm"] : nlohmann::json();
   }
   std::remove(metrics.c_str());
   return c;
@@ -113,10 +117,17 @@ TEST(PrecisionTrain, Fp8GradientsTravelInAQuarterOfTheBytes) {
   const Curve fp8 = train("fp8_o1", 2, with(kDdp2, {"precision.level=\"O1\""}));
   expectTrains(fp32, "fp32");
   expectTrains(fp8, "fp8 O1");
-  ASSERT_GT(fp8.dpBytes, 0u);
-  const double ratio = static_cast<double>(fp32.dpBytes) / static_cast<double>(fp8.dpBytes);
-  EXPECT_GT(ratio, 3.5) << "fp32 " << fp32.dpBytes << " B, fp8 " << fp8.dpBytes << " B";
+  // Steps 2..8: gradients only (step 1 also carries DDP's fp32 broadcast of the parameters).
+  const uint64_t fp32Bytes = fp32.dpBytes - fp32.dpBytesFirst, fp8Bytes = fp8.dpBytes - fp8.dpBytesFirst;
+  ASSERT_GT(fp8Bytes, 0u);
+  const double ratio = static_cast<double>(fp32Bytes) / static_cast<double>(fp8Bytes);
+  EXPECT_GT(ratio, 3.5) << "fp32 " << fp32Bytes << " B, fp8 " << fp8Bytes << " B";
   EXPECT_LT(ratio, 4.01);
+  // The metrics line reports the FP8 ring's overflow rate: none under the safe scale.
+  EXPECT_TRUE(fp32.fp8Comm.is_null());
+  ASSERT_TRUE(fp8.fp8Comm.is_object());
+  EXPECT_EQ(fp8.fp8Comm["scaling"], "safe");
+  EXPECT_EQ(fp8.fp8Comm["saturated_fraction_total"].get<double>(), 0.0);
   // Same tokens; FP8 stays near fp32 after 8 steps (the real parity check is the convergence bench).
   EXPECT_NEAR(fp8.losses.back(), fp32.losses.back(), 0.05);
 }
@@ -150,6 +161,11 @@ TEST(LongPrecisionTrain, EveryRecipeLevelAndStrategyTrains) {
   expectTrains(train("o3_zero", 2, with(fsdp2, {"precision.level=\"O3\""})), "O3 whole-tensor ZeRO");
   expectTrains(train("o1_fsdp", 2, with(fsdp2, {"precision.level=\"O1\""})), "O1 FSDP");
   expectTrains(train("bf16", 2, with(kDdp2, {"precision.mode=\"bf16\"", "parallel.grad_comm=\"bf16\""})), "bf16");
+  const Curve autoScaled = train("o1_auto", 2, with(kDdp2, {"precision.level=\"O1\"", "precision.fp8_comm_scaling=\"auto\""}));
+  expectTrains(autoScaled, "FP8-LM auto scaling");
+  ASSERT_TRUE(autoScaled.fp8Comm.is_object());
+  EXPECT_EQ(autoScaled.fp8Comm["scaling"], "auto");
+  EXPECT_GT(autoScaled.fp8Comm["mu_max"].get<double>(), 0.0);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -29,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "tessera/comm/compression.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/parallel/ddp.h"
@@ -206,6 +208,7 @@ TESSERA_WORKER(fsdp_grad_comm) {
   const int rank = world->rank();
   const GradientComm mode = parseGradientComm(ctx.arg("mode"));
   const bool hybrid = ctx.arg("hybrid") == "1";
+  const Fp8Scaling scaling = parseFp8Scaling(ctx.arg("scaling", "safe"));
   TESSERA_CHECK(!hybrid || n == 4, "the hybrid case runs on 4 ranks");
   const comm::CommPtr shard = hybrid ? world->split(rank / 2, rank, "shard") : world;
   const comm::CommPtr replicate = hybrid ? world->split(rank % 2, rank, "replicate") : nullptr;
@@ -228,6 +231,7 @@ TESSERA_WORKER(fsdp_grad_comm) {
   }
   FsdpConfig config;
   config.gradComm = mode;
+  config.fp8Scaling = scaling;
   Fsdp fsdp(*model, units, shard, replicate, config);
   fsdp.beforeForward();
   const at::Tensor h = fsdp.forwardUnit(1, fsdp.forwardUnit(0, x));
@@ -253,7 +257,10 @@ TESSERA_WORKER(fsdp_grad_comm) {
     at::Tensor bound = boundOf(mode, mine, n);
     if (hybrid) bound = bound * (1.1 / 1.01);
     const std::string what = std::string("FSDP ") + toString(mode) + " unit " + layout[u].name;
-    checkWithinBound(shards[u].grad(), mine, bound, what);
+    // Under "auto" the bound holds while nothing saturated (its scale is at
+    // least "safe"'s); saturated values are clipped (the DDP case checks them).
+    const bool saturated = fsdp.stats().fp8LastStep.saturated > 0;
+    if (!(scaling == Fp8Scaling::kAuto && saturated)) checkWithinBound(shards[u].grad(), mine, bound, what);
     if (replicate) checkBitIdentical(replicate, shards[u].grad(), what + " across replicas");
     if (mode != GradientComm::kFp32) {
       const at::Tensor fp32 = (whole.perRank.sum(0) / n).narrow(0, offset, shardNumel);
@@ -261,6 +268,166 @@ TESSERA_WORKER(fsdp_grad_comm) {
     }
   }
   TESSERA_CHECK_EQ(fsdp.stats().bytesByComm.size(), hybrid ? 2u : 1u);
+
+  // The FP8 figures: one reduce-scatter per unit (each element encoded
+  // shard - 1 times, by all ranks together) and, hybrid, one replicate
+  // all-reduce per unit (each shard element encoded by both replicas).
+  const GradientFp8Stats fp8 = fsdp.stats().fp8LastStep;
+  if (mode != GradientComm::kFp8) {
+    TESSERA_CHECK(fp8.calls == 0 && fp8.encoded == 0 && fp8.maxMu == 0, "fp8 figures outside fp8");
+    return;
+  }
+  int64_t encoded = 0;
+  for (const auto& unit : layout) {
+    encoded += unit.paddedNumel * (shard->size() - 1);
+    if (hybrid) encoded += unit.paddedNumel / shard->size() * replicate->size();
+  }
+  TESSERA_CHECK_EQ(fp8.calls, hybrid ? 6 : 3);
+  TESSERA_CHECK_EQ(fp8.encoded, encoded);
+  TESSERA_CHECK_EQ(fsdp.stats().fp8Total.encoded, encoded);  // one step so far
+  if (scaling == Fp8Scaling::kSafe) {
+    TESSERA_CHECK_EQ(fp8.saturated, 0);
+    TESSERA_CHECK(fp8.minMu == 0 && fp8.maxMu == 0, "safe scaling reports mu");
+    return;
+  }
+  // "auto" at mu = 1: two replicas' values near their amax may sum past 448
+  // (these do, on the replicate pair {0, 2}). One saturated value in a stream
+  // of at most 66K encoded ones is over FP8-LM's 1e-5, so that stream's mu
+  // halves; the streams that did not saturate stay at 1.
+  TESSERA_CHECK(fp8.maxMu == 1.0, "mu range [" << fp8.minMu << ", " << fp8.maxMu << "]");
+  TESSERA_CHECK(fp8.minMu == (fp8.saturated > 0 ? 0.5 : 1.0),
+                "saturated " << fp8.saturated << " but mu range [" << fp8.minMu << ", " << fp8.maxMu << "]");
+  if (rank == 0) std::printf("FSDP fp8 auto: saturated %lld of %lld\n", static_cast<long long>(fp8.saturated),
+                             static_cast<long long>(fp8.encoded));
+}
+
+// ---- FP8 scaling: "safe" and "auto" (FP8-LM) -----------------------------------
+//
+// Two parameters with gradients set exactly (loss = sum(p * g_r), so
+// p.grad = g_r), each in its own bucket, on 2 ranks, over four steps:
+//   "spiky" (256): uniform in [-1, 1] plus element 0 = 300 on rank 0 and
+//       200 on rank 1. Auto scale at mu = 1: min(2^floor(log2(448 / 300)),
+//       2^floor(log2(448 / 200))) = min(1, 2) = 1, so element 0's sum
+//       (about 500) saturates at 448: the average there is exactly
+//       448 / 1 / 2 = 224 and exactly one code (that sum's) hits 448 (the
+//       partial, about 300 or 200, does not; the noise, |sum| <= 2, is far
+//       below). One of 2 * 256 values: 2e-3 > FP8-LM's 1e-5, so mu halves
+//       to 0.5; at mu = 0.5 the scale is min(2^-1, 2^0) = 1/2, the sum (250
+//       scaled, at most 272 after the partial's rounding) fits, and the
+//       result is within the bound. With stable_window = 2, mu doubles back
+//       to 1 after steps 2 and 3, and step 4 saturates again.
+//   "calm" (192): rank 0 uniform in [-1, 1] with element 1 = 1 exactly,
+//       rank 1 uniform in [-0.5, 0.5]: scale min(2^8, 2^9) = 256 at mu = 1,
+//       so every sum is at most 1.5 * 256 = 384 < 432 (the point from which
+//       E4M3 rounds to 448): it never saturates and its mu stays 1.
+// Bound of an unsaturated element under shared scale s: each of the n
+// encodings is within 2^-4 of its value (at most S = sum_r |g_r|) or 2^-10 / s
+// absolutely, so the average is within 2^-4 S + 2^-10 / s (1% slack). "safe"
+// never saturates (its scale 2^floor(log2(448 / (n amax))) is 1/2 for spiky)
+// and must be exactly the FP8 ring called directly (allReduceCompressed).
+constexpr int64_t kSpiky = 256;
+constexpr int64_t kCalm = 192;
+
+// FP8-LM's shared scale: the minimum over ranks of 2^floor(log2(mu * 448 / amax_r)).
+double autoScaleOf(double mu, const Reference& ref) {
+  double scale = INFINITY;
+  for (int r = 0; r < ref.perRank.size(0); ++r) {
+    const double amax = ref.perRank[r].abs().max().item<double>();
+    scale = std::min(scale, std::ldexp(1.0, static_cast<int>(std::floor(std::log2(mu * 448.0 / amax)))));
+  }
+  return scale;
+}
+
+double safeScaleOf(const Reference& ref, int n) {
+  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(448.0 / (n * ref.amax)))));
+}
+
+TESSERA_WORKER(ddp_fp8_scaling) {
+  const comm::CommPtr world = ctx.world();
+  const int n = world->size();
+  const int rank = world->rank();
+  TESSERA_CHECK_EQ(n, 2);  // the spike values are chosen for two ranks
+  const Fp8Scaling scaling = parseFp8Scaling(ctx.arg("scaling"));
+  const bool isAuto = scaling == Fp8Scaling::kAuto;
+
+  torch::manual_seed(300 + rank);
+  at::Tensor spiky = at::rand({kSpiky}) * 2 - 1;
+  spiky[0] = rank == 0 ? 300.0 : 200.0;
+  at::Tensor calm = (at::rand({kCalm}) * 2 - 1) * (rank == 0 ? 1.0 : 0.5);
+  if (rank == 0) calm[1] = 1.0;
+  const std::vector<at::Tensor> local = {spiky, calm};
+  const std::vector<Reference> refs = {referenceOf(world, spiky), referenceOf(world, calm)};
+
+  std::vector<at::Tensor> params = {at::zeros({kSpiky}).requires_grad_(true), at::zeros({kCalm}).requires_grad_(true)};
+  DdpConfig config;
+  config.bucketCapBytes = kSpiky * 4;  // one bucket each
+  config.gradComm = GradientComm::kFp8;
+  config.fp8Scaling = scaling;
+  config.fp8AutoScale.stable_window = 2;
+  Ddp ddp({{"spiky", params[0]}, {"calm", params[1]}}, world, config);
+  TESSERA_CHECK_EQ(ddp.bucketParameterNames().size(), 2u);
+
+  double mu = 1.0;  // the spiky bucket's, before the step (the rule above)
+  int stable = 0;
+  int64_t totalSaturated = 0;
+  for (int step = 1; step <= 4; ++step) {
+    for (at::Tensor& p : params) p.mutable_grad() = at::Tensor();
+    ((params[0] * local[0]).sum() + (params[1] * local[1]).sum()).backward();
+    ddp.finishGradientSync();
+    const std::string what = std::string("fp8 ") + toString(scaling) + " step " + std::to_string(step);
+    const bool saturates = isAuto && mu == 1.0;
+
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor got = params[i].grad();
+      const std::string name = what + (i == 0 ? " spiky" : " calm");
+      checkBitIdentical(world, got, name);
+      const double scale = isAuto ? autoScaleOf(i == 0 ? mu : 1.0, refs[i]) : safeScaleOf(refs[i], n);
+      at::Tensor bound = refs[i].absSum * (1.01 * std::ldexp(1.0, -4)) + 1.01 * std::ldexp(1.0, -10) / scale + 1e-30;
+      if (i == 0 && saturates) {
+        TESSERA_CHECK_EQ(scale, 1.0);
+        TESSERA_CHECK(got[0].item<float>() == 224.0f,
+                      name << ": the saturated sum's average is " << got[0].item<float>() << ", expected 448 / 2");
+        bound[0] = INFINITY;  // checked exactly above
+      }
+      checkWithinBound(got, refs[i], bound, name);
+      if (!isAuto) {  // "safe" is the FP8 ring's default, bit for bit
+        at::Tensor direct = local[i].clone();
+        comm::allReduceCompressed(*world, direct, comm::ReduceOp::kAvg, comm::Compression::kFp8);
+        TESSERA_CHECK(at::equal(direct, got), name << " differs from allReduceCompressed(kFp8)");
+      }
+    }
+
+    const GradientFp8Stats fp8 = ddp.lastStepStats().fp8;
+    TESSERA_CHECK_EQ(fp8.calls, 2);
+    TESSERA_CHECK_EQ(fp8.encoded, n * (kSpiky + kCalm));
+    TESSERA_CHECK_EQ(fp8.saturated, saturates ? 1 : 0);
+    TESSERA_CHECK(fp8.saturatedFraction() == static_cast<double>(fp8.saturated) / fp8.encoded, what);
+    totalSaturated += fp8.saturated;
+    if (isAuto) {
+      // FP8-LM's rule on the spiky bucket; the calm one stays at 1.
+      if (saturates) {
+        mu /= 2;
+        stable = 0;
+      } else if (++stable == 2) {
+        mu = std::min(1.0, mu * 2);
+        stable = 0;
+      }
+      TESSERA_CHECK(fp8.minMu == mu && fp8.maxMu == 1.0,
+                    what << ": mu range [" << fp8.minMu << ", " << fp8.maxMu << "], expected [" << mu << ", 1]");
+    } else {
+      TESSERA_CHECK(fp8.minMu == 0 && fp8.maxMu == 0, what << ": safe scaling reports mu");
+    }
+    if (rank == 0) {
+      std::printf("%s: saturated %lld of %lld (%.2e), mu [%g, %g]\n", what.c_str(),
+                  static_cast<long long>(fp8.saturated), static_cast<long long>(fp8.encoded),
+                  fp8.saturatedFraction(), fp8.minMu, fp8.maxMu);
+    }
+  }
+  const GradientFp8Stats total = ddp.totalStats().fp8;
+  TESSERA_CHECK_EQ(total.calls, 8);
+  TESSERA_CHECK_EQ(total.saturated, totalSaturated);
+  TESSERA_CHECK_EQ(totalSaturated, isAuto ? 2 : 0);
+  TESSERA_CHECK(total.minMu == ddp.lastStepStats().fp8.minMu, "the total's mu range is not the last step's");
 }
 
 testing::RunOptions options(int ranks, std::map<std::string, std::string> args = {}) {
@@ -289,6 +456,26 @@ TEST(GradientComm, ParseNamesTheFieldAndTheValidValues) {
   }
 }
 
+TEST(GradientComm, Fp8ScalingParseNamesTheFieldAndTheValidValues) {
+  EXPECT_EQ(parseFp8Scaling("safe"), Fp8Scaling::kSafe);
+  EXPECT_EQ(parseFp8Scaling("auto"), Fp8Scaling::kAuto);
+  for (Fp8Scaling scaling : {Fp8Scaling::kSafe, Fp8Scaling::kAuto}) {
+    EXPECT_EQ(parseFp8Scaling(toString(scaling)), scaling);
+  }
+  EXPECT_EQ(DdpConfig{}.fp8Scaling, Fp8Scaling::kSafe);
+  EXPECT_EQ(FsdpConfig{}.fp8Scaling, Fp8Scaling::kSafe);
+  try {
+    parseFp8Scaling("dynamic");
+    FAIL() << "dynamic accepted";
+  } catch (const ConfigError& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("precision.fp8_comm_scaling"), std::string::npos) << message;
+    EXPECT_NE(message.find("\"safe\""), std::string::npos) << message;
+    EXPECT_NE(message.find("\"auto\""), std::string::npos) << message;
+    EXPECT_NE(message.find("dynamic"), std::string::npos) << message;
+  }
+}
+
 TEST(GradientComm, DdpRejectsCompressingNonFloat32Parameters) {
   at::Tensor p = at::zeros({4}, at::kDouble).requires_grad_(true);
   DdpConfig config;
@@ -313,6 +500,18 @@ TEST(GradientComm, DdpThreeRanks) {
   std::printf("%s", result.outputs[0].c_str());  // the measured wire bytes
 }
 
+TEST(GradientComm, DdpFp8AutoScalingCountsSaturationAndHalvesMu) {
+  const auto result = testing::runWorkers("ddp_fp8_scaling", options(2, {{"scaling", "auto"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+  std::printf("%s", result.outputs[0].c_str());
+}
+
+TEST(GradientComm, DdpFp8SafeScalingNeverSaturates) {
+  const auto result = testing::runWorkers("ddp_fp8_scaling", options(2, {{"scaling", "safe"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+  std::printf("%s", result.outputs[0].c_str());
+}
+
 TEST(GradientComm, FsdpFp8ReduceScatterWithinBound) {
   const auto result = testing::runWorkers("fsdp_grad_comm", options(3, {{"mode", "fp8"}}));
   ASSERT_TRUE(result.ok()) << result.report();
@@ -320,6 +519,12 @@ TEST(GradientComm, FsdpFp8ReduceScatterWithinBound) {
 
 TEST(GradientComm, HybridFsdpFp8ReduceScatterAndReplicateAllReduce) {
   const auto result = testing::runWorkers("fsdp_grad_comm", options(4, {{"mode", "fp8"}, {"hybrid", "1"}}));
+  ASSERT_TRUE(result.ok()) << result.report();
+}
+
+TEST(GradientComm, HybridFsdpFp8AutoScaling) {
+  const auto result =
+      testing::runWorkers("fsdp_grad_comm", options(4, {{"mode", "fp8"}, {"hybrid", "1"}, {"scaling", "auto"}}));
   ASSERT_TRUE(result.ok()) << result.report();
 }
 

@@ -41,6 +41,12 @@ struct DataParallelStats {
   // the values sum to the totals above. Communicators that share a name share an entry.
   std::map<std::string, int64_t> bytesByComm;
   std::map<std::string, double> exposedSecondsByComm;
+  // grad_comm fp8's overflow figures (gradient_comm.h), summed since
+  // construction and of the last synced step: values encoded and saturated
+  // (fp8LastStep.saturatedFraction() is the step's overflow rate) and, for
+  // fp8_comm_scaling "auto", the current mu range. Zero unless fp8.
+  GradientFp8Stats fp8Total;
+  GradientFp8Stats fp8LastStep;
   double hiddenFraction() const { return commSeconds > 0 ? 1.0 - exposedSeconds / commSeconds : 0.0; }
 };
 

@@ -49,7 +49,11 @@
 // with fp8, nothing else may issue collectives on a group's comm (the ring's
 // own small collectives run on those threads). The group's gradientScale
 // applies after the average in every mode. Every rank gets bit-identical
-// gradients in every mode.
+// gradients in every mode. DdpConfig::fp8Scaling picks fp8's shared scale:
+// "safe" (the default: no partial sum saturates) or "auto" (FP8-LM: each
+// bucket owns one Fp8AutoScaler, whose mu halves after a step in which the
+// bucket's saturated fraction exceeded the threshold); DdpSyncStats::fp8
+// reports the values encoded and saturated, and mu's range over the buckets.
 //
 // What this deliberately does not do: sharding (FSDP lives in its own file),
 // re-broadcasting buffers every forward (buffers are broadcast once, at
@@ -101,8 +105,14 @@ struct DdpConfig {
   // bf16 and fp8 need float32 parameters, fp8 also CPU ones (InvalidArgument
   // from the constructor otherwise).
   GradientComm gradComm = GradientComm::kFp32;
+  // fp8's shared scale (`precision.fp8_comm_scaling`; gradient_comm.h):
+  // kSafe, the overflow-free default, or kAuto, FP8-LM's automatic scaling
+  // with one scaler per bucket configured by fp8AutoScale (every rank must
+  // pass the same). Ignored unless gradComm is kFp8.
+  Fp8Scaling fp8Scaling = Fp8Scaling::kSafe;
+  comm::Fp8AutoScaleConfig fp8AutoScale;
 
-  // Throws ConfigError ("ddp.bucket_cap_bytes") for a bad value.
+  // Throws ConfigError ("ddp.bucket_cap_bytes", "fp8_comm.<field>") for a bad value.
   void validate() const;
 };
 
@@ -129,6 +139,11 @@ struct DdpSyncStats {
   double exposedSeconds = 0;    // see above
   std::map<std::string, int64_t> bytesByComm;          // sums to bytes
   std::map<std::string, double> exposedSecondsByComm;  // sums to exposedSeconds
+  // grad_comm fp8: the buckets' FP8 figures, the same on every rank (one
+  // call per bucket and step; saturated counts every rank's values); with
+  // fp8Scaling kAuto, minMu / maxMu over the buckets' scalers after the step
+  // (a sum keeps the latest). All zero in fp32 / bf16.
+  GradientFp8Stats fp8;
 
   double hiddenSeconds() const { return commSeconds > exposedSeconds ? commSeconds - exposedSeconds : 0.0; }
   // In [0, 1]; 0 when nothing was communicated.

@@ -107,7 +107,11 @@
 // comm, which must stay in order with the next unit's all-gather on every
 // rank -- so in fp8 the reduce-scatters no longer overlap backward. The fp8
 // replicate all-reduces run one after another per replicate comm (one FP8
-// ring in flight per communicator).
+// ring in flight per communicator). FsdpConfig::fp8Scaling picks fp8's
+// shared scale: "safe" (the default, overflow-free) or "auto" (FP8-LM: each
+// unit owns one Fp8AutoScaler for its reduce-scatter and, when hybrid, one
+// for its replicate all-reduce). stats().fp8LastStep / .fp8 report the
+// values encoded and saturated and mu's range over the scalers.
 //
 // What this deliberately does not do: prefetching the next unit's all-gather
 // (gathers are blocking; reduce-scatters overlap with backward), mixed
@@ -177,6 +181,12 @@ struct FsdpConfig {
   // Precision of the gradient reduce-scatter and of the hybrid replicate
   // all-reduce (`parallel.grad_comm`; file comment).
   GradientComm gradComm = GradientComm::kFp32;
+  // fp8's shared scale (`precision.fp8_comm_scaling`; gradient_comm.h):
+  // kSafe (the default) or kAuto with one scaler per unit and collective,
+  // configured by fp8AutoScale (the same on every rank; ConfigError from the
+  // constructor for a bad one). Ignored unless gradComm is kFp8.
+  Fp8Scaling fp8Scaling = Fp8Scaling::kSafe;
+  comm::Fp8AutoScaleConfig fp8AutoScale;
 };
 
 // Not copyable or movable (autograd nodes and the GPT's block runner refer to
@@ -283,7 +293,10 @@ class FullyShardedDataParallel {
 
   // Since construction. Gathers and the root's gradient launch count toward
   // the unit's shard comm, waiting for a reduce-scatter toward the unit's
-  // shard comm, the hybrid all-reduce toward its replicate comm.
+  // shard comm, the hybrid all-reduce toward its replicate comm. fp8Total /
+  // fp8LastStep: every unit's reduce-scatter and replicate all-reduce (one
+  // call each per synced step; "safe" reduce-scatters count this rank's
+  // saturated values only, everything else every rank's, the same on all).
   DataParallelStats stats() const;
   // The constructor's shard comm (the root's, and the default of every unit).
   const comm::CommPtr& shardComm() const;

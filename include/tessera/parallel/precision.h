@@ -39,6 +39,12 @@ struct PrecisionConfig {
   std::string fp8_recipe = "delayed"; // "delayed", "tensorwise", "rowwise", "blockwise"
   int64_t amax_history = 16;          // delayed: window length, >= 1
   int margin = 0;                     // scale = 2^(floor(log2(max / amax)) - margin); >= 0
+  // The FP8 gradient all-reduce's scale (comm/fp8_allreduce.h): "safe" (no
+  // partial sum of N ranks can overflow: 448 / (N amax) as a power of two)
+  // or "auto" (FP8-LM's automatic scaling factor, halved on overflow, doubled
+  // when stable; the metrics line reports the overflow rate). With
+  // parallel.grad_comm = "fp8" in the fp32 / bf16 modes too.
+  std::string fp8_comm_scaling = "safe";
 };
 
 // What the config means for each part of the stack.
@@ -46,6 +52,7 @@ struct PrecisionPlan {
   models::Precision layers = models::Precision::kDefault;  // kDefault (fp32), kBf16, kFp8
   numerics::Fp8RecipeConfig recipe;                        // with kFp8
   GradientComm gradientComm = GradientComm::kFp32;
+  bool fp8AutoScaling = false;                             // fp8 gradient comm under FP8-LM's rule
   std::string optimizerStates = "fp32";                    // optim.states: "fp32" or "fp8" (O2, O3)
   std::string master = "fp32";                             // optim.master: "fp32" or "fp16" (O3)
   bool wholeTensorZero = false;                            // O3 with strategy "fsdp"
