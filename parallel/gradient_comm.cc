@@ -3,6 +3,7 @@
 #include "tessera/parallel/gradient_comm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <condition_variable>

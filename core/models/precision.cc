@@ -3,7 +3,7 @@
 //
 // The FP8 path is a composition, so every mode of the layer (sharded,
 // deferred weight gradient) keeps working: only the GEMM's operands change.
-//   x  -> [q/dq E4M3, straight-through] -> X_q ---\
+//   x  -> [q/dq E4M3, straight-through] -> X_q ---+
 //   W  -> [q/dq E4M3, straight-through] -> W_q ----> at::linear / deferredLinear -> y -> [dY -> q/dq E5M2] -> out
 // The two kinds of node are one hand-written autograd Node (GradientMap)
 // whose backward maps the incoming gradient (identity, or the E5M2 cast).

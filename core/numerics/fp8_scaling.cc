@@ -2,6 +2,7 @@
 #include "tessera/core/numerics/fp8_scaling.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,7 +17,6 @@ namespace {
 constexpr int kMaxScaleExponent = 127;  // scales stay finite fp32 powers of two
 constexpr int kMinScaleExponent = -126;  // ... and normal
 
-bool blockwise(const Fp8RecipeConfig& config) { return config.recipe == ScalingRecipe::kBlockwise; }
 bool perTensor(const Fp8RecipeConfig& config) {
   return config.recipe == ScalingRecipe::kDelayed || config.recipe == ScalingRecipe::kTensorwise;
 }

@@ -8,9 +8,9 @@
 // gradients are scaled from the tensor each rank holds (numerics/
 // fp8_scaling.h) -- a row-parallel layer's input shard at tp = 2, one
 // micro-batch in a pipeline -- so scales, and with them E4M3 roundings,
-// differ. The bound (1e-2 absolute per step, 8 steps) is an order of
-// magnitude above what that moves (observed in the closing note) and an
-// order below what a broken split moves (a missing all-reduce: > 0.1).
+// differ. The bound (1e-2 absolute per step, 8 steps) leaves room for
+// that and stays an order below what a broken split moves (a missing
+// all-reduce: > 0.1).
 // The fp32-vs-fp8 convergence comparison is tessera-bench convergence's.
 //
 // Tiny GPT (2 layers, d_model 64, 8 steps, one thread). Default: the
