@@ -12,6 +12,7 @@ packages=(
   zlib1g-dev                                 # gzip-compressed datasets (fashion-MNIST)
   libgtest-dev libgmock-dev                  # tests
   libcli11-dev libtomlplusplus-dev nlohmann-json3-dev libssl-dev
+  libcurl4-openssl-dev etcd-server etcd-client  # the etcd rendezvous store (HTTP gateway) and its tests
   fortunes dataset-fashion-mnist             # training data
   python3 gnuplot-nox iproute2                # plots from the benchmarks; namespaces + tc for --link
 )

@@ -26,6 +26,13 @@ class PrefixStore final : public Store {
   bool deleteKey(const std::string& key) override { return base_->deleteKey(prefix_ + key); }
   bool check(const std::vector<std::string>& keys) override { return base_->check(prefixed(keys)); }
   std::string describe() const override { return base_->describe() + " under '" + prefix_ + "'"; }
+  bool supportsLeases() const override { return base_->supportsLeases(); }
+  int64_t grantLease(std::chrono::milliseconds ttl) override { return base_->grantLease(ttl); }
+  void keepAlive(int64_t lease) override { base_->keepAlive(lease); }
+  void revokeLease(int64_t lease) override { base_->revokeLease(lease); }
+  void setWithLease(const std::string& key, const Bytes& value, int64_t lease) override {
+    base_->setWithLease(prefix_ + key, value, lease);
+  }
 
  private:
   std::vector<std::string> prefixed(const std::vector<std::string>& keys) const {

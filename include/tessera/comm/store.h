@@ -48,6 +48,24 @@ class Store {
   // Where the store lives ("tcp://host:port", "file:///path", "hash"), for error messages.
   virtual std::string describe() const = 0;
 
+  // Leases: liveness records that vanish on their own. A key set with
+  // setWithLease exists until its lease expires (the owner stopped calling
+  // keepAlive for ttl) or is revoked; then every client sees it absent. etcd
+  // and the hash store have them; the tessera store, the TCP store and the
+  // file store do not (supportsLeases() false), and callers keep their own
+  // heartbeat counters there instead (the elastic mesh does). Defaults throw
+  // InvalidArgument naming the store.
+  virtual bool supportsLeases() const { return false; }
+  // A new lease of `ttl` (etcd rounds up to whole seconds). Returns its id (> 0).
+  virtual int64_t grantLease(std::chrono::milliseconds ttl);
+  // Renews the lease for another ttl. Throws StoreError when it already
+  // expired (its keys are gone: the owner must treat itself as dead).
+  virtual void keepAlive(int64_t lease);
+  // Ends the lease now; its keys vanish. Idempotent (an unknown lease is ignored).
+  virtual void revokeLease(int64_t lease);
+  // set(), with the key bound to `lease`.
+  virtual void setWithLease(const std::string& key, const Bytes& value, int64_t lease);
+
   // Conveniences over the above.
   Bytes get(const std::string& key) { return get(key, kDefaultTimeout); }
   void wait(const std::vector<std::string>& keys) { wait(keys, kDefaultTimeout); }
