@@ -3,3 +3,4 @@
 find_package(nlohmann_json REQUIRED)
 target_sources(tessera-run PRIVATE ${CMAKE_CURRENT_LIST_DIR}/elastic_node.cc)
 target_link_libraries(tessera-run PRIVATE nlohmann_json::nlohmann_json)
+target_sources(tessera-run PRIVATE ${CMAKE_CURRENT_LIST_DIR}/node_slot.cc)

@@ -13,9 +13,11 @@
 #include <sstream>
 #include <thread>
 
+#include "launcher/node_slot.h"
 #include "launcher/supervisor.h"
 #include "launcher/worker_process.h"
 #include "tessera/comm/net.h"
+#include "tessera/comm/rendezvous.h"
 #include "tessera/comm/store_server.h"
 #include "tessera/core/error.h"
 #include "tessera/core/timer.h"
@@ -27,10 +29,11 @@ namespace {
 
 using std::chrono::milliseconds;
 
-// Store keys of the launcher's half of the elastic contract (elastic.h).
-constexpr const char* kNextSlotKey = "elastic/next_slot";
+// Store keys of the launcher's half of the elastic contract (elastic.h);
+// the slot records are node_slot.h's.
 constexpr const char* kMembershipKey = "elastic/membership";
 std::string incarnationKey(int slot) { return "elastic/incarnation/" + std::to_string(slot); }
+std::string deadKey(const std::string& member) { return "elastic/dead/" + member; }
 
 // The elastic.h contract's variables (launch_info.h holds the fixed-mode ones).
 constexpr const char* kElasticVar = "TESSERA_ELASTIC";
@@ -40,6 +43,11 @@ constexpr const char* kIncarnationVar = "TESSERA_NODE_INCARNATION";
 constexpr const char* kNnodesVar = "TESSERA_NNODES";
 constexpr const char* kAdvertiseHostVar = "TESSERA_ADVERTISE_HOST";
 constexpr const char* kJoinTokenFileVar = "TESSERA_JOIN_TOKEN_FILE";
+constexpr const char* kRdzvBackendVar = "TESSERA_RDZV_BACKEND";
+constexpr const char* kRdzvEndpointVar = "TESSERA_RDZV_ENDPOINT";
+constexpr const char* kRdzvIdVar = "TESSERA_RDZV_ID";
+constexpr const char* kEtcdUserVar = "TESSERA_ETCD_USER";
+constexpr const char* kEtcdPasswordFileVar = "TESSERA_ETCD_PASSWORD_FILE";
 
 milliseconds fromSeconds(double seconds) { return milliseconds(static_cast<int64_t>(seconds * 1000)); }
 
@@ -76,19 +84,38 @@ std::string secretSource(const RunOptions& options) {
   return "this node was given none";
 }
 
-// The store's client, with the two startup failures users meet turned into
+// The job's store, described for messages: "tcp://h:p" or "etcd h1:2379,h2:2379 (run id J)".
+std::string storeName(const RunOptions& options) {
+  std::string name;
+  for (const Endpoint& endpoint : options.rdzvEndpoints()) name += (name.empty() ? "" : ",") + hostPort(endpoint);
+  name = options.rdzvBackend == "etcd" ? "etcd " + name : "tcp://" + name;
+  return options.rdzvId.empty() ? name : name + " (run id " + options.rdzvId + ")";
+}
+
+// The store's client, with the startup failures users meet turned into
 // messages that name the fix.
-comm::StorePtr connectToStore(const comm::StoreClientOptions& clientOptions, const RunOptions& options,
-                              const Endpoint& endpoint) {
+comm::StorePtr connectToStore(const comm::RendezvousOptions& rdzv, const RunOptions& options) {
+  const bool etcd = options.rdzvBackend == "etcd";
   try {
-    return comm::makeStoreClient(clientOptions);
-  } catch (const AuthError&) {
-    throw AuthError("refused by the store at " + hostPort(endpoint) +
+    return comm::connectRendezvousStore(rdzv);
+  } catch (const AuthError& e) {
+    if (etcd) {
+      throw AuthError(std::string("refused by etcd at ") + options.rdzvEndpoint + ": " + e.what() +
+                      "; give etcd's user and password with --rdzv-conf user=U,password_file=F or "
+                      "TESSERA_ETCD_USER / TESSERA_ETCD_PASSWORD_FILE");
+    }
+    throw AuthError("refused by the store at " + hostPort(options.storeEndpoint()) +
                     ": wrong join token; give the job's secret with --join-token-file, TESSERA_JOIN_TOKEN_FILE or "
                     "TESSERA_JOIN_TOKEN (" + secretSource(options) + ")");
+  } catch (const InvalidArgument&) {
+    throw;
   } catch (const Error& e) {
+    if (etcd) {
+      throw StoreError(std::string(e.what()) + "; check that the etcd cluster at " + options.rdzvEndpoint +
+                       " is up and has quorum, check --rdzv-endpoint, or wait longer with --rdzv-timeout");
+    }
     throw StoreError(std::string(e.what()) + "; start the store with `tessera-store --port " +
-                     std::to_string(endpoint.port) +
+                     std::to_string(options.storeEndpoint().port) +
                      "` (or pass --host-store to one node), check --rdzv-endpoint, or wait longer with --rdzv-timeout");
   }
 }
@@ -107,7 +134,7 @@ std::string listText(const nlohmann::json& values) {
 // one line per change. An unreachable store pauses the reports, no more.
 class MembershipReporter {
  public:
-  MembershipReporter(comm::StoreClientOptions options, milliseconds interval)
+  MembershipReporter(comm::RendezvousOptions options, milliseconds interval)
       : options_(std::move(options)), interval_(interval), thread_([this] { loop(); }) {}
   ~MembershipReporter() {
     {
@@ -134,7 +161,7 @@ class MembershipReporter {
   void pollOnce() {
     std::string text;
     try {
-      if (!store_) store_ = comm::makeStoreClient(options_);
+      if (!store_) store_ = comm::connectRendezvousStore(options_);
       if (!store_->check({kMembershipKey})) return;
       text = store_->getString(kMembershipKey, options_.requestTimeout);
       if (unreachable_) say("membership reports resumed: the store is reachable again");
@@ -157,7 +184,7 @@ class MembershipReporter {
     lastLine_ = line;
   }
 
-  const comm::StoreClientOptions options_;
+  const comm::RendezvousOptions options_;
   const milliseconds interval_;
   comm::StorePtr store_;  // used by the reporter thread only
   bool unreachable_ = false;
@@ -171,11 +198,16 @@ class MembershipReporter {
 
 struct NodePlan {
   const RunOptions& options;
-  Endpoint store;
+  Endpoint store;             // tessera backend: the store; etcd: the first member
   int slot = 0;
   std::string joinTokenFile;  // absolute; "" when none was given by flag
+  std::string etcdPasswordFile;  // absolute; "" without etcd auth
   EnvMap base;
 };
+
+std::string absolutePath(const std::string& path) {
+  return path.empty() ? path : std::filesystem::absolute(path).string();
+}
 
 std::vector<WorkerSpec> elasticWorkers(const NodePlan& plan, int incarnation, int attempt) {
   const RunOptions& options = plan.options;
@@ -183,7 +215,26 @@ std::vector<WorkerSpec> elasticWorkers(const NodePlan& plan, int incarnation, in
   for (int local = 0; local < options.nprocPerNode; ++local) {
     EnvMap env = plan.base;
     env[kElasticVar] = "1";
-    env[kStoreAddrVar] = hostPort(plan.store);
+    // The store the launcher uses; the workers must use the same (these win
+    // over the [elastic] config's rdzv_* keys).
+    std::string endpoints;
+    for (const Endpoint& endpoint : options.rdzvEndpoints()) {
+      endpoints += (endpoints.empty() ? "" : ",") + hostPort(endpoint);
+    }
+    env[kRdzvBackendVar] = options.rdzvBackend;
+    env[kRdzvEndpointVar] = endpoints;
+    env[kRdzvIdVar] = options.rdzvId;
+    for (const char* stale : {kStoreAddrVar, kEtcdUserVar, kEtcdPasswordFileVar, env::kMasterAddr, env::kMasterPort}) {
+      env.erase(stale);
+    }
+    if (options.rdzvBackend == "tessera") {
+      env[kStoreAddrVar] = hostPort(plan.store);
+      env[env::kMasterAddr] = plan.store.host;
+      env[env::kMasterPort] = std::to_string(plan.store.port);
+    } else if (!options.etcdUser.empty()) {
+      env[kEtcdUserVar] = options.etcdUser;
+      env[kEtcdPasswordFileVar] = plan.etcdPasswordFile;
+    }
     env[kNodeSlotVar] = std::to_string(plan.slot);
     env[kIncarnationVar] = std::to_string(incarnation);
     env[kNnodesVar] = std::to_string(options.minNodes) + ":" + std::to_string(options.maxNodes);
@@ -194,8 +245,6 @@ std::vector<WorkerSpec> elasticWorkers(const NodePlan& plan, int incarnation, in
     env[env::kLocalRank] = std::to_string(local);
     env[env::kLocalWorldSize] = std::to_string(options.nprocPerNode);
     env[env::kGroupRank] = std::to_string(plan.slot);
-    env[env::kMasterAddr] = plan.store.host;
-    env[env::kMasterPort] = std::to_string(plan.store.port);
     env[env::kBackend] = "gloo";
     env[env::kLauncher] = "tessera-run";
     env[env::kStoreHosted] = "1";
@@ -271,26 +320,33 @@ int runElasticNode(const RunOptions& options) {
     }
   }
 
-  comm::StoreClientOptions clientOptions;
-  clientOptions.host = endpoint.host;
-  clientOptions.port = static_cast<uint16_t>(endpoint.port);
-  clientOptions.secret = secret;
-  clientOptions.timeout = fromSeconds(options.rdzvTimeoutSeconds);
-  comm::StorePtr store = connectToStore(clientOptions, options, endpoint);
-
-  NodePlan plan{options, endpoint, 0, "", currentEnvironment()};
-  if (options.nodeRankGiven) {
-    plan.slot = options.nodeRank;
-  } else {
-    plan.slot = static_cast<int>(store->add(kNextSlotKey, 1) - 1);
-    if (plan.slot >= options.maxNodes) {
-      throw InvalidArgument("no free node slot: the store at " + hostPort(endpoint) + " has handed out slots 0.." +
-                            std::to_string(plan.slot - 1) + " and --nnodes " + std::to_string(options.minNodes) +
-                            ":" + std::to_string(options.maxNodes) + " allows " + std::to_string(options.maxNodes) +
-                            " nodes; raise MAX, or give --node-rank to take over the slot of a node that is gone");
-    }
+  comm::RendezvousOptions rdzv;
+  rdzv.backend = options.rdzvBackend;
+  for (const Endpoint& e : options.rdzvEndpoints()) rdzv.endpoints.push_back(hostPort(e));
+  rdzv.runId = options.rdzvId;
+  rdzv.secret = secret;
+  if (options.rdzvBackend == "etcd" && !options.etcdUser.empty()) {
+    rdzv.user = options.etcdUser;
+    // Same rules as the join secret's file: trailing newline dropped, empty refused.
+    rdzv.password = comm::net::loadJoinSecretFile(options.etcdPasswordFile);
   }
-  if (!options.joinTokenFile.empty()) plan.joinTokenFile = std::filesystem::absolute(options.joinTokenFile).string();
+  rdzv.timeout = fromSeconds(options.rdzvTimeoutSeconds);
+  comm::StorePtr store = connectToStore(rdzv, options);
+
+  NodePlan plan{options, endpoint, 0, absolutePath(options.joinTokenFile), absolutePath(options.etcdPasswordFile),
+                currentEnvironment()};
+  // Quick and bounded clients for the background threads: they retry on their own.
+  comm::RendezvousOptions background = rdzv;
+  background.timeout = milliseconds(2000);
+  background.requestTimeout = milliseconds(2000);
+  NodeSlot::Options slotOptions;
+  slotOptions.minNodes = options.minNodes;
+  slotOptions.maxNodes = options.maxNodes;
+  slotOptions.wantedSlot = options.nodeRankGiven ? options.nodeRank : -1;
+  slotOptions.storeName = storeName(options);
+  // Refuses a second launcher of a live slot, and one beyond MAX live nodes, at once.
+  NodeSlot slot(store, [background] { return comm::connectRendezvousStore(background); }, slotOptions);
+  plan.slot = slot.slot();
   const std::string threads = shareCores(plan.base, options.nprocPerNode);
   if (isatty(STDERR_FILENO) && plan.base.count("TESSERA_PROGRESS") == 0) plan.base["TESSERA_PROGRESS"] = "1";
 
@@ -298,23 +354,38 @@ int runElasticNode(const RunOptions& options) {
   const int firstRank = plan.slot * options.nprocPerNode;
   summary << "elastic node " << plan.slot << " (" << options.minNodes << " to " << options.maxNodes
           << " nodes): ranks " << firstRank << "-" << firstRank + options.nprocPerNode - 1 << " of world size "
-          << options.worldSize() << ", store tcp://" << hostPort(endpoint)
+          << options.worldSize() << ", store " << storeName(options)
           << (hostedStore ? " hosted here (it stops with this tessera-run)" : "");
   if (!threads.empty()) summary << ", OMP_NUM_THREADS=" << threads;
   summary << "; running " << joinWords(options.command);
   say(summary.str());
 
-  comm::StoreClientOptions reporterOptions = clientOptions;
-  reporterOptions.timeout = milliseconds(2000);
-  reporterOptions.requestTimeout = milliseconds(2000);
-  MembershipReporter reporter(reporterOptions, milliseconds(1000));
+  MembershipReporter reporter(background, milliseconds(1000));
 
+  std::string member;  // the running incarnation's "<slot>.<incarnation>"
   SupervisorOptions supervisorOptions;
   supervisorOptions.gracePeriod = fromSeconds(options.gracePeriodSeconds);
   supervisorOptions.maxRestarts = options.maxRestarts;
   supervisorOptions.tailLines = static_cast<size_t>(options.tailLines);
   supervisorOptions.evictedExitCode = parallel::kExitEvicted;
   supervisorOptions.evictedMessage = "node " + std::to_string(plan.slot) + " was dropped from the job; rejoining";
+  // Fast failure detection: the others drop this member at once instead of
+  // waiting for its heartbeat to age (elastic.h). Through a client with short
+  // bounds: in a store outage the node is stopped and restarted without
+  // waiting for the store (the heartbeat then tells the others).
+  comm::StorePtr marker;
+  supervisorOptions.onWorkerFailed = [&](const std::string& how) {
+    try {
+      if (!marker) marker = comm::connectRendezvousStore(background);
+      marker->setString(deadKey(member), how);
+      say("marked member " + member + " dead in the store (" + deadKey(member) + ")");
+    } catch (const std::exception& e) {
+      marker.reset();
+      say("could not mark member " + member + " dead in the store (" + e.what() +
+          "); the others will find out when its heartbeat stops");
+    }
+  };
+  supervisorOptions.mustStop = [&slot] { return slot.lost(); };
   SignalPipe signals;
   Supervisor supervisor(
       supervisorOptions,
@@ -322,6 +393,7 @@ int runElasticNode(const RunOptions& options) {
         const std::string key = incarnationKey(plan.slot);
         const int incarnation = static_cast<int>(
             retryStore([&] { return store->add(key, 1); }, Deadline(fromSeconds(options.rdzvTimeoutSeconds))) - 1);
+        member = std::to_string(plan.slot) + "." + std::to_string(incarnation);
         say("node " + std::to_string(plan.slot) + " incarnation " + std::to_string(incarnation) + ": starting " +
             plural(static_cast<size_t>(options.nprocPerNode), "worker"));
         return elasticWorkers(plan, incarnation, attempt);

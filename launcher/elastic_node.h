@@ -4,20 +4,28 @@
 // launcher.
 //
 // What one node's tessera-run does:
-//   - connects to the job's tessera store (comm/store_server.h) at
-//     --rdzv-endpoint, proving the join secret (--join-token-file, else
-//     TESSERA_JOIN_TOKEN_FILE / TESSERA_JOIN_TOKEN); with --host-store it
-//     first hosts that store itself, for as long as it lives (a standalone
-//     `tessera-store --port P` outlives every node and is the better choice);
-//   - takes a slot: --node-rank, else the next one the store hands out
-//     ("elastic/next_slot"; slots are never reused, so a node restarted from
-//     scratch should pass its old --node-rank);
+//   - connects to the job's store (comm/rendezvous.h): a tessera store
+//     (comm/store_server.h) at --rdzv-endpoint, proving the join secret
+//     (--join-token-file, else TESSERA_JOIN_TOKEN_FILE / TESSERA_JOIN_TOKEN;
+//     with --host-store it first hosts that store itself, for as long as it
+//     lives -- a standalone `tessera-store --port P` outlives every node and
+//     is the better choice), or an etcd cluster (--rdzv-backend etcd,
+//     --rdzv-endpoint listing its members, etcd's user/password from
+//     --rdzv-conf or TESSERA_ETCD_USER / TESSERA_ETCD_PASSWORD_FILE); every
+//     record under the run id (--rdzv-id);
+//   - takes a slot (node_slot.h): --node-rank, else the lowest slot that no
+//     live launcher holds; refused at once when that slot's launcher is alive,
+//     or when MAX live launchers hold every slot; keeps a liveness record for
+//     it while it runs;
 //   - before each start of its workers takes a new incarnation
 //     ("elastic/incarnation/<slot>"), so each start is a new member
 //     "<slot>.<incarnation>" to the others;
-//   - restarts all its workers when one fails (up to --max-restarts) or when
-//     one exits with kExitEvicted (dropped from the job: not a failure, not
-//     counted); SIGINT/SIGTERM are forwarded (the workers leave gracefully);
+//   - when a worker fails (exits non-zero, other than kExitEvicted, or dies of
+//     a signal it did not send) writes "elastic/dead/<member>" at once, so the
+//     others drop the member without waiting for its heartbeat to age;
+//   - restarts all its workers when one fails or when one exits with
+//     kExitEvicted (dropped from the job), --max-restarts times in all;
+//     SIGINT/SIGTERM are forwarded (the workers leave gracefully);
 //   - prints one line per membership change it reads from
 //     "elastic/membership".
 // It does not stop when other nodes fail: surviving them is the point.
@@ -32,7 +40,8 @@ namespace tessera::launcher {
 // Runs this node until its workers finish. Returns tessera-run's exit code
 // (0 all workers exited 0; 1 failure beyond --max-restarts or a startup
 // error, printed; 128+N after signal N). Throws Error for startup problems
-// (store unreachable, wrong join secret, no free slot) with the fix named.
+// (store unreachable, wrong join secret or etcd credentials, slot taken, MAX
+// live nodes reached) with the fix named.
 int runElasticNode(const RunOptions& options);
 
 // The report line for a membership JSON as elastic.h publishes it:

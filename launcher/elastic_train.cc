@@ -11,12 +11,16 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <exception>
+#include <filesystem>
 #include <memory>
 #include <sstream>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "launcher/train_job.h"
+#include "tessera/checkpoint/checkpoint.h"
 #include "tessera/checkpoint/live_recovery.h"
 #include "tessera/checkpoint/training_state.h"
 #include "tessera/comm/compression.h"
@@ -199,7 +203,186 @@ void recoverFromPeer(parallel::ElasticMesh& mesh, const parallel::RecoveryTicket
   }
 }
 
-int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::FaultPlan& plan) {
+// --- Checkpoints (see elastic_train.h) ---
+
+// Where the founders' leader publishes which checkpoint the founders load
+// ("ok\n<dir>", "ok\n" for none, or "error\n<message>"), in the
+// generation's records.
+constexpr const char* kResumeKey = "elastic/resume";
+
+// The checkpoint founders start from: the latest in `dir`, else `resume`,
+// else none (""). Throws CheckpointError for a `latest` that names nothing.
+std::string chooseCheckpoint(const ElasticCheckpoints& checkpoints) {
+  namespace fs = std::filesystem;
+  const std::string& dir = checkpoints.dir;
+  if (!dir.empty() && (fs::exists(fs::path(dir) / "latest") || fs::exists(fs::path(dir) / "index.json"))) {
+    return checkpoint::resolveCheckpoint(dir);
+  }
+  if (!checkpoints.resume.empty()) return checkpoint::resolveCheckpoint(checkpoints.resume);
+  return "";
+}
+
+// Founder: load the checkpoint the founders' leader chose, through the same
+// check-then-restore path a joiner takes with its peer's state
+// (checkpoint/training_state.h). Collective over the node (its processes
+// agree on success). Throws Error naming the checkpoint when any process of
+// the node cannot load it.
+void resumeFromCheckpoint(parallel::ElasticMesh& mesh, const ElasticCheckpoints& checkpoints,
+                          const checkpoint::TrainingParts& parts, MetricsWriter* metrics) {
+  const comm::StorePtr& store = mesh.store();
+  if (mesh.identity().localRank == 0 && mesh.committed().members.front() == mesh.identity().memberId()) {
+    std::string choice;
+    try {
+      choice = "ok\n" + chooseCheckpoint(checkpoints);
+    } catch (const std::exception& e) {
+      choice = std::string("error\n") + e.what();
+    }
+    store->compareSet(kResumeKey, {}, comm::toBytes(choice));  // the first founder's choice stays
+  }
+  const std::string choice =
+      store->getString(kResumeKey, std::chrono::milliseconds(static_cast<int64_t>(mesh.config().join_timeout_s * 1000)));
+  const size_t newline = choice.find('\n');
+  const std::string verdict = choice.substr(0, newline);
+  const std::string path = newline == std::string::npos ? "" : choice.substr(newline + 1);
+  if (verdict != "ok") {
+    throw checkpoint::CheckpointError("the job's leader could not pick a checkpoint to resume from: " + path);
+  }
+  if (path.empty()) {
+    if (mesh.identity().localRank == 0) {
+      TESSERA_LOG(kInfo) << "no checkpoint in " << (checkpoints.dir.empty() ? std::string("-") : checkpoints.dir)
+                         << ": the job starts from step 0";
+    }
+    return;
+  }
+  std::exception_ptr failure;
+  int64_t step = 0;
+  int64_t outerStep = -1;  // a checkpoint of an elastic run records its outer step
+  try {
+    step = checkpoint::restoreTrainingStateFromCheckpoint(parts, path);
+    const auto meta = checkpoint::readIndex(path).meta;
+    if (const auto it = meta.find("elastic/outer_step"); it != meta.end()) outerStep = std::stoll(it->second);
+  } catch (const checkpoint::CheckpointError& e) {
+    failure = std::make_exception_ptr(checkpoint::CheckpointError(
+        std::string(e.what()) + " (the leader chose " + path + ": --checkpoint-dir must be storage that every " +
+        "node's hosts can read, e.g. a shared filesystem mounted at the same path)"));
+  } catch (const std::exception&) {
+    failure = std::current_exception();
+  }
+  at::Tensor failed = at::full({1}, failure ? 1.0f : 0.0f);
+  mesh.local()->allReduce(failed, comm::ReduceOp::kMax);  // collective over the node
+  if (failure) std::rethrow_exception(failure);
+  if (failed.item<float>() > 0) throw Error("another process of this node could not restore " + path + " (see its message)");
+  TESSERA_LOG(kInfo) << "resumed from checkpoint " << path << " at step " << step << " (outer step " << outerStep
+                     << "), generation " << mesh.generation() << " of the job";
+  if (mesh.identity().localRank == 0) {
+    std::ostringstream line;
+    line << "{\"event\":\"resumed\",\"checkpoint\":" << jsonQuote(path) << ",\"step\":" << step
+         << ",\"outer_step\":" << outerStep << ",\"generation\":" << mesh.generation() << ",\"time_s\":" << std::fixed
+         << unixSeconds() << "}";
+    writeEvent(metrics, line.str());
+  }
+}
+
+// The leader node's checkpoints after committed outer steps (see elastic_train.h).
+class ElasticCheckpointWriter {
+ public:
+  // `startStep`: the step training starts from (0, or the restored state's:
+  // an outer-step boundary); `lastStep`: train.steps.
+  ElasticCheckpointWriter(parallel::ElasticMesh& mesh, const ElasticCheckpoints& checkpoints,
+                          const checkpoint::TrainingParts& parts, int64_t startStep, int64_t lastStep,
+                          MetricsWriter* metrics)
+      : mesh_(mesh), checkpoints_(checkpoints), parts_(parts), previous_(startStep), lastStep_(lastStep),
+        metrics_(metrics) {}
+
+  // Whether the outer step that ended at inner step `step` is a checkpoint:
+  // it crossed a multiple of `every` since the previous outer step, or it is
+  // the run's last (the next would pass train.steps). Every node sees the
+  // same outer steps, so all agree. Call once per outer step.
+  bool due(int64_t step) {
+    const int64_t previous = std::exchange(previous_, step);
+    if (checkpoints_.dir.empty()) return false;
+    if (step + (step - previous) > lastStep_) return true;
+    return checkpoints_.every > 0 && step / checkpoints_.every > previous / checkpoints_.every;
+  }
+
+  // After the committed outer step that ended at `step`: the leader node
+  // saves. Collective over the node (every process of a node reads the same
+  // committed decision). A failed save is logged, not thrown: training goes
+  // on and the previous checkpoint stays the latest. Throws Evicted when a
+  // newer generation of the job exists.
+  void afterOuterStep(int64_t step) {
+    const parallel::Membership& d = mesh_.committed();
+    if (!due(step) || d.members.empty() || d.members.front() != mesh_.identity().memberId()) return;
+    // A node taken for dead (its generation re-founded without it) must not
+    // write over the new generation's checkpoints. Local rank 0 asks the
+    // store; the node follows it.
+    float superseded = 0;
+    if (mesh_.identity().localRank == 0) {
+      try {
+        superseded = mesh_.generationSuperseded() ? 1.0f : 0.0f;
+      } catch (const StoreError& e) {
+        superseded = 2.0f;  // cannot tell: skip this checkpoint
+        TESSERA_LOG(kWarn) << "checkpoint of step " << step << " skipped: the store is unreachable (" << e.what() << ")";
+      }
+    }
+    at::Tensor flag = at::full({1}, superseded);
+    mesh_.local()->allReduce(flag, comm::ReduceOp::kMax);  // collective over the node
+    if (flag.item<float>() == 1.0f) {
+      throw parallel::Evicted("generation " + std::to_string(mesh_.generation()) +
+                              " of the job was re-founded without this node (it was taken for dead); rejoining");
+    }
+    if (flag.item<float>() != 0.0f) return;
+    try {
+      if (!checkpointer_) {
+        // Made the first time this node leads at a checkpoint, so a node that
+        // never leads never touches the directory (the constructor clears
+        // leftovers of crashed saves there). Collective over the node.
+        checkpoint::CheckpointOptions options;
+        options.dir = checkpoints_.dir;
+        options.keep = checkpoints_.keep;
+        options.zstdLevel = checkpoints_.level;
+        checkpointer_ = std::make_unique<checkpoint::Checkpointer>(options, mesh_.local());
+      }
+      std::map<std::string, std::string> meta = checkpoints_.meta;
+      meta["parallel/world_size"] = std::to_string(mesh_.identity().localSize);
+      meta["elastic/outer_step"] = std::to_string(d.outerStep);
+      meta["elastic/generation"] = std::to_string(mesh_.generation());
+      meta["elastic/members"] = std::to_string(d.members.size());
+      checkpointer_->save(step, checkpoint::collectTrainingState(parts_, meta));  // collective over the node
+    } catch (const checkpoint::CheckpointError& e) {
+      TESSERA_LOG(kWarn) << "checkpoint of step " << step << " not saved: " << e.what();
+      return;
+    }
+    if (mesh_.identity().localRank == 0) {
+      std::ostringstream line;
+      line << "{\"event\":\"checkpoint\",\"step\":" << step << ",\"outer_step\":" << d.outerStep
+           << ",\"dir\":" << jsonQuote(checkpoints_.dir) << ",\"time_s\":" << std::fixed << unixSeconds() << "}";
+      writeEvent(metrics_, line.str());
+    }
+  }
+
+  // At the end: waits for this node's save in flight. Collective over the
+  // node. Throws CheckpointError when the last save failed.
+  void finish() {
+    if (!checkpointer_) return;
+    checkpointer_->wait();
+    if (mesh_.identity().localRank == 0) {
+      TESSERA_LOG(kInfo) << "checkpoint " << checkpointer_->lastCommitted();
+    }
+  }
+
+ private:
+  parallel::ElasticMesh& mesh_;
+  const ElasticCheckpoints& checkpoints_;
+  checkpoint::TrainingParts parts_;
+  int64_t previous_;  // the step of the previous outer step (or the start)
+  int64_t lastStep_;
+  MetricsWriter* metrics_;
+  std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
+};
+
+int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::FaultPlan& plan,
+            const ElasticCheckpoints& checkpoints) {
   const parallel::ElasticIdentity identity = parallel::ElasticIdentity::fromEnv();
   // [parallel] describes one node; a config that leaves the mesh at 1 x 1
   // spreads the node's processes over dp_shard (DDP/FSDP inside the node).
@@ -224,7 +407,9 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
   ctx.world = plan.empty() ? mesh.local() : comm::injectFaults(mesh.local(), plan, globalRank);
 
   ElasticJobOptions elastic;
-  elastic.averager = [&mesh](at::Tensor flat, int64_t outerStep) { mesh.averageAcrossNodes(flat, outerStep); };
+  elastic.collective = [&mesh](int64_t syncIndex, const optim::ElasticGroupBody& body) {
+    mesh.collectiveAcrossNodes(syncIndex, body);
+  };
   elastic.node = identity.slot;
   elastic.nodes = std::max(identity.maxNodes, identity.slot + 1);
   const std::unique_ptr<TrainJob> built = buildTrainJob(job, ctx, metricsPath, &elastic);  // collective over the node
@@ -241,7 +426,17 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
   parts.dp = built->dp;
   parts.optimizer = built->optimizer.get();
 
-  if (const auto ticket = mesh.join()) recoverFromPeer(mesh, *ticket, parts, metrics);
+  // Checkpoints hold every process's generator row (each restores its own);
+  // live recovery keeps the one-peer layout above.
+  checkpoint::TrainingParts checkpointParts = parts;
+  checkpointParts.rank = identity.localRank;
+  checkpointParts.worldSize = identity.localSize;
+
+  if (const auto ticket = mesh.join()) {
+    recoverFromPeer(mesh, *ticket, parts, metrics);
+  } else if (!checkpoints.dir.empty() || !checkpoints.resume.empty()) {
+    resumeFromCheckpoint(mesh, checkpoints, checkpointParts, metrics);
+  }
   if (identity.localRank == 0) {
     TESSERA_LOG(kInfo) << "node " << identity.memberId() << " trains from step " << trainer.step() << " of "
                        << job.train.steps << " (" << built->numParameters << " parameters, H = "
@@ -250,6 +445,8 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
 
   comm::StepFaults stepFaults(plan, globalRank);
   RecoveryServer server(mesh, parts, metrics);
+  ElasticCheckpointWriter checkpointWriter(mesh, checkpoints, checkpointParts, trainer.step(), job.train.steps,
+                                           metrics);
   Stopwatch stepTimer;
   trainer.callbacks().beforeStep.push_back([&](int64_t step) {
     stepFaults.beforeStep(step);
@@ -275,10 +472,13 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
       writeEvent(metrics, line.str());
     }
     server.serveJoiners();
+    checkpointWriter.afterOuterStep(report.step);
   });
 
   const StepReport last = trainer.run();  // collective over the node; outer steps across nodes
+  mesh.finished(last.step);
   server.reap(/*all=*/true);
+  checkpointWriter.finish();
   if (identity.localRank == 0) {
     TESSERA_LOG(kInfo) << "done: " << last.step << " steps, loss " << last.loss << ", val_loss "
                        << (last.valLoss ? std::to_string(*last.valLoss) : std::string("-"));
@@ -288,9 +488,10 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
 
 }  // namespace
 
-int runElasticNode(const TrainJobConfig& job, const std::string& metricsPath, const std::string& faultPlan) {
+int runElasticNode(const TrainJobConfig& job, const std::string& metricsPath, const std::string& faultPlan,
+                   const ElasticCheckpoints& checkpoints) {
   try {
-    return runNode(job, metricsPath, runFaultPlan(job, faultPlan));
+    return runNode(job, metricsPath, runFaultPlan(job, faultPlan), checkpoints);
   } catch (const parallel::LeftJob& e) {
     TESSERA_LOG(kInfo) << e.what();
     return 0;

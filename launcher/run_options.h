@@ -33,7 +33,13 @@ struct RunOptions {
   std::string joinTokenFile;             // elastic: the join secret's file (else TESSERA_JOIN_TOKEN_FILE / _TOKEN)
   std::string advertiseHost = "127.0.0.1";  // elastic: the address peers reach this node's workers at
   bool hostStore = false;                // elastic: host the tessera store on the endpoint's port
-  std::string rdzvEndpoint;              // "host:port" of node 0's store; alternative to masterAddr/masterPort
+  // Elastic: the job's rendezvous store (comm/rendezvous.h), torchrun's flag names.
+  std::string rdzvBackend = "tessera";   // "tessera": a tessera store (one host:port); "etcd": an etcd v3 cluster
+  std::string rdzvId;                    // the run id: keys every record of the job ("" : none)
+  std::string etcdUser;                  // etcd auth: --rdzv-conf user=, else TESSERA_ETCD_USER ("" : no auth)
+  std::string etcdPasswordFile;          // etcd auth: --rdzv-conf password_file=, else TESSERA_ETCD_PASSWORD_FILE
+  // "host:port" of node 0's store (etcd: "h1:2379,h2:2379,..."); alternative to masterAddr/masterPort.
+  std::string rdzvEndpoint;
   std::string masterAddr = "127.0.0.1";  // host of node 0's store
   int masterPort = kDefaultMasterPort;   // port of node 0's store; 0: any free port (one node only)
   std::string backend = "gloo";          // "gloo": spawn workers here; "mpi": hand them to mpirun
@@ -46,7 +52,11 @@ struct RunOptions {
   // Fixed mode: nnodes * nprocPerNode; elastic: maxNodes * nprocPerNode (RANK = slot * nprocPerNode + local).
   int worldSize() const { return nprocPerNode * nnodes; }
   // Where node 0's store listens: --rdzv-endpoint if given, else --master-addr/--master-port.
+  // (etcd: the first of the list.)
   Endpoint storeEndpoint() const;
+  // --rdzv-endpoint as a list (one entry for the tessera backend). Throws
+  // InvalidArgument naming the flag for an entry that is not host:port.
+  std::vector<Endpoint> rdzvEndpoints() const;
   // Throws InvalidArgument naming the flag and the accepted values.
   void validate() const;
 };
@@ -54,6 +64,11 @@ struct RunOptions {
 // Parses --nnodes: "N" (fixed) or "MIN:MAX" (elastic) into `options`.
 // Throws InvalidArgument naming --nnodes and the accepted forms.
 void parseNnodes(const std::string& text, RunOptions& options);
+
+// Parses --rdzv-conf "key=value,key=value" (keys: user, password_file) into
+// `options`. Throws InvalidArgument naming --rdzv-conf, the bad entry and the
+// accepted keys.
+void parseRdzvConf(const std::string& text, RunOptions& options);
 
 // Parses tessera-run's argv. Returns the validated options, or the exit code
 // to return at once: 0 after --help (printed on stdout), 2 after a usage

@@ -89,7 +89,8 @@ Supervisor::Supervisor(SupervisorOptions options, std::function<std::vector<Work
 
 JobOutcome Supervisor::run() {
   Stopwatch watch;
-  int restarts = 0;  // after failures; evictions are not counted
+  int restarts = 0;  // after failures and after evictions: maxRestarts bounds both
+  int afterEvictions = 0;
   for (int attempt = 0;; ++attempt) {
     AttemptResult result = runAttempt(attempt);
     if (result.end == End::kSucceeded && board_ != nullptr) result = waitForOtherNodes();
@@ -98,14 +99,22 @@ JobOutcome Supervisor::run() {
       say("all workers exited 0 after " + took);
       return {0};
     }
+    const std::string next = "(restart " + std::to_string(restarts + 1) + " of " +
+                             std::to_string(options_.maxRestarts) + ")";
     if (result.end == End::kEvicted) {
-      say(options_.evictedMessage);
-      continue;
+      if (restarts < options_.maxRestarts) {
+        ++restarts;
+        ++afterEvictions;
+        say(options_.evictedMessage + " " + next);
+        continue;
+      }
+      result.reason += "; no restart left: --max-restarts " + std::to_string(options_.maxRestarts) + " used up (" +
+                       std::to_string(restarts - afterEvictions) + " after failures, " +
+                       std::to_string(afterEvictions) + " after evictions); raise --max-restarts";
     }
     if (result.end == End::kWorkerFailed && restarts < options_.maxRestarts) {
       ++restarts;
-      say("restarting all workers (restart " + std::to_string(restarts) + " of " +
-          std::to_string(options_.maxRestarts) + ")");
+      say("restarting all workers " + next);
       continue;
     }
     // A signal is someone's decision (in elastic mode: this node leaves the job), not a failure.
@@ -139,9 +148,11 @@ Supervisor::AttemptResult Supervisor::runAttempt(int attempt) {
     if (failed >= 0) return failWorker(workers, static_cast<size_t>(failed));
     // Polled, not pushed: the store has no notifications, and half a second
     // is small next to how long a peer's collective takes to time out.
-    if (board_ != nullptr && sinceBoardCheck.millis() > 500) {
+    if ((board_ != nullptr || options_.mustStop) && sinceBoardCheck.millis() > 500) {
       sinceBoardCheck.restart();
-      if (auto remote = board_->failure()) {
+      std::optional<std::string> remote = board_ != nullptr ? board_->failure() : std::nullopt;
+      if (!remote && options_.mustStop) remote = options_.mustStop();
+      if (remote) {
         say(*remote + "; stopping this node's workers");
         stopAll(workers, SIGTERM);
         return {End::kRemoteFailure, 0, *remote};
@@ -168,6 +179,9 @@ Supervisor::AttemptResult Supervisor::failWorker(Workers& workers, size_t failed
   if (worker.status().signal == SIGKILL && !sentKill_) {
     how += " (not sent by tessera-run: the out-of-memory killer? see dmesg)";
   }
+  // First, so that the other nodes learn of it before this node has even
+  // stopped its other workers.
+  if (options_.onWorkerFailed) options_.onWorkerFailed(how);
   const size_t others = countRunning(workers);
   say(how + (others > 0 ? "; stopping the other " + plural(others, "worker") : ""));
   if (board_ != nullptr) board_->reportFailure(how);

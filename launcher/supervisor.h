@@ -3,8 +3,8 @@
 // (SIGTERM, then SIGKILL after a grace period) and reports which rank failed,
 // how, and its last lines. Restarts the whole node's workers up to
 // maxRestarts times. A worker exiting with evictedExitCode (elastic mode:
-// dropped from the job) also restarts the node, without using up a restart.
-// Private to the launcher.
+// dropped from the job) also restarts the node; such restarts count against
+// the same maxRestarts (said apart in the log). Private to the launcher.
 //
 // What it does not do: decide what the workers are (tessera_run.cc builds
 // their command lines and environments) or talk to other nodes itself (JobBoard).
@@ -15,6 +15,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,11 +61,22 @@ struct SupervisorOptions {
   // Lines of a failed worker's output repeated in the failure report.
   size_t tailLines = 20;
   // Elastic mode: a worker exiting with this code was dropped from the job and
-  // must rejoin: the node's workers are stopped and started again, which is
-  // not a failure (does not count against maxRestarts). -1: no such code.
+  // must rejoin: the node's workers are stopped and started again. Not a
+  // failure, but it uses up a restart like one (maxRestarts bounds both, so a
+  // node that keeps being dropped ends). -1: no such code.
   int evictedExitCode = -1;
-  // Said when that happens ("node 2 was dropped from the job; rejoining").
+  // Said when that happens ("node 2 was dropped from the job; rejoining"),
+  // followed by " (restart i of K)".
   std::string evictedMessage = "the workers were dropped from the job; rejoining";
+  // Called at once (before the other workers are stopped) with one line
+  // saying how, when a worker fails: exits non-zero (other than
+  // evictedExitCode) or dies of a signal the supervisor did not send. Elastic
+  // mode marks the node's member dead in the store with it. Must not throw.
+  std::function<void(const std::string& how)> onWorkerFailed;
+  // Polled about every half second while workers run: a reason ends the job
+  // (workers stopped with SIGTERM, no restart, exit code 1). Elastic mode:
+  // the node lost its slot to another launcher.
+  std::function<std::optional<std::string>()> mustStop;
   // Multi-node only: how long node 0 keeps the store up for other nodes after
   // its own workers finished.
   std::chrono::milliseconds finishTimeout{std::chrono::minutes(5)};

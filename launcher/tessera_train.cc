@@ -212,12 +212,16 @@ int main(int argc, char** argv) {
   }
   const char* elastic = std::getenv("TESSERA_ELASTIC");
   if (elastic != nullptr && std::string(elastic) == "1") {
-    if (!flags.dir.empty() || !flags.resume.empty()) {
-      std::fprintf(stderr, "tessera-train: elastic runs recover from peers; --checkpoint-dir/--resume are not "
-                           "supported with tessera-run --nnodes MIN:MAX yet\n");
-      return 2;
-    }
-    return tessera::launcher::runElasticNode(job, metricsPath, faultPlan);
+    // Elastic checkpoints: the leader node saves at outer-step boundaries;
+    // founders resume from the latest in the directory (elastic_train.h).
+    tessera::launcher::ElasticCheckpoints checkpoints;
+    checkpoints.dir = flags.dir;
+    checkpoints.every = flags.every;
+    checkpoints.keep = flags.keep;
+    checkpoints.level = flags.level;
+    checkpoints.resume = flags.resume;
+    if (!flags.dir.empty()) checkpoints.meta = tessera::launcher::describeRun(job, configPath, overrides, 0);
+    return tessera::launcher::runElasticNode(job, metricsPath, faultPlan, checkpoints);
   }
   try {
     tessera::InitOptions options;

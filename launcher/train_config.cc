@@ -92,7 +92,10 @@ Schema schemaOf(TrainJobConfig& c) {
                   {"min_nodes", &e.min_nodes},       {"max_nodes", &e.max_nodes},
                   {"wait_timeout_s", &e.wait_timeout_s}, {"collective_timeout_s", &e.collective_timeout_s},
                   {"max_retries", &e.max_retries},   {"join_timeout_s", &e.join_timeout_s},
-                  {"start_grace_s", &e.start_grace_s}};
+                  {"start_grace_s", &e.start_grace_s},
+                  // The store; tessera-run's TESSERA_RDZV_* variables win over these.
+                  {"rdzv_backend", &e.rdzv_backend}, {"rdzv_endpoint", &e.rdzv_endpoint},
+                  {"rdzv_id", &e.rdzv_id},           {"store_outage_timeout_s", &e.store_outage_timeout_s}};
   s["faults"] = {{"plan", &c.fault_plan}};
   return s;
 }

@@ -2,7 +2,11 @@
 
 #include <ATen/Parallel.h>
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
@@ -46,6 +50,28 @@ std::vector<int> layerGroups(const parallel::DataParallel& dp, int blocks = 0) {
   return groups;
 }
 
+// Elastic runs train with an optimizer that synchronizes replicas now and
+// then; the rest synchronize every gradient over a fixed group.
+std::string elasticOptimizerMessage(const std::string& name) {
+  return "elastic runs (tessera-run --nnodes MIN:MAX) train with \"diloco\", \"demo\" or \"mt-dao\" across nodes "
+         "(each node one replica); got \"" + name + "\"";
+}
+
+// xxh64 of the tensors' bytes, in order, as 16 hex digits.
+std::string hashTensors(const std::vector<at::Tensor>& tensors) {
+  XXH64_state_t* state = XXH64_createState();
+  XXH64_reset(state, 0);
+  for (const at::Tensor& t : tensors) {
+    const at::Tensor c = t.detach().cpu().contiguous();
+    XXH64_update(state, c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
+  }
+  const XXH64_hash_t hash = XXH64_digest(state);
+  XXH64_freeState(state);
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(hash));
+  return text;
+}
+
 // The optimizer [optim] name selects, over the strategy's tensors. Collective
 // for the communication-light ones (they broadcast or split over dp_replicate).
 // Step 5 of parallelize.h's composition order: across replicas.
@@ -61,12 +87,30 @@ std::unique_ptr<optim::Optimizer> makeJobOptimizer(const TrainJobConfig& job, pa
   config.optim.states = parallel.precision.optimizerStates;
   config.optim.master = parallel.precision.master;
   if (parallel.wholeTensorShardComm) {  // O3 with strategy "fsdp": ZeRO over whole tensors
+    if (elastic) {
+      throw ConfigError("precision.level",
+                        "O3 with parallel.strategy = \"fsdp\" shards a whole-tensor AdamW inside the node, which an "
+                        "elastic run cannot average across nodes; use precision.level = \"O2\" (or strategy \"ddp\") "
+                        "with --nnodes MIN:MAX");
+    }
     return std::make_unique<optim::LowPrecisionAdamW>(config.optim, parameters, config.schedule.lr,
                                                       optim::WholeTensorShards{parallel.wholeTensorShardComm});
   }
-  if (elastic) {
-    auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
-    return optim::makeElasticDiloco(config.diloco, std::move(inner), parameters, elastic->averager, layerGroups(dp));
+  if (elastic) {  // the nodes are the replicas: every sync runs on the elastic group of its members
+    TESSERA_CHECK_ARG(elastic->collective != nullptr, "buildTrainJob: elastic run without an elastic collective");
+    if (config.optimizer == "diloco") {
+      auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
+      return optim::makeElasticDiloco(config.diloco, std::move(inner), parameters, elastic->collective,
+                                      layerGroups(dp));
+    }
+    if (config.optimizer == "demo") {
+      return optim::makeElasticDemo(config.demo, parameters, elastic->collective, config.schedule.lr,
+                                    dp.parameterLayout());
+    }
+    if (config.optimizer == "mt-dao") {
+      return optim::makeElasticMtDao(config.mt_dao, parameters, elastic->collective, config.schedule.lr);
+    }
+    throw ConfigError("optim.name", elasticOptimizerMessage(config.optimizer));
   }
   if (config.optimizer == "diloco") {
     auto inner = optim::makeOptimizer(config.optim, parameters, config.schedule.lr);
@@ -135,9 +179,8 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
                                         const std::string& metricsPath, const ElasticJobOptions* elastic) {
   const bool localUpdates = config.localUpdates();
   if (elastic) {
-    TESSERA_CHECK_CONFIG(config.optimizer == "diloco", "optim.name",
-                         "elastic runs (tessera-run --nnodes MIN:MAX) train with DiLoCo across nodes; got \""
-                             << config.optimizer << "\" (set optim.name = \"diloco\")");
+    TESSERA_CHECK_CONFIG(config.optimizer == "diloco" || config.optimizer == "demo" || config.optimizer == "mt-dao",
+                         "optim.name", elasticOptimizerMessage(config.optimizer));
     TESSERA_CHECK_CONFIG(config.parallel.mesh.dp_replicate == 1, "parallel.dp_replicate",
                          "in an elastic run the nodes are the replicas and [parallel] describes one node: set "
                          "parallel.dp_replicate = 1 (got " << config.parallel.mesh.dp_replicate << ")");
@@ -223,6 +266,16 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
     job->moeLoad = std::make_unique<parallel::MoeLoadCollector>(
         job->model->module(), config.model.gpt.n_layer, config.model.gpt.moe.num_experts, job->mesh->world());
     parts.extraMetrics = job->moeLoad->metricsHook();  // collective over the world at every logged step
+  }
+  if (elastic && config.optimizer == "diloco") {
+    // theta_g is the same on every node at every step (streaming fragments'
+    // parameters are not): "outer_hash" lets a run (and the end-to-end
+    // tests) check that a joiner and its peers agree. Local, at log steps.
+    optim::Optimizer* optimizer = job->optimizer.get();
+    parts.extraMetrics = [inner = std::move(parts.extraMetrics), optimizer](MetricsRecord& record) {
+      if (inner) inner(record);
+      record.add("outer_hash", hashTensors(optimizer->state().perParameter.at("diloco/outer")));
+    };
   }
   if (job->parallel.precision.gradientComm == parallel::GradientComm::kFp8) {
     // FP8 gradient communication: the overflow (saturation) rate of the last

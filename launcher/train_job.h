@@ -12,6 +12,7 @@
 
 #include "launcher/train_config.h"
 #include "tessera/launcher/init.h"
+#include "tessera/optim/elastic_collective.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 #include "tessera/parallel/device_mesh.h"
@@ -49,11 +50,15 @@ struct TrainJob {
 
 // What changes when the job is one node of an elastic run (tessera-run
 // --nnodes MIN:MAX): ctx.world is the node's local group, the [parallel] mesh
-// describes one node (dp_replicate = 1: the nodes are the replicas), DiLoCo
-// averages through `averager` (the elastic mesh), and each node reads its
-// own shard of the data, fixed by its slot.
+// describes one node (dp_replicate = 1: the nodes are the replicas), the
+// optimizer (DiLoCo with or without streaming, DeMo or MT-DAO) synchronizes
+// through `collective` (the elastic mesh's collectiveAcrossNodes) instead of
+// a replica communicator, and each node reads its own shard of the data,
+// fixed by its slot. Elastic DiLoCo's metrics lines carry "outer_hash", the
+// xxh64 of theta_g, equal on every node at every step (the parameters of
+// streaming fragments differ between syncs; theta_g never does).
 struct ElasticJobOptions {
-  optim::PseudoGradientAverager averager;
+  optim::ElasticCollective collective;  // required
   int node = 0;   // this node's slot: it reads data shard node * dp size + dp rank
   int nodes = 1;  // slots in the job (max nodes): node * dp size shards in all
 };

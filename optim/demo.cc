@@ -25,6 +25,7 @@ namespace {
 // parameter) must have at most 2^16 positions.
 constexpr int64_t kMaxChunk = 256;
 constexpr int64_t kBytesPerComponent = sizeof(float) + sizeof(uint16_t);
+constexpr const char* kStepKey = "demo/step";
 }  // namespace
 
 void DemoConfig::validate(const std::string& prefix) const {
@@ -301,8 +302,9 @@ std::vector<ChunkLayout> layoutsFor(const std::vector<at::Tensor>& parameters, c
 class Demo final : public ParameterOptimizer {
  public:
   Demo(const DemoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr,
-       const DemoLayout& pieces)
-      : ParameterOptimizer(std::move(parameters), lr), config_(config), comm_(std::move(comm)) {
+       const DemoLayout& pieces, ElasticCollective collective = nullptr)
+      : ParameterOptimizer(std::move(parameters), lr), config_(config), comm_(std::move(comm)),
+        collective_(std::move(collective)) {
     layouts_ = layoutsFor(parameters_, config_, pieces, /*log=*/true);
     for (size_t i = 0; i < parameters_.size(); ++i) {
       layouts_[i].offset = components_;
@@ -319,15 +321,32 @@ class Demo final : public ParameterOptimizer {
     at::Tensor payload = at::empty({components_ * kBytesPerComponent}, at::kByte);
     auto* bytes = payload.data_ptr<uint8_t>();
     for (size_t i = 0; i < parameters_.size(); ++i) compressInto(i, bytes);
+    ++step_;
 
-    const int workers = comm_ ? comm_->size() : 1;
+    int workers = comm_ ? comm_->size() : 1;
     at::Tensor gathered = payload;
-    if (workers > 1) {
+    if (collective_) {
+      // Elastic: the all-gather on this step's group. The body reads the
+      // payload and writes only `gathered` and `workers`: a retried attempt
+      // gathers the same payload again; nothing is applied before the commit.
+      collective_(step_, [&](comm::Communicator& group) {
+        workers = group.size();
+        gathered = at::empty({workers * payload.numel()}, at::kByte);
+        if (workers > 1) {
+          group.allGather(payload, gathered);
+        } else {
+          gathered.copy_(payload);
+        }
+      });
+    } else if (workers > 1) {
       gathered = at::empty({workers * payload.numel()}, at::kByte);
       comm_->allGather(payload, gathered);
     }
     for (size_t i = 0; i < parameters_.size(); ++i) applyUpdate(i, gathered.data_ptr<uint8_t>(), workers);
-    return {};
+    // Elastic: every step is a sync, after which the launcher serves joiners.
+    OptimizerStepResult result;
+    result.outerStep = static_cast<bool>(collective_);
+    return result;
   }
 
   std::vector<comm::CommPtr> communicators() const override {
@@ -337,6 +356,7 @@ class Demo final : public ParameterOptimizer {
   OptimizerState state() const override {
     OptimizerState s;
     s.perParameter["demo/delta"] = delta_;
+    s.scalars[kStepKey] = std::to_string(step_);
     return s;
   }
 
@@ -346,7 +366,11 @@ class Demo final : public ParameterOptimizer {
     for (size_t i = 0; i < source.size(); ++i) {
       TESSERA_CHECK_ARG(source[i].defined(), "DeMo state: 'demo/delta' of parameter " << i << " is undefined");
     }
+    // States saved before the counter existed have none: they count from 0.
+    // An elastic joiner always gets one (its peer runs this version).
+    const int64_t step = s.scalars.count(kStepKey) != 0 ? parseCount(s, kStepKey) : 0;
     copyStateInto(s, "demo/delta", delta_);
+    step_ = step;
   }
 
  private:
@@ -412,6 +436,8 @@ class Demo final : public ParameterOptimizer {
 
   DemoConfig config_;
   comm::CommPtr comm_;
+  ElasticCollective collective_;   // elastic: each step's all-gather runs here instead of on comm_
+  int64_t step_ = 0;               // step() calls completed: the elastic sync index
   std::vector<ChunkLayout> layouts_;
   std::vector<at::Tensor> delta_;  // per parameter, its shape, contiguous
   int64_t components_ = 0;         // components one worker sends per step, all parameters
@@ -433,6 +459,15 @@ std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Te
   TESSERA_CHECK_CONFIG(lr > 0 && std::isfinite(lr), "optim.lr", "must be > 0, got " << lr);
   TESSERA_CHECK_ARG(!parameters.empty(), "makeDemo: no parameters to optimize");
   return std::make_unique<Demo>(config, std::move(parameters), std::move(comm), lr, layout);
+}
+
+std::unique_ptr<Optimizer> makeElasticDemo(const DemoConfig& config, std::vector<at::Tensor> parameters,
+                                           ElasticCollective collective, double lr, DemoLayout layout) {
+  config.validate();
+  TESSERA_CHECK_CONFIG(lr > 0 && std::isfinite(lr), "optim.lr", "must be > 0, got " << lr);
+  TESSERA_CHECK_ARG(!parameters.empty(), "makeElasticDemo: no parameters to optimize");
+  TESSERA_CHECK_ARG(collective != nullptr, "makeElasticDemo: no elastic collective");
+  return std::make_unique<Demo>(config, std::move(parameters), nullptr, lr, layout, std::move(collective));
 }
 
 }  // namespace tessera::optim

@@ -53,12 +53,12 @@ at::Tensor sliceLike(const at::Tensor& flat, int64_t offset, const at::Tensor& l
 class Diloco final : public Optimizer {
  public:
   Diloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner, std::vector<at::Tensor> parameters,
-         comm::CommPtr replicaComm, const std::vector<int>& groups, PseudoGradientAverager averager = nullptr)
+         comm::CommPtr replicaComm, const std::vector<int>& groups, ElasticCollective collective = nullptr)
       : config_(config), compression_(comm::parseCompression(config.compression, "diloco.compression")),
         inner_(std::move(inner)), parameters_(std::move(parameters)), replicaComm_(std::move(replicaComm)),
-        averager_(std::move(averager)) {
+        collective_(std::move(collective)) {
     layOut(groups);
-    if (averager_) {
+    if (collective_) {  // elastic: founders start identical (one seed), joiners receive the state
       at::NoGradGuard noGrad;
       for (size_t i = 0; i < parameters_.size(); ++i) outerViews_[i].copy_(parameters_[i]);
       return;
@@ -98,14 +98,13 @@ class Diloco final : public Optimizer {
       if (!isApplyStep(f, step_)) continue;
       if (config_.delay == 0) {
         snapshotPseudoGradient(f);
-        if (averager_) {
-          averager_(fragmentSlice(delta_, f), step_ / config_.inner_steps);
-        } else if (fragmentNumel(f) > 0) {
+        if (!collective_ && fragmentNumel(f) > 0) {
           comm::allReduceCompressed(*replicaComm_, fragmentSlice(delta_, f), comm::ReduceOp::kAvg, compression_);
         }
       } else {
         waitPending(f);
       }
+      if (collective_) averageAcrossNodes(f);
       applyOuterStep(f);
       result.outerStep = true;
     }
@@ -118,7 +117,7 @@ class Diloco final : public Optimizer {
   }
 
   std::vector<comm::CommPtr> communicators() const override {
-    if (averager_) return {};
+    if (collective_) return {};
     std::vector<comm::CommPtr> comms = {replicaComm_};
     if (streamComm_) comms.push_back(streamComm_);
     return comms;
@@ -215,7 +214,8 @@ class Diloco final : public Optimizer {
 
  private:
   // An all-reduce of one fragment's pseudo-gradient (in delta_), started
-  // `delay` steps before its outer step. work == nullptr: already complete.
+  // `delay` steps before its outer step. work == nullptr: already complete
+  // (elastic: not started; the snapshot is averaged at the apply step).
   struct Pending {
     int fragment;
     comm::WorkPtr work;
@@ -299,7 +299,8 @@ class Diloco final : public Optimizer {
                                                   << " is in flight (delay must be < inner_steps / fragments)");
     snapshotPseudoGradient(f);
     comm::WorkPtr work;
-    if (fragmentNumel(f) > 0) {
+    // Elastic: the snapshot waits, local, for the blocking sync at the apply step.
+    if (!collective_ && fragmentNumel(f) > 0) {
       work = comm::allReduceCompressedAsync(streamComm_, fragmentSlice(delta_, f), comm::ReduceOp::kAvg, compression_);
     }
     pending_ = Pending{f, std::move(work)};
@@ -313,6 +314,27 @@ class Diloco final : public Optimizer {
     pending_.reset();
     if (pending.work) pending.work->wait();
   }
+
+  // Elastic: delta_[f] <- its mean over the members at this fragment sync.
+  // The body averages a copy (its input stays as it was, so a retried
+  // attempt starts from the same pseudo-gradient); delta_ takes the mean
+  // only after the sync committed. Throws what the collective throws, and
+  // then delta_ and theta_g are unchanged.
+  void averageAcrossNodes(int f) {
+    const at::Tensor local = fragmentSlice(delta_, f);
+    const at::Tensor mean = at::empty_like(local);
+    collective_(syncIndex(), [&](comm::Communicator& group) {
+      mean.copy_(local);
+      if (mean.numel() > 0) comm::allReduceCompressed(group, mean, comm::ReduceOp::kAvg, compression_);
+    });
+    local.copy_(mean);
+  }
+
+  // The job-wide number of the fragment sync at this apply step: syncs fall
+  // on every multiple of H/P (one fragment each), so step / (H/P); with one
+  // fragment that is the outer step n = step / H. From step_, which state()
+  // carries, so a joiner continues the numbering.
+  int64_t syncIndex() const { return step_ / (config_.inner_steps / config_.fragments); }
 
   // Outer Nesterov SGD on fragment f with the averaged pseudo-gradient in
   // delta_, operation for operation as torch.optim.SGD (dampening 0, buffer
@@ -353,8 +375,8 @@ class Diloco final : public Optimizer {
   const comm::Compression compression_;
   std::unique_ptr<Optimizer> inner_;
   std::vector<at::Tensor> parameters_;  // the training tensors (theta_i), shared with inner_
-  comm::CommPtr replicaComm_;
-  PseudoGradientAverager averager_;  // elastic: replaces the all-reduce on replicaComm_
+  comm::CommPtr replicaComm_;  // null when elastic
+  ElasticCollective collective_;  // elastic: the fragment syncs run here instead of on replicaComm_
   comm::CommPtr streamComm_;  // split off replicaComm_ when delay > 0
 
   std::vector<int> fragmentOf_;        // per parameter
@@ -385,16 +407,14 @@ std::unique_ptr<Optimizer> makeDiloco(const DilocoConfig& config, std::unique_pt
 }
 
 std::unique_ptr<Optimizer> makeElasticDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
-                                             std::vector<at::Tensor> parameters, PseudoGradientAverager averager,
+                                             std::vector<at::Tensor> parameters, ElasticCollective collective,
                                              std::vector<int> groups) {
   config.validate();
-  TESSERA_CHECK_CONFIG(config.fragments == 1 && config.delay == 0, "diloco.fragments",
-                       "elastic training runs plain DiLoCo: set diloco.fragments = 1 and diloco.delay = 0 (got "
-                           << config.fragments << " and " << config.delay << ")");
   TESSERA_CHECK_ARG(inner != nullptr, "makeElasticDiloco: no inner optimizer");
-  TESSERA_CHECK_ARG(averager != nullptr, "makeElasticDiloco: no averager");
-  return std::make_unique<Diloco>(config, std::move(inner), std::move(parameters),
-                                  comm::makeSingleRankCommunicator("elastic-unused"), groups, std::move(averager));
+  TESSERA_CHECK_ARG(collective != nullptr, "makeElasticDiloco: no elastic collective");
+  TESSERA_CHECK_ARG(!parameters.empty(), "makeElasticDiloco: no parameters");
+  return std::make_unique<Diloco>(config, std::move(inner), std::move(parameters), /*replicaComm=*/nullptr, groups,
+                                  std::move(collective));
 }
 
 }  // namespace tessera::optim

@@ -58,31 +58,70 @@ namespace {
 std::string momentumKind(size_t j) { return "mt_dao/momentum_" + std::to_string(j); }
 const char* const kSecondKind = "mt_dao/second";
 
-// Collective: every tensor becomes its average over the group. One flat
-// all-reduce per dtype, in the order the tensors are given (the same on
-// every rank, since the schedule is).
-void averageAcrossGroup(comm::Communicator& comm, const std::vector<at::Tensor>& tensors) {
+// The tensors due at one sync, packed: one flat buffer per dtype (a fresh
+// copy), in the order the tensors are given (the same on every rank, since
+// the schedule is). A sync is one all-reduce (kAvg) per buffer.
+struct Packed {
+  std::vector<std::vector<at::Tensor>> tensors;  // per dtype, in order
+  std::vector<at::Tensor> buffers;               // per dtype: the tensors, flat and concatenated
+};
+
+Packed pack(const std::vector<at::Tensor>& tensors) {
   std::map<at::ScalarType, std::vector<at::Tensor>> byDtype;
   for (const at::Tensor& t : tensors) byDtype[t.scalar_type()].push_back(t);
+  Packed packed;
   for (auto& [dtype, group] : byDtype) {
     std::vector<at::Tensor> flat;
     flat.reserve(group.size());
     for (const at::Tensor& t : group) flat.push_back(t.reshape({-1}));
-    at::Tensor buffer = at::cat(flat);
-    comm.allReduce(buffer, comm::ReduceOp::kAvg);
+    packed.buffers.push_back(at::cat(flat));
+    packed.tensors.push_back(std::move(group));
+  }
+  return packed;
+}
+
+// Copies buffers[k] (shaped like packed.buffers) back into packed.tensors[k].
+void unpack(const Packed& packed, const std::vector<at::Tensor>& buffers) {
+  for (size_t k = 0; k < buffers.size(); ++k) {
     int64_t offset = 0;
-    for (at::Tensor& t : group) {
-      t.copy_(buffer.narrow(0, offset, t.numel()).view(t.sizes()));
+    for (const at::Tensor& t : packed.tensors[k]) {
+      at::Tensor target = t;  // shares t's storage
+      target.copy_(buffers[k].narrow(0, offset, t.numel()).view(t.sizes()));
       offset += t.numel();
     }
   }
 }
 
+// Collective: every tensor becomes its average over the group.
+void averageAcrossGroup(comm::Communicator& comm, const std::vector<at::Tensor>& tensors) {
+  const Packed packed = pack(tensors);
+  for (const at::Tensor& buffer : packed.buffers) comm.allReduce(buffer, comm::ReduceOp::kAvg);
+  unpack(packed, packed.buffers);
+}
+
+// Elastic: the same average on the group of this sync's members. The body
+// reduces copies of the packed buffers (which it leaves unchanged, so a
+// retried attempt starts from the same values); the tensors take the means
+// only after the sync committed.
+void averageAcrossNodes(const ElasticCollective& collective, int64_t syncIndex,
+                        const std::vector<at::Tensor>& tensors) {
+  const Packed packed = pack(tensors);
+  std::vector<at::Tensor> means(packed.buffers.size());
+  collective(syncIndex, [&](comm::Communicator& group) {
+    for (size_t k = 0; k < means.size(); ++k) {
+      means[k] = packed.buffers[k].clone();
+      if (group.size() > 1) group.allReduce(means[k], comm::ReduceOp::kAvg);
+    }
+  });
+  unpack(packed, means);
+}
+
 class MtDao final : public ParameterOptimizer {
  public:
-  MtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr0)
-      : ParameterOptimizer(std::move(parameters), lr0), config_(config), comm_(std::move(comm)), lr0_(lr0),
-        momenta_(config_.betas.size()) {
+  MtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters, comm::CommPtr comm, double lr0,
+        ElasticCollective collective = nullptr)
+      : ParameterOptimizer(std::move(parameters), lr0), config_(config), comm_(std::move(comm)),
+        collective_(std::move(collective)), lr0_(lr0), momenta_(config_.betas.size()) {
     nuSum_ = std::accumulate(config_.nus.begin(), config_.nus.end(), 0.0);
     for (const at::Tensor& p : parameters_) {
       for (auto& momentum : momenta_) momentum.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
@@ -190,12 +229,22 @@ class MtDao final : public ParameterOptimizer {
       if (step_ % config_.sync_momenta[j] == 0) due.insert(due.end(), momenta_[j].begin(), momenta_[j].end());
     }
     if (step_ % config_.sync_second == 0) due.insert(due.end(), second_.begin(), second_.end());
-    if (!due.empty() && comm_ && comm_->size() > 1) averageAcrossGroup(*comm_, due);
+    if (due.empty()) return result;
+    if (collective_) {
+      // Sync index: the update count T (strictly increasing, and in state()
+      // as "step"). Every elastic sync reports outerStep -- the launcher
+      // serves joiners after it -- also one of momenta or v alone.
+      averageAcrossNodes(collective_, step_, due);
+      result.outerStep = true;
+    } else if (comm_ && comm_->size() > 1) {
+      averageAcrossGroup(*comm_, due);
+    }
     return result;
   }
 
   MtDaoConfig config_;
   comm::CommPtr comm_;
+  ElasticCollective collective_;  // elastic: the syncs run here instead of on comm_
   double lr0_;
   double nuSum_ = 0;
   std::vector<std::vector<at::Tensor>> momenta_;  // [j][parameter], each contiguous
@@ -205,8 +254,10 @@ class MtDao final : public ParameterOptimizer {
 
 }  // namespace
 
-std::unique_ptr<Optimizer> makeMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
-                                     comm::CommPtr comm, double lr0) {
+namespace {
+
+// The factories' argument checks (ConfigError, InvalidArgument).
+void checkArguments(const MtDaoConfig& config, const std::vector<at::Tensor>& parameters, double lr0) {
   config.validate();
   TESSERA_CHECK_CONFIG(lr0 > 0 && std::isfinite(lr0), "optim.lr", "must be > 0, got " << lr0);
   TESSERA_CHECK_ARG(!parameters.empty(), "makeMtDao: no parameters to optimize");
@@ -214,7 +265,21 @@ std::unique_ptr<Optimizer> makeMtDao(const MtDaoConfig& config, std::vector<at::
     TESSERA_CHECK_ARG(parameters[i].defined() && at::isFloatingType(parameters[i].scalar_type()),
                       "MT-DAO: parameter " << i << " must be a defined floating-point tensor");
   }
+}
+
+}  // namespace
+
+std::unique_ptr<Optimizer> makeMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
+                                     comm::CommPtr comm, double lr0) {
+  checkArguments(config, parameters, lr0);
   return std::make_unique<MtDao>(config, std::move(parameters), std::move(comm), lr0);
+}
+
+std::unique_ptr<Optimizer> makeElasticMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
+                                            ElasticCollective collective, double lr0) {
+  checkArguments(config, parameters, lr0);
+  TESSERA_CHECK_ARG(collective != nullptr, "makeElasticMtDao: no elastic collective");
+  return std::make_unique<MtDao>(config, std::move(parameters), nullptr, lr0, std::move(collective));
 }
 
 }  // namespace tessera::optim

@@ -10,3 +10,5 @@ target_sources(tessera PRIVATE
   ${CMAKE_CURRENT_SOURCE_DIR}/elastic/join.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/elastic/groups.cc)
 target_link_libraries(tessera PRIVATE nlohmann_json::nlohmann_json)
+# One sync across the nodes (decide, form, run the optimizer's collective, vote, commit or retry).
+target_sources(tessera PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/elastic/collective.cc)

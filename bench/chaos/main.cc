@@ -139,6 +139,25 @@ void summarize(const std::string& dir, const ChaosRecord& record, const ChaosRep
                 report.meanRecoveryS, report.meanStallS, report.maxStallS);
   }
   std::printf("\n");
+  for (const auto& k : report.byKind) {
+    std::printf("  %s failures: %d, survived %d", k.kind.c_str(), k.failures, k.survived);
+    if (k.meanStallS >= 0) {
+      std::printf("; stall mean %.2f s, max %.2f s", k.meanStallS, k.maxStallS);
+      if (k.targetMeanStallS >= 0) {
+        const bool met = k.survived == k.failures && k.meanStallS <= k.targetMeanStallS &&
+                         (k.targetMaxStallS < 0 || k.maxStallS <= k.targetMaxStallS);
+        std::printf(" (target mean <= %.1f s", k.targetMeanStallS);
+        if (k.targetMaxStallS >= 0) std::printf(", max <= %.1f s", k.targetMaxStallS);
+        std::printf(": %s)", met ? "met" : "MISSED");
+      }
+      const StallBreakdown& b = k.meanBreakdown;
+      std::printf("\n    mean stall by phase: detection %.2f s, decision %.2f s, retry %.2f s, formation %.2f s, "
+                  "collective %.2f s",
+                  b.detectionS, b.decisionS, b.retryS, b.formationS, b.collectiveS);
+      if (k.meanDeadSeenS >= 0) std::printf("; failure -> seen dead %.2f s on average", k.meanDeadSeenS);
+    }
+    std::printf("\n");
+  }
   if (report.joins.size() > 6) {
     int recovered = 0;
     std::vector<double> rejoin;
@@ -208,6 +227,8 @@ int run(int argc, char** argv) {
   app.add_option("--tessera-train", p.tesseraTrain, "path of tessera-train");
   app.add_option("--tessera-store", p.tesseraStore, "path of tessera-store");
   app.add_option("--netns-script", p.netnsScript, "path of scripts/netns-cluster.sh (netns mode)");
+  app.add_option("--etcd", p.etcd, "path of etcd ([job] store = \"etcd\"; default: from PATH)");
+  app.add_option("--etcdctl", p.etcdctl, "path of etcdctl (the etcd cluster's health check)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -234,8 +255,8 @@ int run(int argc, char** argv) {
       p.netnsScript = access((selfDir() + "/netns-cluster.sh").c_str(), X_OK) == 0 ? selfDir() + "/netns-cluster.sh"
                                                                                   : TESSERA_CHAOS_NETNS_SCRIPT;
     }
-    std::printf("[chaos] plan %s: %d nodes x %d processes (min %d), %s network%s, %zu events%s\n", planPath.c_str(),
-                plan.nodes, plan.nprocPerNode, plan.minNodes, plan.network.c_str(),
+    std::printf("[chaos] plan %s: %d nodes x %d processes (min %d), %s store, %s network%s, %zu events%s\n",
+                planPath.c_str(), plan.nodes, plan.nprocPerNode, plan.minNodes, plan.store.c_str(), plan.network.c_str(),
                 plan.rate.empty() ? "" : (" at " + plan.rate).c_str(), plan.events.size(),
                 plan.soak.kills > 0 ? (", soak of " + std::to_string(plan.soak.kills) + " kills").c_str() : "");
     if (baseline) {

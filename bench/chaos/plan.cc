@@ -18,7 +18,7 @@ namespace tessera::chaos {
 namespace fs = std::filesystem;
 namespace {
 
-const std::set<std::string> kActions = {"kill", "restart", "join", "leave", "partition", "heal", "throttle"};
+const std::set<std::string> kActions = {"kill", "kill_workers", "restart", "join", "leave", "partition", "heal", "throttle"};
 // [job] keys that are elastic.* settings of every node.
 const std::set<std::string> kElasticJobKeys = {"heartbeat_interval_s", "heartbeat_timeout_s", "wait_timeout_s",
                                                "collective_timeout_s", "join_timeout_s",    "start_grace_s",
@@ -150,7 +150,7 @@ ChaosPlan parseChaosPlan(const std::string& text, const std::string& baseDir, co
   TESSERA_CHECK_CONFIG(job != nullptr, "job", "missing [job] (at least config = \"path of a tessera-train TOML\")");
   {
     std::set<std::string> known = {"config", "steps", "overrides", "nodes", "min_nodes", "max_nodes",
-                                   "nproc_per_node", "join_token", "timeout_s", "seed"};
+                                   "nproc_per_node", "join_token", "timeout_s", "seed", "store", "max_restarts"};
     known.insert(kElasticJobKeys.begin(), kElasticJobKeys.end());
     checkKnownKeys(*job, "job", known);
   }
@@ -175,6 +175,12 @@ ChaosPlan parseChaosPlan(const std::string& text, const std::string& baseDir, co
   plan.joinToken = get<bool>(*job, "job", "join_token", true);
   plan.timeoutSeconds = get<double>(*job, "job", "timeout_s", 900.0);
   plan.seed = get<uint64_t>(*job, "job", "seed", 1);
+  plan.store = get<std::string>(*job, "job", "store", "tessera");
+  plan.maxRestarts = get<int>(*job, "job", "max_restarts", 1000);
+  TESSERA_CHECK_CONFIG(plan.store == "tessera" || plan.store == "etcd", "job.store",
+                       "must be \"tessera\" (a tessera-store) or \"etcd\" (a 3-member etcd cluster), got '"
+                           << plan.store << "'");
+  TESSERA_CHECK_CONFIG(plan.maxRestarts >= 0, "job.max_restarts", "must be >= 0, got " << plan.maxRestarts);
   TESSERA_CHECK_CONFIG(plan.nodes >= 1, "job.nodes", "must be >= 1, got " << plan.nodes);
   TESSERA_CHECK_CONFIG(plan.minNodes >= 1 && plan.minNodes <= plan.nodes, "job.min_nodes",
                        "must be in 1..nodes (" << plan.nodes << "), got " << plan.minNodes);
@@ -243,7 +249,8 @@ ChaosPlan parseChaosPlan(const std::string& text, const std::string& baseDir, co
                            "fault = \"slow:rank=R,factor=F\"");
       TESSERA_CHECK_CONFIG(kActions.count(e.action) == 1, "event.action",
                            "unknown action '" << e.action
-                                              << "' (valid: kill, restart, join, leave, partition, heal, throttle)");
+                                              << "' (valid: kill, kill_workers, restart, join, leave, partition, "
+                                                 "heal, throttle)");
       TESSERA_CHECK_CONFIG(e.node >= 0, "event.node", what << ": missing node = <slot>");
       TESSERA_CHECK_CONFIG(plan.maxNodes == 0 || e.node < plan.maxNodes, "event.node",
                            what << ": node " << e.node << " is beyond max_nodes " << plan.maxNodes);
@@ -269,13 +276,43 @@ ChaosPlan parseChaosPlan(const std::string& text, const std::string& baseDir, co
   }
 
   if (const toml::table* soak = root["soak"].as_table()) {
-    checkKnownKeys(*soak, "soak", {"kills", "mtbf_s", "restart_after_s", "start_after_s", "stop_when_done", "settle_s"});
+    checkKnownKeys(*soak, "soak",
+                   {"kills", "mtbf_s", "restart_after_s", "start_after_s", "stop_when_done", "settle_s", "kinds",
+                    "weights"});
     plan.soak.kills = get<int>(*soak, "soak", "kills", 0);
     plan.soak.mtbfSeconds = get<double>(*soak, "soak", "mtbf_s", 10.0);
     plan.soak.restartAfterSeconds = get<double>(*soak, "soak", "restart_after_s", 5.0);
     plan.soak.startAfterSeconds = get<double>(*soak, "soak", "start_after_s", 0.0);
     plan.soak.stopWhenDone = get<bool>(*soak, "soak", "stop_when_done", true);
     plan.soak.settleSeconds = get<double>(*soak, "soak", "settle_s", 30.0);
+    if (const toml::node* kinds = soak->get("kinds")) {
+      const toml::array* list = kinds->as_array();
+      TESSERA_CHECK_CONFIG(list != nullptr && !list->empty(), "soak.kinds",
+                           "must be a non-empty list of \"node\" and \"workers\"");
+      plan.soak.kinds.clear();
+      for (const auto& item : *list) {
+        auto v = item.as_string();
+        TESSERA_CHECK_CONFIG(v != nullptr && (v->get() == "node" || v->get() == "workers"), "soak.kinds",
+                             "entries must be \"node\" (launcher and workers: a silent loss) or \"workers\" "
+                             "(only the workers; the launcher restarts them)");
+        plan.soak.kinds.push_back(v->get());
+      }
+    }
+    if (const toml::node* weights = soak->get("weights")) {
+      const toml::array* list = weights->as_array();
+      TESSERA_CHECK_CONFIG(list != nullptr, "soak.weights", "must be a list of numbers, one per kind");
+      for (const auto& item : *list) {
+        const auto v = item.value<double>();
+        TESSERA_CHECK_CONFIG(v.has_value() && *v >= 0, "soak.weights", "entries must be numbers >= 0");
+        plan.soak.weights.push_back(*v);
+      }
+      TESSERA_CHECK_CONFIG(plan.soak.weights.size() == plan.soak.kinds.size(), "soak.weights",
+                           "needs one weight per entry of soak.kinds (" << plan.soak.kinds.size() << "), got "
+                                                                         << plan.soak.weights.size());
+      double total = 0;
+      for (double w : plan.soak.weights) total += w;
+      TESSERA_CHECK_CONFIG(total > 0, "soak.weights", "at least one weight must be > 0");
+    }
     TESSERA_CHECK_CONFIG(plan.soak.kills >= 0, "soak.kills", "must be >= 0");
     TESSERA_CHECK_CONFIG(plan.soak.mtbfSeconds > 0, "soak.mtbf_s", "must be > 0");
     TESSERA_CHECK_CONFIG(plan.soak.restartAfterSeconds >= 0, "soak.restart_after_s", "must be >= 0");

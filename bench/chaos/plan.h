@@ -13,6 +13,11 @@
 //   join_token = true            # write a token file with a random secret, pass it to the store and nodes
 //   timeout_s = 600              # the whole run; then everything is killed
 //   seed = 1                     # soak draws (train seeds come from the config)
+//   store = "tessera"            # the rendezvous store: "tessera" (a standalone tessera-store) or
+//                                # "etcd" (a 3-member etcd cluster on loopback -- in the hub
+//                                # namespace under netns -- passed as --rdzv-backend etcd)
+//   max_restarts = 1000          # tessera-run --max-restarts: a launcher restarts its workers
+//                                # after they fail (kill_workers) up to this often
 //   heartbeat_interval_s = 1     # these five become --set elastic.<key>=<value>
 //   heartbeat_timeout_s = 5
 //   wait_timeout_s, collective_timeout_s, join_timeout_s, start_grace_s, max_retries
@@ -28,13 +33,18 @@
 //
 //   [[event]]                    # at_s (seconds since the start) or at_step (the first node's
 //   at_s = 20                    # metrics reach that step)
-//   action = "kill"              # kill | restart | join | leave | partition | heal | throttle
+//   action = "kill"              # kill | kill_workers | restart | join | leave | partition | heal | throttle
 //   node = 2
 //   rate = "10mbit"              # throttle only ("off" removes the limit)
 //
 //   [soak]                       # random failures on top of the events
 //   kills = 50                   # SIGKILLs of random running nodes, never leaving fewer than
 //                                # min_nodes members of the latest decision (state holders)
+//   kinds = ["workers", "node"]  # what a kill hits, drawn per kill: "node" = the launcher and its
+//                                # workers (a silent loss; restarted after restart_after_s),
+//                                # "workers" = only the workers (the launcher sees them die,
+//                                # marks them dead and restarts them); default ["node"]
+//   weights = [1, 1]             # relative odds of the kinds (default: equal)
 //   mtbf_s = 10                  # mean seconds between kills (exponential)
 //   restart_after_s = 5          # each killed node restarts this long after its kill
 //   start_after_s = 10           # no kill before this
@@ -42,7 +52,9 @@
 //   settle_s = 30                #   (else it runs until train.steps)
 //
 // Actions: kill = SIGKILL the node's launcher and its workers (netns: every
-// process in the host); restart = start the node's launcher again in the same
+// process in the host); kill_workers = SIGKILL only the node's worker
+// processes (tessera-train), its launcher lives on, writes their dead mark and
+// restarts them (a new incarnation that rejoins through live recovery); restart = start the node's launcher again in the same
 // slot (it rejoins through live recovery); join = start a slot never started
 // before (an extra node, up to max_nodes); leave = SIGTERM (graceful leave);
 // partition / heal = the host's link down / up and throttle = change its rate
@@ -71,6 +83,8 @@ struct SoakPlan {
   double mtbfSeconds = 10;
   double restartAfterSeconds = 5;
   double startAfterSeconds = 0;
+  std::vector<std::string> kinds = {"node"};  // "node" | "workers"
+  std::vector<double> weights;                // one per kind (empty: equal)
   // Stop the job (and report) once every kill is done and its node restarted
   // plus settle_s, instead of waiting for train.steps.
   bool stopWhenDone = true;
@@ -88,6 +102,8 @@ struct ChaosPlan {
   int maxNodes = 0;
   int nprocPerNode = 1;
   bool joinToken = true;
+  std::string store = "tessera";     // "tessera" | "etcd"
+  int maxRestarts = 1000;            // tessera-run --max-restarts
   double timeoutSeconds = 900;
   uint64_t seed = 1;
   std::map<std::string, std::string> elastic;  // key -> TOML value text, passed as --set elastic.key=value

@@ -1,21 +1,26 @@
 #include "bench/chaos/report.h"
 
 #include <algorithm>
-#include <cmath>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <set>
-#include <sstream>
+#include <tuple>
 
+#include "bench/chaos/report_internal.h"
 #include "tessera/core/error.h"
 
 namespace tessera::chaos {
 namespace fs = std::filesystem;
 using nlohmann::json;
-using nlohmann::ordered_json;
+using report_detail::breakdownOf;
+using report_detail::DecisionSeen;
+using report_detail::integer;
+using report_detail::isStep;
+using report_detail::mean;
+using report_detail::number;
+using report_detail::summarizeByKind;
 
 namespace {
 
@@ -23,14 +28,6 @@ namespace {
 // trainer's start) when it is this large.
 constexpr double kUnixTimeFloor = 1e9;
 
-double number(const json& j, const char* key, double fallback = 0) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_number() ? it->get<double>() : fallback;
-}
-int64_t integer(const json& j, const char* key, int64_t fallback = -1) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_number() ? it->get<int64_t>() : fallback;
-}
 std::string text(const json& j, const char* key) {
   auto it = j.find(key);
   return it != j.end() && it->is_string() ? it->get<std::string>() : "";
@@ -45,7 +42,6 @@ std::vector<std::string> strings(const json& j, const char* key) {
   return out;
 }
 bool isEvent(const json& j, const char* name) { return text(j, "event") == name; }
-bool isStep(const json& j) { return !j.contains("event") && j.contains("step") && j.contains("loss"); }
 
 // "<slot>.<incarnation>" -> slot; -1 when the id has another form.
 int slotOf(const std::string& member) {
@@ -62,15 +58,6 @@ double median(std::vector<double> values) {
   return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-double mean(const std::vector<double>& values) {
-  if (values.empty()) return -1;
-  double sum = 0;
-  for (double v : values) sum += v;
-  return sum / static_cast<double>(values.size());
-}
-
-double rounded(double v) { return std::round(v * 1000.0) / 1000.0; }
-
 struct Commit {
   int64_t outerStep = 0;
   int64_t step = 0;
@@ -85,6 +72,12 @@ struct MembershipSeen {
   int64_t epoch = 0;
   std::vector<std::string> members;
 };
+
+std::string kindOf(const std::string& action) {
+  if (action == "kill_workers") return "workers";
+  if (action == "kill") return "node";
+  return action;
+}
 
 }  // namespace
 
@@ -115,6 +108,8 @@ ChaosRecord loadChaosRecord(const std::string& dir) {
       record.rateBitsPerSecond = number(j, "rate_bps");
       record.tokensPerNodeStep = number(j, "tokens_per_node_step");
       record.outerBytesPerParameter = number(j, "outer_bytes_per_param");
+      if (!text(j, "store").empty()) record.store = text(j, "store");
+      record.heartbeatTimeoutS = number(j, "heartbeat_timeout_s", -1);
     } else if (type == "launch") {
       IncarnationRecord run;
       run.node = static_cast<int>(integer(j, "node", 0));
@@ -178,6 +173,8 @@ ChaosReport computeReport(const ChaosRecord& record) {
   std::map<int64_t, std::set<std::string>> hashes;
   std::set<std::pair<int64_t, int>> retries;
   std::vector<std::pair<double, int64_t>> stepsSeen;  // (unix, step) of every step line
+  std::vector<DecisionSeen> decisions;
+  std::map<int64_t, double> formedByEpoch;  // epoch -> the last successful "group" event (every node logs one)
   for (const auto& run : record.runs) {
     std::map<int64_t, int> loggedHere;
     for (const auto& line : run.lines) {
@@ -197,6 +194,22 @@ ChaosReport computeReport(const ChaosRecord& record) {
         if (it == commits.end() || c.unix < it->second.unix) commits[k] = c;
       } else if (isEvent(j, "retry")) {
         retries.insert({integer(j, "outer_step", 0), static_cast<int>(integer(j, "attempt", 0))});
+      } else if (isEvent(j, "decision")) {
+        DecisionSeen d{line.unix, integer(j, "outer_step", 0), static_cast<int>(integer(j, "attempt", 0)),
+                       strings(j, "dropped"), {}};
+        auto dead = j.find("dead");
+        if (dead != j.end() && dead->is_array()) {
+          for (const auto& e : *dead) {
+            if (e.is_object() && !text(e, "member").empty()) d.deadSeen[text(e, "member")] = number(e, "seen_s");
+          }
+        }
+        decisions.push_back(std::move(d));
+      } else if (isEvent(j, "group")) {
+        auto ok = j.find("ok");
+        if (ok != j.end() && ok->is_boolean() && ok->get<bool>()) {
+          double& t = formedByEpoch[integer(j, "epoch", 0)];
+          t = std::max(t, line.unix);
+        }
       } else if (isStep(j)) {
         stepsSeen.emplace_back(line.unix, integer(j, "step", 0));
       }
@@ -244,11 +257,15 @@ ChaosReport computeReport(const ChaosRecord& record) {
   // Failures.
   std::vector<double> recoveries, stalls;
   for (const auto& action : record.actions) {
-    if (action.action != "kill" && action.action != "leave" && action.action != "partition") continue;
+    if (action.action != "kill" && action.action != "kill_workers" && action.action != "leave" &&
+        action.action != "partition") {
+      continue;
+    }
     FailureResult f;
     f.atS = action.unix - record.startUnix;
     f.node = action.node;
     f.action = action.action;
+    f.kind = kindOf(action.action);
     const MembershipSeen* before = nullptr;
     for (const auto& m : memberships) {
       if (m.unix <= action.unix) before = &m;
@@ -283,6 +300,8 @@ ChaosReport computeReport(const ChaosRecord& record) {
       auto prev = commits.find(c.outerStep - 1);
       if (prev != commits.end() && report.typicalRoundS >= 0) expected = prev->second.unix + report.typicalRoundS;
       f.stallS = report.typicalRoundS >= 0 ? std::max(0.0, c.unix - std::max(action.unix, expected)) : f.recoveryS;
+      f.breakdown = breakdownOf(action.unix, c.unix, f.stallS, f, decisions, formedByEpoch, c.outerStep, c.attempts,
+                                c.epoch, &f.deadSeenS);
       break;
     }
     int64_t stepAtFailure = 0;
@@ -304,6 +323,9 @@ ChaosReport computeReport(const ChaosRecord& record) {
   report.meanRecoveryS = mean(recoveries);
   report.meanStallS = mean(stalls);
   if (!stalls.empty()) report.maxStallS = *std::max_element(stalls.begin(), stalls.end());
+
+  // Per kind of failure, with issue 19's targets (stall_breakdown.cc).
+  report.byKind = summarizeByKind(report.failures, record.heartbeatTimeoutS);
 
   // Restarts, joins and heals: the node's first live recovery after the
   // action (in the incarnation the runner started, or -- after a heal -- the
@@ -387,207 +409,6 @@ ChaosReport computeReport(const ChaosRecord& record) {
   }
   report.finalLoss = finalLosses.empty() ? 0 : mean(finalLosses);
   return report;
-}
-
-namespace {
-
-ordered_json orNull(double v) { return v < 0 ? ordered_json(nullptr) : ordered_json(rounded(v)); }
-
-ordered_json summaryJson(const ChaosReport& r) {
-  ordered_json s;
-  s["final_step"] = r.finalStep;
-  s["final_loss"] = r.finalLoss;
-  s["wall_s"] = rounded(r.wallSeconds);
-  return s;
-}
-
-}  // namespace
-
-ordered_json reportJson(const ChaosRecord& record, const ChaosReport& r, const ChaosReport* baseline) {
-  ordered_json out;
-  out["nodes"] = record.nodes;
-  out["nproc_per_node"] = record.nprocPerNode;
-  out["network"] = record.network;
-  if (record.rateBitsPerSecond > 0) out["link_rate_bps"] = record.rateBitsPerSecond;
-  out["end_reason"] = record.endReason;
-  out["wall_s"] = rounded(r.wallSeconds);
-  out["final_step"] = r.finalStep;
-  out["final_loss"] = r.finalLoss;
-  if (baseline != nullptr) {
-    out["baseline"] = summaryJson(*baseline);
-    out["final_loss_gap"] = baseline->finalLoss > 0 ? r.finalLoss / baseline->finalLoss - 1.0 : 0.0;
-  }
-  ordered_json events = ordered_json::array();
-  for (const auto& a : r.actions) {
-    ordered_json e;
-    e["t_s"] = rounded(a.unix - record.startUnix);
-    e["action"] = a.action;
-    e["node"] = a.node;
-    if (!a.detail.empty()) e["detail"] = a.detail;
-    events.push_back(e);
-  }
-  out["events"] = events;
-  ordered_json failures = ordered_json::array();
-  for (const auto& f : r.failures) {
-    ordered_json e;
-    e["t_s"] = rounded(f.atS);
-    e["action"] = f.action;
-    e["node"] = f.node;
-    e["dead_members"] = f.deadMembers;
-    e["survived"] = f.survived;
-    e["recovery_s"] = orNull(f.recoveryS);
-    e["stall_s"] = orNull(f.stallS);
-    e["resumed_outer_step"] = f.resumedOuterStep;
-    e["steps_discarded"] = f.stepsDiscarded;
-    e["tokens_discarded"] = f.tokensDiscarded;
-    failures.push_back(e);
-  }
-  out["failures"] = failures;
-  ordered_json joins = ordered_json::array();
-  for (const auto& j : r.joins) {
-    ordered_json e;
-    e["t_s"] = rounded(j.atS);
-    e["action"] = j.action;
-    e["node"] = j.node;
-    e["recovered"] = j.recovered;
-    e["rejoin_s"] = orNull(j.rejoinS);
-    e["member_s"] = orNull(j.memberS);
-    e["member"] = j.member;
-    e["from"] = j.from;
-    e["bytes"] = j.bytes;
-    e["seconds"] = j.seconds;
-    e["bytes_per_s"] = j.bytesPerSecond;
-    e["link_fraction"] = orNull(j.linkFraction);
-    joins.push_back(e);
-  }
-  out["joins"] = joins;
-  ordered_json commits;
-  commits["first_outer_step"] = r.firstOuterStep;
-  commits["last_outer_step"] = r.lastOuterStep;
-  commits["committed"] = r.committedOuterSteps;
-  commits["lost"] = r.lostOuterSteps;
-  commits["repeated"] = r.repeatedOuterSteps;
-  commits["param_hash_mismatches"] = r.hashMismatches;
-  commits["retries"] = r.retries;
-  commits["typical_round_s"] = orNull(r.typicalRoundS);
-  out["outer_steps"] = commits;
-  ordered_json soak;
-  soak["failures"] = r.failures.size();
-  soak["survived_failures"] = r.survivedFailures;
-  soak["lost_committed_steps"] = r.lostOuterSteps.size() + r.repeatedOuterSteps.size();
-  soak["mean_recovery_s"] = orNull(r.meanRecoveryS);
-  soak["mean_stall_s"] = orNull(r.meanStallS);
-  soak["max_stall_s"] = orNull(r.maxStallS);
-  soak["steps_discarded"] = r.stepsDiscarded;
-  soak["tokens_discarded"] = r.tokensDiscarded;
-  soak["live_recovery_bytes_per_s"] = orNull(r.meanRecoveryBytesPerSecond);
-  soak["live_recovery_link_fraction"] = orNull(r.meanLinkFraction);
-  out["summary"] = soak;
-  ordered_json nodes = ordered_json::array();
-  for (const auto& n : r.nodes) {
-    ordered_json e;
-    e["node"] = n.node;
-    e["incarnations"] = n.incarnations;
-    e["last_step"] = n.lastStep;
-    e["last_loss"] = n.lastLoss;
-    e["comm_bytes"] = n.commBytes;
-    e["exit_code"] = n.running ? ordered_json(nullptr) : ordered_json(n.lastExitCode);
-    nodes.push_back(e);
-  }
-  out["per_node"] = nodes;
-  return out;
-}
-
-namespace {
-
-// One gnuplot data block per node: "t_s loss step" rows, a blank line
-// between incarnations so a restarted node's curve is not joined across
-// the gap. Returns how many blocks have points.
-std::vector<int> writeCurves(std::ostream& out, const ChaosRecord& record) {
-  std::map<int, std::vector<const IncarnationRecord*>> byNode;
-  for (const auto& run : record.runs) byNode[run.node].push_back(&run);
-  std::vector<int> written;
-  for (const auto& [node, runs] : byNode) {
-    std::vector<std::string> chunks;  // one per incarnation with points
-    for (const IncarnationRecord* run : runs) {
-      std::ostringstream chunk;
-      for (const auto& line : run->lines) {
-        if (!isStep(line.value)) continue;
-        chunk << (line.unix - record.startUnix) << "\t" << number(line.value, "loss") << "\t"
-              << integer(line.value, "step", 0) << "\n";
-      }
-      if (!chunk.str().empty()) chunks.push_back(chunk.str());
-    }
-    if (chunks.empty()) continue;
-    // gnuplot: one blank line breaks the curve, two start the next index.
-    if (!written.empty()) out << "\n\n";
-    out << "# node " << node << "\n";
-    for (size_t i = 0; i < chunks.size(); ++i) out << (i ? "\n" : "") << chunks[i];
-    written.push_back(node);
-  }
-  return written;
-}
-
-}  // namespace
-
-std::string plotReport(const std::string& dir, const ChaosRecord& record, const ChaosReport& report,
-                       const ChaosRecord* baseline) {
-  const std::string data = (fs::path(dir) / "report.tsv").string();
-  const std::string baseData = (fs::path(dir) / "report-baseline.tsv").string();
-  std::vector<int> nodes;
-  {
-    std::ofstream out(data);
-    out << "# t_s\tloss\tstep (one block per node)\n";
-    nodes = writeCurves(out, record);
-  }
-  std::vector<int> baseNodes;
-  if (baseline != nullptr) {
-    std::ofstream out(baseData);
-    out << "# t_s\tloss\tstep (baseline, one block per node)\n";
-    baseNodes = writeCurves(out, *baseline);
-  }
-  if (nodes.empty() || std::system("command -v gnuplot >/dev/null 2>&1") != 0) return "";
-  const std::string png = (fs::path(dir) / "report.png").string();
-  const std::string script = (fs::path(dir) / "report.gp").string();
-  {
-    std::ofstream gp(script);
-    gp << "set terminal png size 1100,650\nset output '" << png << "'\n"
-       << "set title 'training loss vs wall time: " << report.failures.size() << " failures (red), "
-       << report.joins.size() << " restarts/joins (green: recovered)'\n"
-       << "set xlabel 'wall time (s)'\nset ylabel 'training loss'\nset key below horizontal\nset grid\n"
-       << "set xrange [0:" << std::max(1.0, report.wallSeconds) << "]\n";
-    // Name each marker while there are few; a soak's dozens would only overlap.
-    const bool labels = report.failures.size() + report.joins.size() <= 8;
-    for (const auto& f : report.failures) {
-      gp << "set arrow from " << f.atS << ", graph 0 to " << f.atS << ", graph 1 nohead lc rgb 'red' lw 2\n";
-      if (labels) {
-        gp << "set label '" << f.action << " " << f.node << "' at " << f.atS
-           << ", graph 0.97 left offset 0.3,0 tc rgb 'red'\n";
-      }
-    }
-    for (const auto& j : report.joins) {
-      const double at = j.recovered ? j.atS + j.rejoinS : j.atS;
-      gp << "set arrow from " << at << ", graph 0 to " << at << ", graph 1 nohead lc rgb 'dark-green' lw 2 dt "
-         << (j.recovered ? 1 : 2) << "\n";
-      if (labels) {
-        gp << "set label '" << (j.recovered ? "rejoined " : "restart ") << j.node << "' at " << at
-           << ", graph 0.92 left offset 0.3,0 tc rgb 'dark-green'\n";
-      }
-    }
-    gp << "plot NaN with lines lc rgb 'red' lw 2 title 'failure', NaN with lines lc rgb 'dark-green' lw 2 title "
-          "'rejoined (live recovery)', ";
-    for (size_t i = 0; i < nodes.size(); ++i) {
-      gp << (i ? ", " : "") << "'" << data << "' index " << i << " using 1:2 with lines lw 2 title 'node "
-         << nodes[i] << "'";
-    }
-    for (size_t i = 0; i < baseNodes.size(); ++i) {
-      gp << ", '" << baseData << "' index " << i << " using 1:2 with lines dt 2 lc rgb 'gray' title "
-         << (i == 0 ? "'no-fault baseline'" : "''");
-    }
-    gp << "\n";
-  }
-  if (std::system(("gnuplot '" + script + "' 2>'" + script + ".log'").c_str()) != 0) return "";
-  return png;
 }
 
 }  // namespace tessera::chaos

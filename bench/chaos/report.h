@@ -3,7 +3,7 @@
 // The runner (runner.cc) writes a journal, DIR/chaos.jsonl, one JSON object a
 // line:
 //   {"type":"start","unix":T0,"nodes":N,"nproc_per_node":P,"network":"loopback","rate_bps":R,
-//    "tokens_per_node_step":B,"steps":S}
+//    "tokens_per_node_step":B,"steps":S,"store":"tessera"|"etcd","heartbeat_timeout_s":H}
 //   {"type":"launch","node":I,"incarnation":K,"unix":T,"metrics":"node2-1.jsonl"}
 //   {"type":"action","action":"kill","node":I,"unix":T[,"detail":"..."]}
 //   {"type":"seen","node":I,"incarnation":K,"line":L,"unix":T}   (when the runner read step line L)
@@ -41,6 +41,31 @@
 //                logged twice by one incarnation. Target 0 for both.
 //   hash_mismatches
 //                outer steps whose param_hash differs between nodes.
+//   kind         what the failure was: "workers" (kill_workers: only the
+//                worker processes died, their launcher saw it and marked them
+//                dead), "node" (kill: launcher and workers, a silent loss),
+//                "leave", "partition".
+//   breakdown    of a survived failure's stall, by phase, from the elastic
+//                event lines: the interval [failure, commit] is cut at
+//                  seen      the first "decision" event's dead[].seen_s for a
+//                            dead member (when a monitor first held it dead;
+//                            absent: the first decision dropping it; no
+//                            event at all: the commit)
+//                  decided   the first "decision" event after the failure
+//                            that dropped a dead member
+//                  redecided the "decision" event of the attempt that
+//                            committed (outer_step, attempts - 1); else decided
+//                  formed    the last "group" event (ok) of the commit's epoch
+//                into detection [failure, seen], decision [seen, decided],
+//                retry [decided, redecided], formation [redecided, formed]
+//                and collective [formed, commit] (the all-reduce and vote),
+//                each clipped to the stall window [commit - stall_s, commit]:
+//                the phases add up to stall_s. dead_seen_s = seen - failure,
+//                unclipped (detection that ended during training costs nothing).
+//   by kind      per kind: failures, survived, mean and max stall_s, mean
+//                recovery_s, mean dead_seen_s, the mean of each phase, and the
+//                targets of issue 19: workers mean <= 3 s and max <= 6 s; node
+//                mean <= heartbeat_timeout_s + 1 s (from the start record).
 //   rejoin       per restart/join: from the action to the node's "recovered"
 //                event (rejoin_s) and to the first membership naming it as a
 //                member (member_s); bytes, seconds and throughput of the live
@@ -93,6 +118,8 @@ struct ChaosRecord {
   int nprocPerNode = 1;
   int64_t steps = 0;
   std::string network = "loopback";
+  std::string store = "tessera";
+  double heartbeatTimeoutS = -1;  // -1: not in the start record
   double rateBitsPerSecond = 0;  // 0: no limit
   double tokensPerNodeStep = 0;
   double outerBytesPerParameter = 0;  // 0: unknown
@@ -105,10 +132,22 @@ struct ChaosRecord {
 // Incomplete last lines (a process killed mid-write) are skipped.
 ChaosRecord loadChaosRecord(const std::string& dir);
 
+// A survived failure's stall by phase (see "breakdown" above); -1: not survived.
+struct StallBreakdown {
+  double detectionS = -1;
+  double decisionS = -1;
+  double retryS = -1;
+  double formationS = -1;
+  double collectiveS = -1;
+};
+
 struct FailureResult {
   double atS = 0;
   int node = 0;
   std::string action;
+  std::string kind;          // workers | node | leave | partition
+  double deadSeenS = -1;     // failure -> a monitor held a dead member dead (-1: no event said)
+  StallBreakdown breakdown;
   std::vector<std::string> deadMembers;
   bool survived = false;
   double recoveryS = -1;
@@ -143,6 +182,19 @@ struct NodeSummary {
   bool running = false;
 };
 
+struct KindSummary {
+  std::string kind;
+  int failures = 0;
+  int survived = 0;
+  double meanStallS = -1;
+  double maxStallS = -1;
+  double meanRecoveryS = -1;
+  double meanDeadSeenS = -1;
+  StallBreakdown meanBreakdown;
+  double targetMeanStallS = -1;  // -1: no target for this kind
+  double targetMaxStallS = -1;
+};
+
 struct ChaosReport {
   std::vector<ActionRecord> actions;
   std::vector<FailureResult> failures;
@@ -162,6 +214,7 @@ struct ChaosReport {
   double meanRecoveryS = -1;
   double meanStallS = -1;
   double maxStallS = -1;
+  std::vector<KindSummary> byKind;  // in the order kinds first failed
   double meanRecoveryBytesPerSecond = -1;
   double meanLinkFraction = -1;
   int64_t stepsDiscarded = 0;

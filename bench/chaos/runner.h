@@ -1,4 +1,5 @@
-// Runs a chaos plan: a standalone tessera-store, one tessera-run launcher per
+// Runs a chaos plan: the job's store (a standalone tessera-store, or a
+// 3-member etcd cluster with [job] store = "etcd"), one tessera-run launcher per
 // node (each in its own process group, output in DIR/node<i>.log), the
 // plan's events and soak kills at their times, and a live narration of what
 // happens ("[chaos  12.3s] kill node 2") read from the nodes' metrics files.
@@ -24,6 +25,8 @@ struct RunnerPaths {
   std::string tesseraTrain;
   std::string tesseraStore;
   std::string netnsScript;  // scripts/netns-cluster.sh (netns mode only)
+  std::string etcd = "etcd";        // [job] store = "etcd" only (Debian's etcd-server)
+  std::string etcdctl = "etcdctl";  // its health check (etcd-client)
 };
 
 struct RunnerOptions {

@@ -4,8 +4,11 @@
 // after an attempt. The store is the only authority: every decision and
 // outcome is written once (compareSet) and read back by everyone, so two
 // nodes that both believe they lead still agree.
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -22,6 +25,38 @@ using elastic::Clock;
 using elastic::contains;
 using elastic::joinList;
 using elastic::secondsSince;
+
+// Rides out an unreachable store (the tessera store restarting, etcd without
+// quorum) for elastic.store_outage_timeout_s, then stops the job naming the
+// cause: nothing waits forever on a store that does not come back. One per
+// protocol loop: begin() before each round of store calls, ok() after a
+// round that reached the store, failed() from its StoreError handler.
+class StoreOutage {
+ public:
+  StoreOutage(const ElasticConfig& config, std::string what) : limit_(config.store_outage_timeout_s), what_(std::move(what)) {}
+  void begin() { roundStart_ = Clock::now(); }
+  void ok() { since_.reset(); }
+  // Throws StoreError once the store has been unreachable for the limit.
+  void failed(const StoreError& e) {
+    if (!since_) since_ = roundStart_;
+    const double lasted = secondsSince(*since_);
+    if (lasted < limit_) {
+      TESSERA_LOG(kWarn) << what_ << ": store unreachable for " << static_cast<int>(lasted) << " s, riding it out (up to "
+                         << limit_ << " s, elastic.store_outage_timeout_s): " << e.what();
+      return;
+    }
+    throw StoreError(what_ + ": the store has been unreachable for " + std::to_string(static_cast<int>(lasted)) +
+                     " s, beyond elastic.store_outage_timeout_s = " + std::to_string(limit_) +
+                     " s; the job stops (restart it when the store is back: nodes resume from the latest "
+                     "checkpoint or a live peer). Last error: " + e.what());
+  }
+
+ private:
+  double limit_;
+  std::string what_;
+  Clock::time_point roundStart_ = Clock::now();
+  std::optional<Clock::time_point> since_;
+};
 
 // --- The start ---
 
@@ -174,6 +209,24 @@ std::string belowMinStop(const Membership& d, int total, int64_t outerStep, cons
   return why.str();
 }
 
+// The "decision" event line of a decision this node published (elastic.h's
+// event list): who was dropped and, for those its monitor holds dead, why and
+// since when (Unix seconds): the detection part of a recovery.
+std::string decisionEvent(const Membership& d, elastic::HeartbeatMonitor& monitor, const std::string& leader,
+                          double waitedSeconds) {
+  nlohmann::json dead = nlohmann::json::array();
+  for (const auto& m : d.dropped) {
+    if (auto death = monitor.death(m)) dead.push_back({{"member", m}, {"cause", death->cause}, {"seen_s", death->unix}});
+  }
+  std::vector<std::string> joined;
+  for (const auto& [joiner, source] : d.joiners) joined.push_back(joiner);
+  return nlohmann::json{{"event", "decision"}, {"outer_step", d.outerStep}, {"attempt", d.attempt},
+                        {"epoch", d.epoch},    {"leader", leader},         {"members", d.members},
+                        {"joined", joined},    {"dropped", d.dropped},     {"dead", dead},
+                        {"waited_s", waitedSeconds}, {"time_s", elastic::unixSeconds()}}
+      .dump();
+}
+
 }  // namespace
 
 Membership ElasticMesh::decideStart() {
@@ -181,7 +234,9 @@ Membership ElasticMesh::decideStart() {
   const auto start = Clock::now();
   bool enough = false;  // min_nodes registered since enoughSince
   Clock::time_point enoughSince = start;
+  StoreOutage outage(config_, "elastic start");
   while (true) {
+    outage.begin();
     try {
       if (store_->check({key})) return Membership::fromJson(store_->getString(key));
       if (identity_.localRank == 0) {
@@ -205,8 +260,9 @@ Membership ElasticMesh::decideStart() {
           enough = false;
         }
       }
+      outage.ok();
     } catch (const StoreError& e) {
-      TESSERA_LOG(kWarn) << "elastic start: store error, retrying: " << e.what();
+      outage.failed(e);
     }
     if (secondsSince(start) > config_.join_timeout_s) {
       throw TimeoutError("elastic start: fewer than min_nodes = " + std::to_string(config_.min_nodes) +
@@ -231,11 +287,23 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
   const std::vector<std::string> leaders = leaderOrder(alive, prev);
   const bool late = secondsSince(roundStart_) >= config_.wait_timeout_s;
   const bool firstChoice = leaders.empty() || leaders.front() == me_;
-  if (!firstChoice && !late) return std::nullopt;
+  if (!firstChoice && !late) {
+    // The nodes ahead in line: a launcher's dead mark makes this node lead at once.
+    monitor_->refresh(std::vector<std::string>(leaders.begin(), std::find(leaders.begin(), leaders.end(), me_)));
+    return std::nullopt;
+  }
   bool waiting = false;
   const std::vector<std::string> arrived = arrivals(*store_, base, alive, &waiting);
   if (!firstChoice && lateLeader(leaders, arrived) != me_) return std::nullopt;
-  if (waiting && !late) return std::nullopt;
+  if (waiting && !late) {
+    // React at once to a dead mark (or a vanished lease) of a node waited for.
+    std::vector<std::string> missing;
+    for (const auto& c : alive) {
+      if (!contains(arrived, c)) missing.push_back(c);
+    }
+    monitor_->refresh(missing);
+    return std::nullopt;
+  }
 
   Membership d;
   d.outerStep = outerStep;
@@ -267,8 +335,15 @@ std::optional<Membership> ElasticMesh::tryDecide(const std::string& base, int64_
   for (size_t i = 0; i < joinerIds.size(); ++i) {
     d.joiners.emplace_back(joinerIds[i], d.members.empty() ? me_ : d.members[i % d.members.size()]);
   }
-  store_->compareSet(base + "/decision", {}, comm::toBytes(d.toJson()));
-  return Membership::fromJson(store_->getString(base + "/decision"));
+  const std::string mine = d.toJson();
+  store_->compareSet(base + "/decision", {}, comm::toBytes(mine));
+  const std::string published = store_->getString(base + "/decision");
+  // This node's decision won: say what it saw, for the recovery breakdown
+  // (only where something changed, so a steady job logs nothing extra).
+  if (published == mine && (!d.dropped.empty() || !d.joiners.empty() || attempt > 0)) {
+    emit(decisionEvent(d, *monitor_, me_, secondsSince(roundStart_)));
+  }
+  return Membership::fromJson(published);
 }
 
 Membership ElasticMesh::decide(int64_t outerStep, int attempt) {
@@ -277,8 +352,10 @@ Membership ElasticMesh::decide(int64_t outerStep, int attempt) {
   belowMinSince_.reset();
   const double bound = 2 * config_.wait_timeout_s + config_.heartbeat_timeout_s + 10;
   bool announced = false;
+  StoreOutage outage(config_, "outer step " + std::to_string(outerStep));
   while (true) {
     if (!announced) leaveIfRequested();  // once arrived, this step is seen through
+    outage.begin();
     try {
       if (!announced && identity_.localRank == 0) {
         store_->setString(base + "/arrived/" + me_, "1");
@@ -296,13 +373,14 @@ Membership ElasticMesh::decide(int64_t outerStep, int attempt) {
       if (identity_.localRank == 0 && announced) {
         if (auto d = tryDecide(base, outerStep, attempt)) continue;  // read back through the loop
       }
+      outage.ok();
     } catch (const StoreError& e) {
-      TESSERA_LOG(kWarn) << "outer step " << outerStep << ": store unreachable, retrying: " << e.what();
+      outage.failed(e);
     }
     if (secondsSince(roundStart_) > bound) {
       throw TimeoutError("no membership decision for outer step " + std::to_string(outerStep) + " within " +
                          std::to_string(static_cast<int>(bound)) + " s (the leader is the first alive of " +
-                         joinList(committed_.members) + "; is the store at " + identity_.storeAddress +
+                         joinList(committed_.members) + "; is the store at " + store_->describe() +
                          " reachable?)");
     }
     std::this_thread::sleep_for(elastic::kPoll);
@@ -315,7 +393,12 @@ bool ElasticMesh::vote(const Membership& decision, bool ok) {
   const auto begin = Clock::now();
   const double bound = config_.collective_timeout_s + config_.heartbeat_timeout_s + 5;
   bool voted = false;
+  StoreOutage outage(config_, "outer step " + std::to_string(decision.outerStep) + " vote");
+  // This process's collective failed: its peers are suspects (heartbeat_monitor.h).
+  if (!ok && monitor_) monitor_->suspectPeers("outer step " + std::to_string(decision.outerStep) + " attempt " +
+                                              std::to_string(decision.attempt + 1));
   while (true) {
+    outage.begin();
     try {
       if (!voted) {
         store_->setString(base + "/vote/" + me_ + "/l" + std::to_string(identity_.localRank), ok ? "ok" : "fail");
@@ -324,6 +407,7 @@ bool ElasticMesh::vote(const Membership& decision, bool ok) {
       if (store_->check({base + "/outcome"})) return store_->getString(base + "/outcome") == "commit";
       if (identity_.localRank == 0) {
         bool anyFail = false, complete = true;
+        std::vector<std::string> missing;  // alive, some vote not in yet
         for (const auto& m : decision.members) {
           const bool alive = monitor_->alive(m);
           for (int l = 0; l < identity_.localSize; ++l) {
@@ -332,9 +416,11 @@ bool ElasticMesh::vote(const Membership& decision, bool ok) {
               if (store_->getString(key) != "ok") anyFail = true;
             } else if (alive) {
               complete = false;
+              if (!contains(missing, m)) missing.push_back(m);
             }
           }
         }
+        if (!anyFail && !complete) monitor_->refresh(missing);  // a dead mark ends the wait at once
         const bool late = secondsSince(begin) > bound;
         if (anyFail || complete || late) {
           // A member that died after the all-reduce completed everywhere else
@@ -344,8 +430,9 @@ bool ElasticMesh::vote(const Membership& decision, bool ok) {
           continue;
         }
       }
+      outage.ok();
     } catch (const StoreError& e) {
-      TESSERA_LOG(kWarn) << "outer step " << decision.outerStep << " vote: store unreachable, retrying: " << e.what();
+      outage.failed(e);
     }
     if (secondsSince(begin) > 2 * bound) {
       throw TimeoutError("no commit/retry outcome for outer step " + std::to_string(decision.outerStep) +

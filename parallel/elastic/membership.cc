@@ -10,6 +10,7 @@
 #include <cstdlib>
 
 #include "parallel/elastic/timing.h"
+#include "tessera/comm/net.h"
 #include "tessera/core/config.h"
 
 namespace tessera::parallel {
@@ -35,6 +36,32 @@ std::string envString(const char* name, const std::string& fallback) {
   return value != nullptr && *value != '\0' ? std::string(value) : fallback;
 }
 
+// "a:1,b:2" -> {"a:1", "b:2"}, each checked as host:port; throws
+// InvalidArgument naming `what`.
+std::vector<std::string> endpointList(const std::string& list, const std::string& what) {
+  std::vector<std::string> out;
+  size_t begin = 0;
+  while (true) {
+    const size_t comma = list.find(',', begin);
+    const std::string item = list.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin);
+    TESSERA_CHECK_ARG(!item.empty(), what << "=\"" << list << "\" has an empty entry (want host:port[,host:port...])");
+    comm::net::parseHostPort(item, what);
+    out.push_back(item);
+    if (comma == std::string::npos) return out;
+    begin = comma + 1;
+  }
+}
+
+bool validRunId(const std::string& id) {
+  return id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.") == std::string::npos;
+}
+
+std::string joinComma(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ",") + item;
+  return out;
+}
+
 }  // namespace
 
 void ElasticConfig::validate(const std::string& prefix) const {
@@ -51,6 +78,23 @@ void ElasticConfig::validate(const std::string& prefix) const {
   TESSERA_CHECK_CONFIG(max_retries >= 1, prefix + "max_retries", "must be >= 1, got " << max_retries);
   TESSERA_CHECK_CONFIG(join_timeout_s > 0, prefix + "join_timeout_s", "must be > 0, got " << join_timeout_s);
   TESSERA_CHECK_CONFIG(start_grace_s >= 0, prefix + "start_grace_s", "must be >= 0, got " << start_grace_s);
+  TESSERA_CHECK_CONFIG(rdzv_backend == "tessera" || rdzv_backend == "etcd", prefix + "rdzv_backend",
+                       "got '" << rdzv_backend << "' (valid: tessera, etcd)");
+  if (!rdzv_endpoint.empty()) {
+    std::vector<std::string> endpoints;
+    try {
+      endpoints = endpointList(rdzv_endpoint, prefix + "rdzv_endpoint");
+    } catch (const InvalidArgument& e) {
+      throw ConfigError(prefix + "rdzv_endpoint", e.what());
+    }
+    TESSERA_CHECK_CONFIG(rdzv_backend == "etcd" || endpoints.size() == 1, prefix + "rdzv_endpoint",
+                         "lists " << endpoints.size() << " endpoints; the tessera backend takes one host:port (a list "
+                                  << "is for rdzv_backend = \"etcd\")");
+  }
+  TESSERA_CHECK_CONFIG(validRunId(rdzv_id), prefix + "rdzv_id",
+                       "'" << rdzv_id << "' may hold letters, digits, '-', '_' and '.' only (it prefixes store keys)");
+  TESSERA_CHECK_CONFIG(store_outage_timeout_s > 0, prefix + "store_outage_timeout_s",
+                       "must be > 0, got " << store_outage_timeout_s);
 }
 
 std::string ElasticIdentity::memberId() const { return std::to_string(slot) + "." + std::to_string(incarnation); }
@@ -71,10 +115,49 @@ ElasticIdentity ElasticIdentity::fromEnv() {
   } catch (const std::exception&) {
     throw InvalidArgument("elastic mode: TESSERA_NNODES=\"" + nnodes + "\" is not MIN:MAX (e.g. 2:4)");
   }
-  id.storeAddress = envString("TESSERA_STORE_ADDR", "");
-  TESSERA_CHECK_ARG(!id.storeAddress.empty(),
-                    "elastic mode: TESSERA_STORE_ADDR is not set (host:port of a tessera-store, set by tessera-run)");
+  id.backend = envString("TESSERA_RDZV_BACKEND", "");
+  TESSERA_CHECK_ARG(id.backend.empty() || id.backend == "tessera" || id.backend == "etcd",
+                    "elastic mode: TESSERA_RDZV_BACKEND=\"" << id.backend << "\" is not tessera or etcd");
+  // TESSERA_RDZV_ENDPOINT is the list; TESSERA_STORE_ADDR (a tessera store) is
+  // what launchers before the etcd backend set, and still do for tessera.
+  const std::string list = envString("TESSERA_RDZV_ENDPOINT", "");
+  const std::string storeAddr = envString("TESSERA_STORE_ADDR", "");
+  if (!list.empty()) {
+    id.endpoints = endpointList(list, "TESSERA_RDZV_ENDPOINT");
+  } else if (!storeAddr.empty() && id.backend != "etcd") {
+    id.endpoints = endpointList(storeAddr, "TESSERA_STORE_ADDR");
+  }
+  id.storeAddress = id.backend != "etcd" && !storeAddr.empty() ? storeAddr : joinComma(id.endpoints);
+  id.runId = envString("TESSERA_RDZV_ID", "");
+  TESSERA_CHECK_ARG(validRunId(id.runId),
+                    "elastic mode: TESSERA_RDZV_ID=\"" << id.runId << "\" may hold letters, digits, '-', '_' and '.' only");
+  id.etcdUser = envString("TESSERA_ETCD_USER", "");
+  id.etcdPasswordFile = envString("TESSERA_ETCD_PASSWORD_FILE", "");
   id.advertiseHost = envString("TESSERA_ADVERTISE_HOST", "127.0.0.1");
+  return id;
+}
+
+ElasticIdentity ElasticIdentity::resolved(const ElasticConfig& config) const {
+  ElasticIdentity id = *this;
+  if (id.backend.empty()) id.backend = config.rdzv_backend;
+  TESSERA_CHECK_CONFIG(id.backend == "tessera" || id.backend == "etcd", "elastic.rdzv_backend",
+                       "got '" << id.backend << "' (valid: tessera, etcd)");
+  // An identity built in code (tests) may name only storeAddress.
+  if (id.endpoints.empty() && !id.storeAddress.empty()) id.endpoints = endpointList(id.storeAddress, "storeAddress");
+  if (id.endpoints.empty() && !config.rdzv_endpoint.empty()) {
+    try {
+      id.endpoints = endpointList(config.rdzv_endpoint, "elastic.rdzv_endpoint");
+    } catch (const InvalidArgument& e) {
+      throw ConfigError("elastic.rdzv_endpoint", e.what());
+    }
+  }
+  TESSERA_CHECK_CONFIG(!id.endpoints.empty(), "elastic.rdzv_endpoint",
+                       "no rendezvous store: start the workers with tessera-run --nnodes MIN:MAX (it sets "
+                       "TESSERA_RDZV_ENDPOINT), or give elastic.rdzv_endpoint (host:port; etcd: a list)");
+  TESSERA_CHECK_CONFIG(id.backend == "etcd" || id.endpoints.size() == 1, "elastic.rdzv_endpoint",
+                       "lists " << id.endpoints.size() << " endpoints; the tessera backend takes one host:port");
+  if (id.runId.empty()) id.runId = config.rdzv_id;
+  if (id.storeAddress.empty()) id.storeAddress = joinComma(id.endpoints);
   return id;
 }
 

@@ -129,6 +129,45 @@ TEST(PrefixStore, IsolatesNamespaces) {
   EXPECT_EQ(base->getString("a/inner/k"), "deep");
 }
 
+// Leases on the hash store (and through a prefix view): a leased key lives
+// while kept alive, vanishes after its ttl or at once on revoke.
+TEST(HashStoreLeases, KeysVanishWhenTheLeaseEndsAndNotBefore) {
+  StorePtr base = makeHashStore();
+  StorePtr store = makePrefixStore("job", base);
+  ASSERT_TRUE(store->supportsLeases());
+  const int64_t lease = store->grantLease(300ms);
+  store->setWithLease("alive/a", toBytes("1"), lease);
+  EXPECT_TRUE(base->check({"job/alive/a"}));
+  for (int i = 0; i < 4; ++i) {  // 4 x 150 ms = twice the ttl, kept alive
+    std::this_thread::sleep_for(150ms);
+    store->keepAlive(lease);
+  }
+  EXPECT_TRUE(store->check({"alive/a"}));
+  std::this_thread::sleep_for(450ms);
+  EXPECT_FALSE(store->check({"alive/a"}));
+  EXPECT_THROW(store->keepAlive(lease), StoreError);
+  EXPECT_THROW(store->setWithLease("alive/b", toBytes("1"), lease), StoreError);
+
+  const int64_t second = store->grantLease(std::chrono::seconds(60));
+  store->setWithLease("alive/c", toBytes("1"), second);
+  store->set("plain", toBytes("x"));
+  store->revokeLease(second);
+  store->revokeLease(second);  // idempotent
+  EXPECT_FALSE(store->check({"alive/c"}));
+  EXPECT_TRUE(store->check({"plain"}));
+}
+
+TEST(FileStoreLeases, AreRefusedNamingTheStore) {
+  StorePtr store = makeFileStore(::testing::TempDir() + "/lease-store");
+  EXPECT_FALSE(store->supportsLeases());
+  try {
+    store->grantLease(1s);
+    FAIL() << "a file store granted a lease";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("no leases"), std::string::npos) << e.what();
+  }
+}
+
 TEST(TcpStore, ClientSeesServerKeys) {
   TcpStoreOptions serverOptions;
   serverOptions.port = 0;

@@ -6,15 +6,20 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "parallel/elastic/heartbeat_monitor.h"
 #include "tessera/comm/fault.h"
 #include "tessera/comm/store_server.h"
 #include "tessera/core/config.h"
@@ -363,6 +368,274 @@ TEST_F(ElasticMeshTest, SeveralJoinersAreSpreadOverSources) {
   const Membership admitted = f0.get();
   f1.get();
   EXPECT_EQ(admitted.joiners.size(), 2u);
+}
+
+// --- Fast failure detection (heartbeat_monitor.h, groups.cc) ---
+
+using elastic::HeartbeatMonitor;
+using Seconds = std::chrono::duration<double>;
+
+double secondsSince(std::chrono::steady_clock::time_point start) {
+  return Seconds(std::chrono::steady_clock::now() - start).count();
+}
+
+// Polls `condition` every 20 ms for up to `limit` seconds; returns whether it held.
+template <typename Condition>
+bool eventually(double limit, Condition condition) {
+  const auto start = std::chrono::steady_clock::now();
+  while (secondsSince(start) < limit) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return condition();
+}
+
+// The hash store without its leases: the stores that keep heartbeat counters
+// instead (the tessera store, TCP, file).
+class NoLeaseStore final : public comm::Store {
+ public:
+  explicit NoLeaseStore(comm::StorePtr base) : base_(std::move(base)) {}
+  void set(const std::string& k, const comm::Bytes& v) override { base_->set(k, v); }
+  comm::Bytes get(const std::string& k, std::chrono::milliseconds t) override { return base_->get(k, t); }
+  void wait(const std::vector<std::string>& k, std::chrono::milliseconds t) override { base_->wait(k, t); }
+  int64_t add(const std::string& k, int64_t d) override { return base_->add(k, d); }
+  comm::Bytes compareSet(const std::string& k, const comm::Bytes& e, const comm::Bytes& d) override {
+    return base_->compareSet(k, e, d);
+  }
+  bool deleteKey(const std::string& k) override { return base_->deleteKey(k); }
+  bool check(const std::vector<std::string>& k) override { return base_->check(k); }
+  std::string describe() const override { return "hash store without leases"; }
+
+ private:
+  comm::StorePtr base_;
+};
+
+ElasticConfig monitorConfig(double interval, double timeout) {
+  ElasticConfig c;
+  c.heartbeat_interval_s = interval;
+  c.heartbeat_timeout_s = timeout;
+  return c;
+}
+
+// Both liveness records: leases (the hash store, like etcd) and counters.
+class MonitorTest : public ::testing::TestWithParam<bool> {
+ protected:
+  comm::StorePtr store() const { return GetParam() ? hash_ : std::make_shared<NoLeaseStore>(hash_); }
+  comm::StorePtr hash_ = comm::makeHashStore();
+};
+
+// A launcher's dead mark makes the member dead at once, whatever the
+// heartbeat timeout (here 60 s) -- and refresh() reads it on the spot.
+TEST_P(MonitorTest, DeadMarkIsDeadAtOnce) {
+  const ElasticConfig config = monitorConfig(0.1, 60);
+  HeartbeatMonitor a(store(), "0.0", config);
+  HeartbeatMonitor b(store(), "1.0", config);
+  EXPECT_EQ(b.usesLeases(), GetParam());
+  b.watch({"0.0", "2.0"});
+  EXPECT_TRUE(b.alive("0.0"));
+  hash_->setString(elastic::deadKey("0.0"), "worker 0 killed by signal 9");
+  b.refresh({"0.0"});
+  const auto death = b.death("0.0");
+  ASSERT_TRUE(death.has_value()) << "refresh() must read the mark on the spot";
+  EXPECT_NE(death->cause.find("dead mark: worker 0 killed by signal 9"), std::string::npos) << death->cause;
+  EXPECT_FALSE(b.alive("0.0"));
+  // The thread sees marks too, within one observation (250 ms at most).
+  hash_->setString(elastic::deadKey("2.0"), "worker exited with code 1");
+  EXPECT_TRUE(eventually(5, [&] { return !b.alive("2.0"); })) << "the monitor thread never read the mark";
+  EXPECT_TRUE(a.alive("1.0"));
+}
+
+// Silence: a member that stops its heartbeat (its monitor destroyed, as a
+// killed process's would be) is dead after about heartbeat_timeout -- by the
+// lease expiring where the store has leases, by the counter otherwise -- and
+// not before (a running member stays alive for several timeouts).
+TEST_P(MonitorTest, SilenceIsDeathAfterTheTimeout) {
+  const ElasticConfig config = monitorConfig(0.1, 1.0);
+  auto a = std::make_unique<HeartbeatMonitor>(store(), "0.0", config);
+  HeartbeatMonitor b(store(), "1.0", config);
+  b.watch({"0.0"});
+  EXPECT_EQ(hash_->check({elastic::aliveKey("0.0")}), GetParam()) << "the alive key exists exactly with leases";
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_TRUE(b.alive("0.0")) << "a member that keeps beating must stay alive past the timeout";
+  const auto killed = std::chrono::steady_clock::now();
+  a.reset();
+  ASSERT_TRUE(eventually(10, [&] { return !b.alive("0.0"); }));
+  const double took = secondsSince(killed);
+  EXPECT_GT(took, 0.3) << "declared dead before its lease/counter could have aged";
+  const auto death = b.death("0.0");
+  ASSERT_TRUE(death.has_value());
+  EXPECT_EQ(death->cause, GetParam() ? "lease expired" : "heartbeat timeout");
+  if (GetParam()) EXPECT_FALSE(hash_->check({elastic::aliveKey("0.0")})) << "the lease's key must be gone";
+}
+
+// Suspicion: after a collective failed, a member that shows no heartbeat
+// within the window (about a second here) is dead, long before the 30 s
+// heartbeat timeout; live members are suspected too and are NOT declared
+// dead (their heartbeats clear them). Other nodes' monitors learn of the
+// suspicion through the store.
+TEST_P(MonitorTest, SuspicionIsConfirmedQuicklyAndClearedForTheLiving) {
+  const ElasticConfig config = monitorConfig(0.1, 30);
+  HeartbeatMonitor a(store(), "0.0", config);
+  HeartbeatMonitor b(store(), "1.0", config);
+  auto c = std::make_unique<HeartbeatMonitor>(store(), "2.0", config);
+  ASSERT_LT(b.suspicionWindow().count(), 30000);
+  a.watch({"1.0", "2.0"});
+  b.watch({"0.0", "2.0"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // both have looked at everyone once
+  c.reset();  // node 2 dies silently
+  const auto failed = std::chrono::steady_clock::now();
+  b.suspectPeers("test: connection closed");
+  ASSERT_TRUE(eventually(15, [&] { return !b.alive("2.0") && !a.alive("2.0"); }))
+      << "the suspicion was never confirmed (b: " << b.alive("2.0") << ", a: " << a.alive("2.0") << ")";
+  EXPECT_LT(secondsSince(failed), 15.0);
+  const auto death = b.death("2.0");
+  ASSERT_TRUE(death.has_value());
+  EXPECT_NE(death->cause.find("suspicion confirmed"), std::string::npos) << death->cause;
+  // The living were suspected too: give the window time to pass twice over.
+  std::this_thread::sleep_for(2 * b.suspicionWindow());
+  EXPECT_TRUE(b.alive("0.0")) << "a live member was evicted on a false suspicion";
+  EXPECT_TRUE(a.alive("1.0")) << "a live member was evicted on a false suspicion";
+}
+
+INSTANTIATE_TEST_SUITE_P(LeasesOrCounters, MonitorTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? std::string("Leases") : std::string("Counters");
+                         });
+
+ElasticConfig slowHeartbeatConfig() {
+  ElasticConfig c;
+  c.heartbeat_interval_s = 0.1;
+  c.heartbeat_timeout_s = 30;  // silence alone would take 30 s
+  c.wait_timeout_s = 60;
+  c.collective_timeout_s = 60;  // formation timeout: min(60, 30 + 2) = 32 s
+  c.join_timeout_s = 60;
+  c.start_grace_s = 0.2;
+  return c;
+}
+
+// A node whose launcher wrote its dead mark is dropped at the next outer
+// step without waiting for its heartbeat to age (30 s here): the leader's
+// wait for arrivals reacts to the mark.
+TEST_F(ElasticMeshTest, DeadMarkEndsTheWaitForArrivals) {
+  comm::StoreClientOptions client;
+  client.port = server_->port();
+  comm::StorePtr store = comm::makeStoreClient(client);
+  std::atomic<std::chrono::steady_clock::rep> killedAt{0};  // node 2's death, on the steady clock
+  const auto results = onNodes(3, [&](int node) {
+    auto mesh = std::make_unique<ElasticMesh>(identity(node, 2, 3), slowHeartbeatConfig());
+    EXPECT_FALSE(mesh->join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh->averageAcrossNodes(flat, 1);
+    if (node == 2) {
+      mesh.reset();  // the worker dies; its launcher says so
+      killedAt = std::chrono::steady_clock::now().time_since_epoch().count();
+      store->setString("elastic/dead/2.0", "worker exited with signal 9");
+      return std::make_pair(Membership{}, 0.0);
+    }
+    flat = contribution(node, 2);
+    const Membership d = mesh->averageAcrossNodes(flat, 2);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 0.5f + 2.0f))) << "mean of nodes 0 and 1";
+    const std::chrono::steady_clock::time_point killed{std::chrono::steady_clock::duration(killedAt.load())};
+    return std::make_pair(d, secondsSince(killed));
+  });
+  EXPECT_EQ(results[0].first.members, (std::vector<std::string>{"0.0", "1.0"}));
+  EXPECT_EQ(results[0].first.dropped, std::vector<std::string>{"2.0"});
+  EXPECT_LT(results[0].second, 15.0) << "the dead mark must not wait for the 30 s heartbeat timeout";
+}
+
+// A member dies while the group of a decision that includes it forms: the
+// formation is abandoned when its dead mark appears, not after the 32 s
+// formation timeout, and the retry commits without it. Node 2 is played by
+// hand (registered and arrived, never forms), so the death lands inside the
+// formation for sure.
+TEST_F(ElasticMeshTest, FormationIsAbandonedWhenAMemberDies) {
+  comm::StoreClientOptions client;
+  client.port = server_->port();
+  comm::StorePtr store = comm::makeStoreClient(client);
+  {  // the phantom registers like a node (ElasticMesh's constructor)
+    const int64_t index = store->add("elastic/join/count", 1) - 1;
+    store->setString("elastic/join/" + std::to_string(index), "2.0");
+  }
+  std::vector<std::string> events0;
+  std::mutex eventsMutex;
+  std::thread phantom([&] {
+    // Arrives at outer step 1, so the decision names it; then dies while the others form.
+    store->setString("elastic/round/1/0/arrived/2.0", "1");
+    store->wait({"elastic/round/1/0/decision"}, std::chrono::seconds(60));
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    store->setString("elastic/dead/2.0", "worker exited with signal 9");
+  });
+  const auto started = std::chrono::steady_clock::now();
+  const auto results = onNodes(2, [&](int node) {
+    ElasticMesh mesh(identity(node, 2, 3), slowHeartbeatConfig());
+    if (node == 0) {
+      mesh.onEvent = [&](const std::string& line) {
+        std::lock_guard<std::mutex> lock(eventsMutex);
+        events0.push_back(line);
+      };
+    }
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    const Membership d = mesh.averageAcrossNodes(flat, 1);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 0.5f + 1.0f))) << "mean of nodes 0 and 1";
+    return std::make_pair(d, mesh.lastAttempts());
+  });
+  phantom.join();
+  const double seconds = secondsSince(started);
+  EXPECT_LT(seconds, 20.0) << "the formation must be abandoned well before its 32 s timeout";
+  EXPECT_EQ(results[0].first.members, (std::vector<std::string>{"0.0", "1.0"}));
+  EXPECT_EQ(results[0].second, 2) << "one failed attempt (the abandoned formation), then the commit";
+  // The events say what happened: a failed formation naming the dead member,
+  // and a decision that dropped it with its cause.
+  bool abandoned = false, decided = false;
+  for (const auto& line : events0) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.value("event", "") == "group" && !j.value("ok", true)) {
+      abandoned = j.value("error", "").find("abandoned: member 2.0 is dead") != std::string::npos;
+    }
+    if (j.value("event", "") == "decision" && j.value("attempt", 0) == 1) {
+      for (const auto& dead : j.at("dead")) {
+        decided = decided || (dead.value("member", "") == "2.0" &&
+                              dead.value("cause", "").find("dead mark") != std::string::npos &&
+                              dead.value("seen_s", 0.0) > 1e9);
+      }
+    }
+  }
+  EXPECT_TRUE(abandoned) << "no failed group event naming the dead member";
+  EXPECT_TRUE(decided) << "no decision event with the dead member's cause";
+}
+
+// A false suspicion costs at most a retry: a collective fails on a healthy
+// group (injected), every peer is suspected, all are alive and beat, and the
+// step commits with every node at the second attempt -- nobody evicted.
+TEST_F(ElasticMeshTest, FalseSuspicionCostsOnlyARetry) {
+  ElasticConfig config = slowHeartbeatConfig();
+  config.heartbeat_timeout_s = 10;   // suspicion window ~1 s < 10 s: suspicion is on
+  config.collective_timeout_s = 8;   // the peers' failure diagnosis waits 2 s for the faulty rank's report
+  const auto results = onNodes(3, [&](int node) {
+    ElasticMesh mesh(identity(node, 3, 3), config);
+    if (node == 1) {
+      const comm::FaultPlan plan = comm::FaultPlan::parse("fail:collective=1,comm=elastic");
+      auto wrapped = std::make_shared<bool>(false);
+      mesh.wrapGroup = [plan, wrapped](comm::CommPtr group) {
+        if (*wrapped) return group;
+        *wrapped = true;
+        return comm::injectFaults(group, plan, 0);
+      };
+    }
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    Membership d = mesh.averageAcrossNodes(flat, 1);
+    EXPECT_TRUE(at::equal(flat, at::full({7}, 2.0f))) << flat;
+    const int attempts = mesh.lastAttempts();
+    // Past the suspicion window: still everyone.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    flat = contribution(node, 2);
+    d = mesh.averageAcrossNodes(flat, 2);
+    EXPECT_EQ(d.members.size(), 3u) << "a live node was dropped on a false suspicion";
+    return attempts;
+  });
+  EXPECT_EQ(results, (std::vector<int>{2, 2, 2}));
 }
 
 }  // namespace

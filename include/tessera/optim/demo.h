@@ -69,6 +69,7 @@
 #include <vector>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/optim/elastic_collective.h"
 #include "tessera/optim/optimizer.h"
 #include "tessera/parallel/data_parallel.h"
 
@@ -94,12 +95,32 @@ using DemoLayout = std::vector<std::vector<parallel::ParameterPiece>>;
 // optimizer), starting at learning rate `lr`, chunked on the logical tensors
 // that `layout` describes (file comment; every replica must pass the same
 // layout for its tensors). State: per-parameter "demo/delta" (created at
-// construction, zeros). Throws ConfigError for a bad config or lr,
+// construction, zeros) and scalar "demo/step" (step() calls completed;
+// optional in loadState: states saved without it count from 0). Throws ConfigError for a bad config or lr,
 // InvalidArgument for a parameter that is not floating point, a layout of
 // another length than `parameters`, or a tensor chunked by its own shape
 // that is not 1-D or 2-D.
 std::unique_ptr<Optimizer> makeDemo(const DemoConfig& config, std::vector<at::Tensor> parameters,
                                     comm::CommPtr comm, double lr, DemoLayout layout = {});
+
+// Elastic training (parallel/elastic.h; optim/elastic_collective.h): every
+// step's all-gather runs through `collective` on the group of the nodes that
+// are members at that step, sync index = "demo/step" after the step (1, 2,
+// ...; a joiner restores it and continues the numbering). The local half
+// (weight decay, momentum, top-k, error feedback) runs once before the
+// collective; the body only gathers the payload into scratch, which is
+// decoded and applied after the sync committed. The scatter-mean divides by
+// how many of the members sent each component, so it follows the group's
+// size as it changes. With a fixed membership the steps equal makeDemo's on a
+// group of the same members, bit for bit; every member takes the same step,
+// so members (a joiner included, once it restored a peer's state) hold
+// bit-identical parameters when they started identical. Every step reports
+// outerStep = true (a sync, after which the launcher serves joiners). If the
+// collective throws, the local half already happened and the parameters did
+// not take the step: the node must leave and rejoin (parallel::Evicted).
+// Throws as makeDemo, and InvalidArgument for a null collective.
+std::unique_ptr<Optimizer> makeElasticDemo(const DemoConfig& config, std::vector<at::Tensor> parameters,
+                                           ElasticCollective collective, double lr, DemoLayout layout = {});
 
 // --- The transform, exposed for tests and benchmarks -----------------------
 namespace demo {

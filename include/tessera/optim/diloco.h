@@ -93,6 +93,7 @@
 
 #include "tessera/comm/communicator.h"
 #include "tessera/comm/compression.h"
+#include "tessera/optim/elastic_collective.h"
 #include "tessera/optim/optimizer.h"
 
 namespace tessera::optim {
@@ -128,20 +129,34 @@ std::unique_ptr<Optimizer> makeDiloco(const DilocoConfig& config, std::unique_pt
                                       std::vector<at::Tensor> parameters, comm::CommPtr replicaComm,
                                       std::vector<int> groups = {});
 
-// Elastic training (parallel/elastic.h) replaces the replica all-reduce:
-// at outer step n (n = 1, 2, ...: after inner step n*H) DiLoCo calls
-// averager(flat, n) with its fp32 pseudo-gradient; the averager leaves the
-// mean over the replicas taking part in it (re-forming the group and
-// retrying as it must) or throws, and then theta_g is unchanged.
-using PseudoGradientAverager = std::function<void(at::Tensor flat, int64_t outerStep)>;
-
-// DiLoCo whose outer all-reduce is `averager` (plain DiLoCo only: throws
-// ConfigError for fragments > 1 or delay > 0). Nothing is broadcast at
-// construction: elastic founders start from identical parameters (the same
-// seed) and joiners receive the state from a peer. communicators() is empty
-// (the elastic mesh counts its own traffic).
+// Elastic training (parallel/elastic.h; optim/elastic_collective.h): the
+// syncs run through `collective` on the group of the nodes that are members
+// at each one, instead of on a fixed replica communicator. Streaming included
+// (fragments, delay, mixing as above), with the same numbers as makeDiloco on
+// a fixed group of the same members, bit for bit:
+//   - each fragment sync is one collective, numbered syncIndex = t / (H/P)
+//     (t: local steps, the state's "diloco/step"; every multiple of H/P is
+//     exactly one fragment's sync, so the numbers are 1, 2, 3, ...; with one
+//     fragment it is the outer step n = t / H). A joiner restores "diloco/step"
+//     and continues the numbering.
+//   - its body averages a copy of the fragment's pseudo-gradient (compression
+//     as configured) on the group of that sync, whose size is the members at
+//     that sync; theta_g and the momentum change only after it committed, so a
+//     retried attempt averages the same pseudo-gradient and a failed sync
+//     (the collective throws) leaves them unchanged.
+//   - delay > 0: the snapshot is taken `delay` steps early as above, but it is
+//     averaged blocking at the apply step (the elastic group is not used from a
+//     background thread): the same values, without the overlap. A state()
+//     taken while a snapshot waits holds it in "diloco/pending_delta" not yet
+//     averaged (makeDiloco's holds it averaged); after a fragment sync nothing
+//     waits (delay < H/P), so states served to joiners or checkpointed at sync
+//     boundaries are the same in both modes.
+// Nothing is broadcast at construction: elastic founders start from identical
+// parameters (the same seed) and joiners receive the state from a peer.
+// communicators() is empty (the elastic mesh counts its own traffic). Throws
+// as makeDiloco, and InvalidArgument for a null collective.
 std::unique_ptr<Optimizer> makeElasticDiloco(const DilocoConfig& config, std::unique_ptr<Optimizer> inner,
-                                             std::vector<at::Tensor> parameters, PseudoGradientAverager averager,
+                                             std::vector<at::Tensor> parameters, ElasticCollective collective,
                                              std::vector<int> groups = {});
 
 }  // namespace tessera::optim

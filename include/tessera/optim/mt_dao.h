@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/optim/elastic_collective.h"
 #include "tessera/optim/optimizer.h"
 
 namespace tessera::optim {
@@ -83,5 +84,22 @@ struct MtDaoConfig {
 // plus scalar "step" (t above). Throws ConfigError for a bad config or lr0.
 std::unique_ptr<Optimizer> makeMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
                                      comm::CommPtr comm, double lr0);
+
+// Elastic training (parallel/elastic.h; optim/elastic_collective.h): every
+// call where something is due syncs through `collective` on the group of the
+// nodes that are members then, sync index T (the update count, "step" in the
+// state after the call: a joiner restores it and continues the numbering).
+// The body all-reduces copies of the due tensors (one buffer per dtype, as
+// above); the tensors take the means only after the sync committed, so a
+// retried attempt averages the same values and a failed sync (the collective
+// throws) leaves them as the local update left them. The mean divides by the
+// members of that sync. With a fixed membership the steps equal makeMtDao's
+// on a group of the same members, bit for bit; after a parameter sync every
+// member (a joiner included) holds bit-identical parameters. Every sync, of
+// the parameters or not, reports outerStep = true (the launcher serves
+// joiners after it); a group of one syncs too (joiners are admitted there).
+// Throws as makeMtDao, and InvalidArgument for a null collective.
+std::unique_ptr<Optimizer> makeElasticMtDao(const MtDaoConfig& config, std::vector<at::Tensor> parameters,
+                                            ElasticCollective collective, double lr0);
 
 }  // namespace tessera::optim

@@ -31,6 +31,20 @@
 //     members at the next decision. Joiners count towards min_nodes.
 //   - below min_nodes the survivors wait up to wait_timeout for nodes, then
 //     stop with an error naming who is missing.
+//   - generations (restarting a job that lost every node): the records
+//     above belong to generation G, kept in "elastic/generation" (absent:
+//     0); generation 0's records are unprefixed, generation G > 0's live
+//     under "g<G>/" (heartbeats, "elastic/left/" and "elastic/dead/" stay
+//     unprefixed: member ids are unique over the job's life). A joiner that
+//     sees no candidate of its generation's last decision ("elastic/membership",
+//     else the start decision) alive -- dead in its heartbeat view, left or
+//     marked dead -- founds generation G + 1 with compareSet(G -> G + 1):
+//     of two nodes racing, one write wins and both read back the same G + 1
+//     (a node that sees a newer generation just moves there). It registers
+//     again under the new prefix and the start protocol runs afresh there;
+//     the founders load the job's latest checkpoint (launcher/elastic_train.h).
+//     A node's processes follow its local rank 0's choice
+//     ("elastic/nodegen/<member>").
 //   - a failed attempt (group formation or all-reduce threw) is voted:
 //     every member writes its result; the step commits only if every live
 //     member succeeded, else all retry the same step (attempt a + 1) with the
@@ -38,14 +52,25 @@
 //     max_retries attempts.
 //
 // Launcher contract (tessera-run --nnodes MIN:MAX, one launcher per node):
-// workers get TESSERA_ELASTIC=1, TESSERA_STORE_ADDR=host:port (a tessera
-// store, comm/store_server.h), TESSERA_NODE_SLOT, TESSERA_NODE_INCARNATION,
-// TESSERA_NNODES=MIN:MAX, TESSERA_ADVERTISE_HOST, LOCAL_RANK,
-// LOCAL_WORLD_SIZE, RANK = slot*LOCAL_WORLD_SIZE + LOCAL_RANK, GROUP_RANK =
-// slot, and TESSERA_JOIN_TOKEN_FILE passed through. A worker that finds it
+// workers get TESSERA_ELASTIC=1, the job's store (comm/rendezvous.h) as
+// TESSERA_RDZV_BACKEND (tessera|etcd), TESSERA_RDZV_ENDPOINT (comma list of
+// host:port), TESSERA_RDZV_ID (the run id, may be empty), for the tessera
+// backend also TESSERA_STORE_ADDR=host:port (comm/store_server.h), for etcd
+// with auth TESSERA_ETCD_USER and TESSERA_ETCD_PASSWORD_FILE; and
+// TESSERA_NODE_SLOT, TESSERA_NODE_INCARNATION, TESSERA_NNODES=MIN:MAX,
+// TESSERA_ADVERTISE_HOST, LOCAL_RANK, LOCAL_WORLD_SIZE, RANK =
+// slot*LOCAL_WORLD_SIZE + LOCAL_RANK, GROUP_RANK = slot, and
+// TESSERA_JOIN_TOKEN_FILE passed through (the join secret still guards live
+// recovery with etcd). The rendezvous variables, where set and non-empty,
+// win over [elastic] rdzv_backend / rdzv_endpoint / rdzv_id: the workers
+// must use the store their launcher uses. The launcher keeps a liveness
+// record per slot ("elastic/launcher/..."), refuses a second launcher for a
+// live slot and one beyond MAX live nodes, and writes "elastic/dead/<member>"
+// (value: the reason) the moment it sees its worker exit abnormally, which
+// the others treat as dead at once. A worker that finds it
 // was dropped from the job (e.g. after a partition healed) exits with
-// kExitEvicted; the launcher restarts the node, which rejoins through live
-// recovery. The leader also writes the latest decision to
+// kExitEvicted; the launcher restarts the node (within --max-restarts), which
+// rejoins through live recovery. The leader also writes the latest decision to
 // "elastic/membership" (JSON: {"epoch","outer_step","members":[...],
 // "joiners":[...],"dropped":[...]}) for launchers and tools to report.
 //
@@ -55,6 +80,16 @@
 //   {"event":"recovered","from":"<member>","bytes":B,"seconds":X,"outer_step":K,"time_s":T}
 //   {"event":"served","to":"<member>","bytes":B,"seconds":X,"outer_step":K,"time_s":T}
 //   {"event":"retry","outer_step":K,"attempt":A,"error":"...","time_s":T}
+//   {"event":"checkpoint","step":S,"outer_step":K,"dir":"...","time_s":T}   (the leader node; launcher/elastic_train.h)
+//   {"event":"resumed","checkpoint":"...","step":S,"outer_step":K,"generation":G,"time_s":T}   (founders)
+//   {"event":"decision","outer_step":K,"attempt":A,"epoch":E,"leader":"<member>","members":[...],"joined":[...],
+//    "dropped":[...],"dead":[{"member","cause","seen_s"}],"waited_s":W,"time_s":T}   (the leader, when something changed)
+//   {"event":"group","epoch":E,"outer_step":K,"attempt":A,"members":N,"ok":B,"seconds":X,["error":"..."],"time_s":T}
+// Liveness keys besides the heartbeat counters: "elastic/alive/<member>" (bound
+// to a lease of ttl heartbeat_timeout where the store has leases: etcd),
+// "elastic/dead/<member>" (a launcher saw the worker die: dead at once),
+// "elastic/suspicions" (a collective failed: suspects must beat within about
+// two intervals), "elastic/e<E>/abandon" (a formation lost a member).
 // (time_s: seconds since the Unix epoch, so nodes' lines can be merged.)
 #pragma once
 
@@ -90,6 +125,16 @@ struct ElasticConfig {
   int max_retries = 3;                // attempts per outer step
   double join_timeout_s = 300.0;      // joiner: admission + receiving the state
   double start_grace_s = 1.0;         // founders: after min_nodes registered, wait for more this long
+  // The store (comm/rendezvous.h). tessera-run's TESSERA_RDZV_* variables win
+  // over these (ElasticIdentity::resolved); they matter for a tessera-train
+  // started without tessera-run.
+  std::string rdzv_backend = "tessera";  // "tessera" | "etcd"
+  std::string rdzv_endpoint;             // "host:port" (tessera), "h1:2379,h2:2379,h3:2379" (etcd)
+  std::string rdzv_id;                   // the run id: keys every record ("" : none)
+  // How long the job rides out an unreachable store (a tessera store
+  // restarting, etcd without quorum) before stopping with an error: the
+  // store client's connect and reconnect bound.
+  double store_outage_timeout_s = 60.0;
 
   // Throws ConfigError naming the field (prefix + "heartbeat_timeout_s").
   void validate(const std::string& prefix = "elastic.") const;
@@ -103,12 +148,24 @@ struct ElasticIdentity {
   int localSize = 1;
   int minNodes = 1;
   int maxNodes = 0;
-  std::string storeAddress;          // host:port of the tessera store
+  std::string storeAddress;          // host:port of the tessera store; etcd: the endpoint list (messages)
   std::string advertiseHost = "127.0.0.1";
+  // The store (comm/rendezvous.h), from TESSERA_RDZV_*; empty: from the
+  // [elastic] config (resolved()).
+  std::string backend;               // "tessera" | "etcd"
+  std::vector<std::string> endpoints;  // host:port each (tessera: one)
+  std::string runId;                 // keys every record of the job
+  std::string etcdUser;              // etcd auth (TESSERA_ETCD_USER); "" : none
+  std::string etcdPasswordFile;      // etcd auth (TESSERA_ETCD_PASSWORD_FILE)
   // "<slot>.<incarnation>": unique over the job's life.
   std::string memberId() const;
-  // Reads the variables above; throws InvalidArgument naming a missing or bad one.
+  // Reads the variables above; throws InvalidArgument naming a bad one.
+  // The store may come from the config instead (resolved()).
   static ElasticIdentity fromEnv();
+  // This identity with the store's backend, endpoints and run id that the
+  // environment left empty taken from `config` (the environment wins).
+  // Throws ConfigError when no endpoint is known, or the backend is unknown.
+  ElasticIdentity resolved(const ElasticConfig& config) const;
 };
 
 // A decision, as published.
@@ -180,9 +237,23 @@ class ElasticMesh {
   // config's seed), or where to receive the state from for a joiner (admitted
   // at an outer step). Throws TimeoutError after join_timeout, Error when the
   // job refuses the node (max_nodes reached, stopped).
+  // A joiner that finds every member of the running generation dead
+  // re-founds the job in a new generation (see the file comment); it may
+  // then return nullopt as a founder of that generation. Collective over the
+  // node's processes (they agree on the generation through the store).
   std::optional<RecoveryTicket> join();
+  // The generation this node belongs to (0: the first; set by join()).
+  int64_t generation() const { return generation_; }
+  // Whether the job moved on to a newer generation than this node's (it
+  // was taken for dead: its records and decisions no longer count). Reads
+  // the store: throws StoreError when it is unreachable.
+  bool generationSuperseded();
   // Joiner: call after the received state was restored, before training on.
   void recovered(const RecoveryTicket& ticket);
+  // After the last training step (local rank 0 writes; others no-op): records
+  // that the job (this generation) finished, so a node that joins later exits
+  // 0 (join() throws LeftJob) instead of re-founding it. Does not throw.
+  void finished(int64_t step);
 
   // Collective over the members at outer step `outerStep`: `flat` (this
   // process's fp32 pseudo-gradient) becomes the mean over the member nodes'
@@ -192,6 +263,21 @@ class ElasticMesh {
   // (no decision, naming the leader), Error (below min_nodes too long, or
   // every attempt failed).
   Membership averageAcrossNodes(at::Tensor flat, int64_t outerStep);
+
+  // The general form (collective.cc; averageAcrossNodes is built on it): one
+  // synchronization of the members, numbered `syncIndex` -- strictly
+  // increasing over the job (decisions are keyed by it: "elastic/round/<k>/..."
+  // and a joiner is recovered "after sync k"), the same on every member.
+  // Decides membership, (re)forms the elastic group when the epoch changed,
+  // runs body(group) on it (group.size() = the members at this sync), votes,
+  // and on a failed attempt runs body again on the next attempt's group. So
+  // body must be retry-safe: read inputs it leaves unchanged, write only
+  // scratch that the caller applies after this returns (the commit). Runs on
+  // a group of one too. Returns the committed decision; throws as
+  // averageAcrossNodes (Evicted, TimeoutError, Error, CommError after
+  // max_retries failed attempts), and then nothing must be applied.
+  // optim/elastic_collective.h is the optimizers' side of this contract.
+  Membership collectiveAcrossNodes(int64_t syncIndex, const std::function<void(comm::Communicator& group)>& body);
 
   // The last committed decision, and this process's current elastic group
   // (null before the first outer step and after a failure).
@@ -237,13 +323,21 @@ class ElasticMesh {
   void dropGroup();  // counts its bytes first
   bool vote(const Membership& decision, bool ok);
   void emit(const std::string& jsonLine);
+  // join.cc: generations (see the file comment).
+  int64_t agreedGeneration();            // local rank 0 reads and publishes it; the others follow
+  std::optional<int64_t> newerGeneration();  // a generation to move to, re-founding when ours is dead
+  bool generationAbandoned();            // local rank 0: no candidate of the last decision alive
+  void enterGeneration(int64_t generation);
+  std::optional<RecoveryTicket> waitForAdmission();  // nullopt: moved to a newer generation
 
   ElasticIdentity identity_;
   ElasticConfig config_;
   comm::Compression compression_;
   std::string secret_;
   std::string me_;
-  comm::StorePtr store_;
+  comm::StorePtr store_;     // this generation's view of jobStore_
+  comm::StorePtr jobStore_;  // the job's store itself (set by join())
+  int64_t generation_ = 0;
   comm::CommPtr local_;
   comm::CommPtr group_;
   int64_t groupEpoch_ = -1;

@@ -314,6 +314,132 @@ TEST(ChaosReport, PartitionIsAFailureAndHealRecoversInTheSameIncarnation) {
   EXPECT_NEAR(r.ringPayloads, 1.0 + 0.0 + 1.0, 1e-9);
 }
 
+// Two kinds of failure with the elastic mesh's "decision" and "group" events:
+// node 2's workers killed at 25 s (its launcher marked them dead: seen 0.3 s
+// later), node 1 killed whole at 46 s (seen dead by its heartbeat timeout
+// 5.5 s later; the first attempt without it failed and was retried). Each
+// stall is cut into phases by hand from report.h's definition.
+TEST(ChaosReport, StallPerKindAndPerPhase) {
+  const TestDir dir("kinds");
+  SyntheticRun run(dir, {{"type", "start"}, {"unix", kT0}, {"nodes", 3}, {"nproc_per_node", 1},
+                         {"network", "loopback"}, {"store", "etcd"}, {"heartbeat_timeout_s", 5.0}});
+  for (int n = 0; n < 3; ++n) run.launch(n, 0, 0.1);
+  for (int n = 0; n < 3; ++n) {
+    run.event(n, 0, {{"event", "membership"}, {"epoch", 1}, {"outer_step", 0}, {"members", {"0.0", "1.0", "2.0"}}},
+              1.0);
+  }
+  run.commit({{0, 0}, {1, 0}, {2, 0}}, 1, 1, 1, 10.0);
+  run.commit({{0, 0}, {1, 0}, {2, 0}}, 2, 1, 1, 20.0);
+  // Workers of node 2: dead mark seen at 25.3; the leader decides at 30.4 (outer step 3's round).
+  run.action("kill_workers", 2, 25.0);
+  run.event(0, 0, {{"event", "decision"}, {"outer_step", 3}, {"attempt", 0}, {"epoch", 2}, {"dropped", {"2.0"}},
+                   {"dead", {{{"member", "2.0"}, {"cause", "dead mark: signal 9"}, {"seen_s", kT0 + 25.3}}}}},
+            30.4);
+  run.event(0, 0, {{"event", "group"}, {"epoch", 2}, {"ok", true}, {"seconds", 0.2}}, 30.6);
+  run.event(1, 0, {{"event", "group"}, {"epoch", 2}, {"ok", true}, {"seconds", 0.3}}, 30.7);
+  for (int n = 0; n < 2; ++n) {
+    run.event(n, 0, {{"event", "membership"}, {"epoch", 2}, {"outer_step", 3}, {"members", {"0.0", "1.0"}},
+                     {"dropped", {"2.0"}}},
+              31.0);
+  }
+  run.commit({{0, 0}, {1, 0}}, 3, 2, 1, 31.0);
+  run.commit({{0, 0}, {1, 0}}, 4, 2, 1, 41.0);
+  // Node 1 whole: seen dead at 51.5; attempt 0 decided at 52.0 fails, attempt 1 at 52.8.
+  run.action("kill", 1, 46.0);
+  run.event(0, 0, {{"event", "decision"}, {"outer_step", 5}, {"attempt", 0}, {"epoch", 3}, {"dropped", {"1.0"}},
+                   {"dead", {{{"member", "1.0"}, {"cause", "heartbeat timeout"}, {"seen_s", kT0 + 51.5}}}}},
+            52.0);
+  run.event(0, 0, {{"event", "group"}, {"epoch", 3}, {"ok", false}, {"error", "abandoned"}}, 52.3);
+  run.event(0, 0, {{"event", "retry"}, {"outer_step", 5}, {"attempt", 1}}, 52.5);
+  run.event(0, 0, {{"event", "decision"}, {"outer_step", 5}, {"attempt", 1}, {"epoch", 4}, {"dropped", json::array()},
+                   {"dead", json::array()}},
+            52.8);
+  run.event(0, 0, {{"event", "group"}, {"epoch", 4}, {"ok", true}}, 53.2);
+  run.event(0, 0, {{"event", "membership"}, {"epoch", 4}, {"outer_step", 5}, {"members", {"0.0"}},
+                   {"dropped", {"1.0"}}},
+            53.5);
+  run.commit({{0, 0}}, 5, 4, 2, 53.5);
+  run.end(60.0);
+  run.write();
+  const ChaosRecord record = loadChaosRecord(dir.string());
+  EXPECT_EQ(record.store, "etcd");
+  EXPECT_DOUBLE_EQ(record.heartbeatTimeoutS, 5.0);
+  const ChaosReport r = computeReport(record);
+  EXPECT_NEAR(r.typicalRoundS, 10.0, 1e-6);  // 1->2 and 3->4
+  ASSERT_EQ(r.failures.size(), 2u);
+
+  const FailureResult& w = r.failures[0];
+  EXPECT_EQ(w.kind, "workers");
+  EXPECT_EQ(w.deadMembers, std::vector<std::string>{"2.0"});
+  ASSERT_TRUE(w.survived);
+  EXPECT_NEAR(w.stallS, 31.0 - 30.0, 1e-6);  // outer step 3 was due at 20 + 10
+  EXPECT_NEAR(w.deadSeenS, 0.3, 1e-6);
+  // Window [30, 31]: seen 25.3 (before it), decided 30.4, formed 30.7 (the last node's group).
+  EXPECT_NEAR(w.breakdown.detectionS, 0.0, 1e-6);
+  EXPECT_NEAR(w.breakdown.decisionS, 0.4, 1e-6);
+  EXPECT_NEAR(w.breakdown.retryS, 0.0, 1e-6);
+  EXPECT_NEAR(w.breakdown.formationS, 0.3, 1e-6);
+  EXPECT_NEAR(w.breakdown.collectiveS, 0.3, 1e-6);
+
+  const FailureResult& n = r.failures[1];
+  EXPECT_EQ(n.kind, "node");
+  EXPECT_EQ(n.deadMembers, std::vector<std::string>{"1.0"});
+  ASSERT_TRUE(n.survived);
+  EXPECT_NEAR(n.stallS, 53.5 - 51.0, 1e-6);  // due at 41 + 10
+  EXPECT_NEAR(n.deadSeenS, 5.5, 1e-6);
+  // Window [51, 53.5]: seen 51.5, decided 52.0, redecided 52.8 (attempt 1), formed 53.2.
+  EXPECT_NEAR(n.breakdown.detectionS, 0.5, 1e-6);
+  EXPECT_NEAR(n.breakdown.decisionS, 0.5, 1e-6);
+  EXPECT_NEAR(n.breakdown.retryS, 0.8, 1e-6);
+  EXPECT_NEAR(n.breakdown.formationS, 0.4, 1e-6);
+  EXPECT_NEAR(n.breakdown.collectiveS, 0.3, 1e-6);
+  const StallBreakdown& b = n.breakdown;
+  EXPECT_NEAR(b.detectionS + b.decisionS + b.retryS + b.formationS + b.collectiveS, n.stallS, 1e-6)
+      << "the phases must add up to the stall";
+
+  ASSERT_EQ(r.byKind.size(), 2u);
+  EXPECT_EQ(r.byKind[0].kind, "workers");
+  EXPECT_EQ(r.byKind[0].failures, 1);
+  EXPECT_NEAR(r.byKind[0].meanStallS, 1.0, 1e-6);
+  EXPECT_NEAR(r.byKind[0].maxStallS, 1.0, 1e-6);
+  EXPECT_DOUBLE_EQ(r.byKind[0].targetMeanStallS, 3.0);
+  EXPECT_DOUBLE_EQ(r.byKind[0].targetMaxStallS, 6.0);
+  EXPECT_EQ(r.byKind[1].kind, "node");
+  EXPECT_NEAR(r.byKind[1].meanStallS, 2.5, 1e-6);
+  EXPECT_NEAR(r.byKind[1].meanDeadSeenS, 5.5, 1e-6);
+  EXPECT_NEAR(r.byKind[1].meanBreakdown.retryS, 0.8, 1e-6);
+  EXPECT_DOUBLE_EQ(r.byKind[1].targetMeanStallS, 6.0) << "heartbeat timeout + 1 s";
+  EXPECT_LT(r.byKind[1].targetMaxStallS, 0) << "no max target for silent losses";
+
+  const auto out = reportJson(record, r);
+  EXPECT_EQ(out["store"], "etcd");
+  EXPECT_EQ(out["failures"][0]["kind"], "workers");
+  EXPECT_DOUBLE_EQ(out["failures"][1]["breakdown"]["retry_s"].get<double>(), 0.8);
+  EXPECT_DOUBLE_EQ(out["failures"][1]["dead_seen_s"].get<double>(), 5.5);
+  const auto& kinds = out["summary"]["by_kind"];
+  EXPECT_DOUBLE_EQ(kinds["workers"]["mean_stall_s"].get<double>(), 1.0);
+  EXPECT_EQ(kinds["workers"]["target"]["met"], true);
+  EXPECT_DOUBLE_EQ(kinds["node"]["target"]["mean_stall_s"].get<double>(), 6.0);
+  EXPECT_EQ(kinds["node"]["target"]["met"], true);
+  EXPECT_DOUBLE_EQ(kinds["node"]["mean_breakdown"]["formation_s"].get<double>(), 0.4);
+}
+
+// Without the elastic events (an older trainer) a stall is all detection.
+TEST(ChaosReport, StallWithoutEventsIsAllDetection) {
+  const TestDir dir("noevents");
+  SyntheticRun run = scenario(dir);
+  run.write();
+  const ChaosReport r = computeReport(loadChaosRecord(dir.string()));
+  ASSERT_EQ(r.failures.size(), 1u);
+  const FailureResult& f = r.failures[0];
+  EXPECT_EQ(f.kind, "node");
+  EXPECT_LT(f.deadSeenS, 0);
+  EXPECT_NEAR(f.breakdown.detectionS, f.stallS, 1e-6);
+  EXPECT_NEAR(f.breakdown.retryS + f.breakdown.formationS + f.breakdown.collectiveS, 0.0, 1e-6);
+  ASSERT_EQ(r.byKind.size(), 1u);
+  EXPECT_LT(r.byKind[0].targetMeanStallS, 0) << "no heartbeat timeout in the start record: no target";
+}
+
 TEST(ChaosReport, PlotIsWrittenWhenGnuplotExists) {
   if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) GTEST_SKIP() << "gnuplot not installed";
   const TestDir dir("plot");
@@ -430,6 +556,38 @@ TEST(ChaosPlan, RefusesWhatCannotRun) {
                                      dir.string(), "test.toml", false);
   EXPECT_EQ(q.network, "loopback");
   EXPECT_TRUE(q.rate.empty());
+}
+
+TEST(ChaosPlan, StoreRestartsAndKillKinds) {
+  const TestDir dir("kinds-plan");
+  const fs::path config = writeConfig(dir);
+  const ChaosPlan defaults = parseChaosPlan(planWith(config), dir.string(), "test.toml", false);
+  EXPECT_EQ(defaults.store, "tessera");
+  EXPECT_EQ(defaults.maxRestarts, 1000);
+  EXPECT_EQ(defaults.soak.kinds, std::vector<std::string>{"node"});
+  std::string text = planWith(config, "[[event]]\nat_s = 40\naction = \"kill_workers\"\nnode = 1\n");
+  // [job] keys go before the first other table.
+  text.insert(text.find("heartbeat_timeout_s"), "store = \"etcd\"\nmax_restarts = 7\n");
+  text.insert(text.find("mtbf_s"), "kinds = [\"workers\", \"node\"]\nweights = [3, 1]\n");
+  const ChaosPlan p = parseChaosPlan(text, dir.string(), "test.toml", false);
+  EXPECT_EQ(p.store, "etcd");
+  EXPECT_EQ(p.maxRestarts, 7);
+  EXPECT_EQ(p.events.back().action, "kill_workers");
+  EXPECT_EQ(p.soak.kinds, (std::vector<std::string>{"workers", "node"}));
+  EXPECT_EQ(p.soak.weights, (std::vector<double>{3, 1}));
+  auto refused = [&](const std::string& from, const std::string& to, const std::string& needle) {
+    std::string bad = text;
+    bad.replace(bad.find(from), from.size(), to);
+    try {
+      parseChaosPlan(bad, dir.string(), "test.toml", false);
+      ADD_FAILURE() << "accepted: " << to;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  refused("store = \"etcd\"", "store = \"zookeeper\"", "job.store");
+  refused("weights = [3, 1]", "weights = [3]", "one weight per entry");
+  refused("kinds = [\"workers\", \"node\"]", "kinds = [\"network\"]", "soak.kinds");
 }
 
 TEST(ChaosPlan, RatesInTcUnits) {
