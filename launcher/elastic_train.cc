@@ -2,9 +2,6 @@
 
 #include <signal.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -65,22 +62,6 @@ class LeaveOnSignal {
 
 double unixSeconds() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-// xxh64 over the bytes of every tensor, in order: equal on two nodes exactly
-// when their parameters are bit-identical.
-std::string parameterHash(const std::vector<at::Tensor>& tensors) {
-  XXH64_state_t* state = XXH64_createState();
-  XXH64_reset(state, 0);
-  for (const at::Tensor& t : tensors) {
-    const at::Tensor c = t.detach().cpu().contiguous();
-    XXH64_update(state, c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
-  }
-  const XXH64_hash_t hash = XXH64_digest(state);
-  XXH64_freeState(state);
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(hash));
-  return text;
 }
 
 // Rank 0's metrics file also gets the elastic events; without one they go to the log.
@@ -467,7 +448,7 @@ int runNode(TrainJobConfig job, const std::string& metricsPath, const comm::Faul
       std::ostringstream line;
       line << "{\"event\":\"outer_step\",\"step\":" << report.step << ",\"outer_step\":" << d.outerStep
            << ",\"epoch\":" << d.epoch << ",\"members\":" << d.members.size() << ",\"attempts\":" << mesh.lastAttempts()
-           << ",\"loss\":" << report.loss << ",\"param_hash\":\"" << parameterHash(built->dp->optimizerParameters())
+           << ",\"loss\":" << report.loss << ",\"param_hash\":\"" << hashTensors(built->dp->optimizerParameters())
            << "\",\"time_s\":" << std::fixed << unixSeconds() << "}";
       writeEvent(metrics, line.str());
     }

@@ -57,20 +57,6 @@ std::string elasticOptimizerMessage(const std::string& name) {
          "(each node one replica); got \"" + name + "\"";
 }
 
-// xxh64 of the tensors' bytes, in order, as 16 hex digits.
-std::string hashTensors(const std::vector<at::Tensor>& tensors) {
-  XXH64_state_t* state = XXH64_createState();
-  XXH64_reset(state, 0);
-  for (const at::Tensor& t : tensors) {
-    const at::Tensor c = t.detach().cpu().contiguous();
-    XXH64_update(state, c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
-  }
-  const XXH64_hash_t hash = XXH64_digest(state);
-  XXH64_freeState(state);
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(hash));
-  return text;
-}
 
 // The optimizer [optim] name selects, over the strategy's tensors. Collective
 // for the communication-light ones (they broadcast or split over dp_replicate).
@@ -174,6 +160,20 @@ std::unique_ptr<TrainableModel> buildModel(const TrainJobConfig& job, const para
 }
 
 }  // namespace
+
+std::string hashTensors(const std::vector<at::Tensor>& tensors) {
+  XXH64_state_t* state = XXH64_createState();
+  XXH64_reset(state, 0);
+  for (const at::Tensor& t : tensors) {
+    const at::Tensor c = t.detach().cpu().contiguous();
+    XXH64_update(state, c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
+  }
+  const XXH64_hash_t hash = XXH64_digest(state);
+  XXH64_freeState(state);
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(hash));
+  return text;
+}
 
 std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const DistributedContext& ctx,
                                         const std::string& metricsPath, const ElasticJobOptions* elastic) {

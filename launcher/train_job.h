@@ -63,6 +63,11 @@ struct ElasticJobOptions {
   int nodes = 1;  // slots in the job (max nodes): node * dp size shards in all
 };
 
+// xxh64 over the bytes of every tensor, in order, as 16 hex digits: equal on
+// two processes exactly when their tensors are bit-identical (the elastic
+// metrics' param_hash and outer_hash).
+std::string hashTensors(const std::vector<at::Tensor>& tensors);
+
 // Collective over ctx.world (the mesh splits it; DDP/FSDP broadcast rank 0's
 // parameters). Throws ConfigError for a config that does not fit the world.
 // `elastic` non-null: one node of an elastic run (see above); metrics are

@@ -47,10 +47,7 @@ bool Runner::perform(const std::string& action, int slot, const std::string& rat
   if (action == "kill_workers") {
     Incarnation* inc = current(slot);
     const int killed = inc != nullptr && inc->running ? killWorkers(inc->pid) : 0;
-    if (killed == 0) {
-      say("kill the workers of node " + std::to_string(slot) + ": skipped, none running");
-      return true;
-    }
+    if (killed == 0) return false;  // between a restart and its workers' start: try again later
     failureTimes_[slot] = unixNow();
     lastKill_[slot] = unixNow();
     recordAction(action, slot, std::to_string(killed) + " worker(s)");
@@ -117,7 +114,8 @@ void Runner::fireDueEvents() {
     if (perform(e.action, e.node, e.rate)) {
       fired_.insert(i);
     } else if (waitingNoted_.insert(i).second) {
-      say(e.action + " node " + std::to_string(e.node) + ": waiting for its previous launcher to exit");
+      say(e.action + " node " + std::to_string(e.node) +
+          (e.action == "kill_workers" ? ": waiting for its workers to start" : ": waiting for its previous launcher to exit"));
     }
   }
   // Soak: random kills, each followed by a restart.
@@ -144,15 +142,18 @@ void Runner::fireDueEvents() {
     if (!candidates.empty()) {
       const int slot = candidates[std::uniform_int_distribution<size_t>(0, candidates.size() - 1)(rng_)];
       const std::string kind = drawKind();
-      ++soakKills_;
-      say("soak kill " + std::to_string(soakKills_) + "/" + std::to_string(plan_.soak.kills) + " (" + kind + ")");
-      if (kind == "workers") {
-        perform("kill_workers", slot, "");  // its launcher restarts them
+      // A worker kill that finds none running (the launcher is between a
+      // restart and its workers' start) does not count: it is drawn again.
+      const bool landed = kind == "workers" ? perform("kill_workers", slot, "")  // its launcher restarts them
+                                            : perform("kill", slot, "");
+      if (landed) {
+        ++soakKills_;
+        say("soak kill " + std::to_string(soakKills_) + "/" + std::to_string(plan_.soak.kills) + " (" + kind + ")");
+        if (kind != "workers") soakRestarts_[slot] = now + plan_.soak.restartAfterSeconds;
+        nextSoakKill_ = soakKills_ < plan_.soak.kills ? now + drawGap() : -1;
       } else {
-        perform("kill", slot, "");
-        soakRestarts_[slot] = now + plan_.soak.restartAfterSeconds;
+        nextSoakKill_ = now + 1.0;
       }
-      nextSoakKill_ = soakKills_ < plan_.soak.kills ? now + drawGap() : -1;
     } else {
       nextSoakKill_ = now + 1.0;  // too few nodes alive: try again shortly
     }

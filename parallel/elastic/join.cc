@@ -136,6 +136,25 @@ std::optional<int64_t> ElasticMesh::newerGeneration() {
   return g;
 }
 
+// A joiner admitted with a source that died before publishing its sender
+// would wait for it until join_timeout_s, and the leader for the joiner
+// until wait_timeout_s. Instead it leaves at once (so the leader drops it
+// without waiting) and rejoins as a new incarnation. The admitting decision
+// is the one the leader recorded in "elastic/membership".
+void ElasticMesh::throwIfSourceDied() {
+  if (!store_->check({"elastic/membership"})) return;
+  const Membership latest = Membership::fromJson(store_->getString("elastic/membership"));
+  for (const auto& [joiner, source] : latest.joiners) {
+    if (joiner != me_) continue;
+    monitor_->watch({source});
+    monitor_->refresh({source});
+    if (monitor_->alive(source)) return;
+    monitor_->announceLeave();
+    throw Evicted("node " + me_ + " was admitted at outer step " + std::to_string(latest.outerStep) +
+                  " with source " + source + ", which died before sending the state; rejoining");
+  }
+}
+
 std::optional<RecoveryTicket> ElasticMesh::waitForAdmission() {
   // A joiner: wait to be admitted and for the source to publish its sender.
   const std::string key = recoveryKey(me_, identity_.localRank);
@@ -153,6 +172,7 @@ std::optional<RecoveryTicket> ElasticMesh::waitForAdmission() {
         ticket.decision = Membership::fromJson(j.at("decision").get<std::string>());
         return ticket;
       }
+      if (monitor_) throwIfSourceDied();
       if (store_->check({kFinishedKey})) {
         throw LeftJob("the elastic job already finished (at step " + store_->getString(kFinishedKey) +
                       "): nothing to join; start a new job (another --rdzv-id or a fresh store) to train again");

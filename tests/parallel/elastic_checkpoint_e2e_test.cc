@@ -37,35 +37,15 @@
 #include <vector>
 
 #include "tests/launcher/subprocess.h"
+#include "tests/parallel/elastic_metrics.h"
 
 namespace {
 
 using tessera::testing::Subprocess;
 using Json = nlohmann::json;
+using tessera::testing::eventsOf;
+using tessera::testing::readLines;
 namespace fs = std::filesystem;
-
-std::vector<Json> readLines(const std::string& path) {
-  std::vector<Json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    try {
-      out.push_back(Json::parse(line));
-    } catch (const Json::exception&) {
-      // a line cut by SIGKILL
-    }
-  }
-  return out;
-}
-
-std::vector<Json> eventsOf(const std::vector<Json>& lines, const std::string& kind) {
-  std::vector<Json> out;
-  for (const auto& j : lines) {
-    if (j.contains("event") && j["event"] == kind) out.push_back(j);
-  }
-  return out;
-}
 
 // The step `latest` names in a checkpoint root (-1: none).
 int64_t latestStep(const fs::path& root) {

@@ -39,40 +39,20 @@
 #include "tessera/parallel/elastic.h"
 #include "tests/harness/etcd_cluster.h"
 #include "tests/launcher/subprocess.h"
+#include "tests/parallel/elastic_metrics.h"
 
 namespace {
 
 using tessera::testing::EtcdCluster;
 using tessera::testing::Subprocess;
 using Json = nlohmann::json;
+using tessera::testing::eventsOf;
+using tessera::testing::readLines;
 using std::chrono::seconds;
 namespace fs = std::filesystem;
 
 double unixNow() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-std::vector<Json> readLines(const std::string& path) {
-  std::vector<Json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    try {
-      out.push_back(Json::parse(line));
-    } catch (const Json::exception&) {
-      // a line cut by SIGKILL
-    }
-  }
-  return out;
-}
-
-std::vector<Json> eventsOf(const std::string& path, const std::string& kind) {
-  std::vector<Json> out;
-  for (const auto& j : readLines(path)) {
-    if (j.contains("event") && j["event"] == kind) out.push_back(j);
-  }
-  return out;
 }
 
 // outer step -> param hash; a step seen twice (a restarted node's earlier

@@ -271,6 +271,50 @@ TEST_F(ElasticMeshTest, JoinerIsAdmittedServedAndThenAveraged) {
   EXPECT_EQ(admitted.joiners[0].first, "2.0");
 }
 
+// A joiner admitted with a source that dies before serving it leaves at once
+// (Evicted, to rejoin as a new incarnation) instead of waiting out
+// join_timeout_s, and the next decision drops it and the dead source without
+// waiting out wait_timeout_s (15 s here).
+TEST_F(ElasticMeshTest, JoinerWhoseSourceDiesBeforeServingLeavesAtOnce) {
+  ElasticConfig config = fastConfig();
+  config.wait_timeout_s = 15;
+  config.join_timeout_s = 60;
+  std::promise<void> firstStepDone;
+  std::shared_future<void> firstStep = firstStepDone.get_future().share();
+  auto founder = [&](int node) -> double {
+    ElasticMesh mesh(identity(node, 1, 3), config);
+    EXPECT_FALSE(mesh.join().has_value());
+    at::Tensor flat = contribution(node, 1);
+    mesh.averageAcrossNodes(flat, 1);
+    if (node == 0) firstStepDone.set_value();
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));  // the joiner registers
+    flat = contribution(node, 2);
+    const Membership admitted = mesh.averageAcrossNodes(flat, 2);
+    EXPECT_EQ(admitted.joiners.size(), 1u);
+    if (node == 0) {  // the source dies before serving; its launcher marks it dead
+      mesh.store()->setString("elastic/dead/0.0", "test: killed before serving its joiner");
+      return 0;
+    }
+    const auto begin = std::chrono::steady_clock::now();
+    flat = contribution(node, 3);
+    const Membership d = mesh.averageAcrossNodes(flat, 3);
+    EXPECT_EQ(d.members, (std::vector<std::string>{"1.0"}));
+    EXPECT_TRUE(at::equal(flat, contribution(1, 3)));
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  };
+  auto f0 = std::async(std::launch::async, founder, 0);
+  auto f1 = std::async(std::launch::async, founder, 1);
+  firstStep.wait();
+  ElasticMesh joiner(identity(2, 1, 3), config);
+  const auto begin = std::chrono::steady_clock::now();
+  EXPECT_THROW(joiner.join(), Evicted);
+  const double joinerWaited = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  f0.get();
+  const double survivorWaited = f1.get();
+  EXPECT_LT(joinerWaited, 10.0) << "the joiner must not wait out join_timeout_s (60 s)";
+  EXPECT_LT(survivorWaited, 10.0) << "the survivor must not wait out wait_timeout_s (15 s) for the joiner";
+}
+
 // A failure inside the outer all-reduce (the fault plan fails node 1's first
 // collective on its elastic group) is voted down and the same step is
 // retried on a re-formed group with the same inputs: the result is the

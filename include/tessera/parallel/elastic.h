@@ -328,7 +328,8 @@ class ElasticMesh {
   std::optional<int64_t> newerGeneration();  // a generation to move to, re-founding when ours is dead
   bool generationAbandoned();            // local rank 0: no candidate of the last decision alive
   void enterGeneration(int64_t generation);
-  std::optional<RecoveryTicket> waitForAdmission();  // nullopt: moved to a newer generation
+  std::optional<RecoveryTicket> waitForAdmission();
+  void throwIfSourceDied();  // joiner, local rank 0: throws Evicted (after a leave) when its source died  // nullopt: moved to a newer generation
 
   ElasticIdentity identity_;
   ElasticConfig config_;
