@@ -1,8 +1,10 @@
 #include "bench/allreduce_bench.h"
 
 #include <ATen/ops/empty.h>
+#ifdef TESSERA_BENCH_HAVE_GLOO
 #include <gloo/allreduce.h>
 #include <gloo/math.h>
+#endif
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -20,7 +22,9 @@
 #include <random>
 #include <regex>
 
+#ifdef TESSERA_BENCH_HAVE_GLOO
 #include "comm/gloo/gloo_communicator.h"
+#endif
 #include "bench/bench_command.h"
 #include "tessera/core/config.h"
 #include "tessera/core/metrics.h"
@@ -41,6 +45,7 @@ double median(std::vector<double> values) {
 
 // The backend's own all-reduce of `buffer` (float32 sum), bypassing tessera.
 std::function<void()> rawAllreduce(comm::Communicator& world, at::Tensor buffer) {
+#ifdef TESSERA_BENCH_HAVE_GLOO
   if (world.backend() == "gloo") {
     auto* gloo = dynamic_cast<comm::detail::GlooCommunicator*>(&world);
     TESSERA_CHECK(gloo != nullptr, "gloo backend without a GlooCommunicator");
@@ -54,6 +59,7 @@ std::function<void()> rawAllreduce(comm::Communicator& world, at::Tensor buffer)
       gloo::allreduce(opts);
     };
   }
+#endif
 #ifdef TESSERA_BENCH_HAVE_MPI
   if (world.backend() == "mpi") {
     return [buffer] {

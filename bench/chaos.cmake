@@ -1,8 +1,6 @@
 # tessera-chaos: fault-injection experiments on elastic jobs (bench/chaos/).
 # The plan reader, the runner and the report are a static library so the
 # report tests can call them without starting any training.
-find_package(tomlplusplus REQUIRED)
-find_package(nlohmann_json REQUIRED)
 
 add_library(tessera_chaos STATIC chaos/plan.cc chaos/report.cc chaos/runner.cc)
 target_include_directories(tessera_chaos PUBLIC ${PROJECT_SOURCE_DIR})

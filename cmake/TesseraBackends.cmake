@@ -17,13 +17,20 @@ if(NOT TESSERA_WITH_NCCL STREQUAL "OFF")
     set(CUDAToolkit_ROOT /usr/local/cuda)
   endif()
   find_package(CUDAToolkit QUIET)
-  find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
-  find_library(NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64)
+  # NCCL_ROOT (or $NCCL_HOME): another NCCL, e.g. the nvidia-nccl wheel PyTorch
+  # depends on, which ships only libnccl.so.2 (scripts/gpu-check.sh passes it).
+  if(NOT NCCL_ROOT AND DEFINED ENV{NCCL_HOME})
+    set(NCCL_ROOT $ENV{NCCL_HOME})
+  endif()
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${NCCL_ROOT}/include ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
+  find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2
+    HINTS ${NCCL_ROOT}/lib ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64)
   if(CUDAToolkit_FOUND AND NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
     set(TESSERA_HAVE_NCCL ON)
   elseif(TESSERA_WITH_NCCL STREQUAL "ON")
-    message(FATAL_ERROR "TESSERA_WITH_NCCL=ON but CUDA or NCCL was not found (looked in /usr/local/cuda)")
+    message(FATAL_ERROR "TESSERA_WITH_NCCL=ON but CUDA or NCCL was not found (looked in /usr/local/cuda and "
+                        "NCCL_ROOT='${NCCL_ROOT}'): install the CUDA toolkit and NCCL, or set NCCL_ROOT")
   endif()
 endif()
 
-message(STATUS "tessera backends: gloo=ON mpi=${TESSERA_HAVE_MPI} nccl=${TESSERA_HAVE_NCCL}")
+# (The configure summary, tessera_dependency_summary(), names both.)

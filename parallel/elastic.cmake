@@ -1,7 +1,6 @@
 # The elastic mesh: membership through the store, re-formed global groups.
 # elastic.cc is the mesh's life and its outer step; parallel/elastic/ holds
 # its ideas, one per file (see the list at the top of elastic.cc).
-find_package(nlohmann_json REQUIRED)
 target_sources(tessera PRIVATE
   ${CMAKE_CURRENT_SOURCE_DIR}/elastic.cc
   ${CMAKE_CURRENT_SOURCE_DIR}/elastic/membership.cc

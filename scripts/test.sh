@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Sets up the machine, builds tessera (Release) and runs the default test suite
-# (every test but those labelled "long": the end-to-end equivalence matrices).
+# (every test but those labelled "long": the end-to-end equivalence matrices,
+# and "gpu-dry-run": scripts/gpu-check.sh --dry-run, a second whole build).
 #   scripts/test.sh           the default suite (what .ci/run runs)
 #   scripts/test.sh --long    the default suite and the long tests
 #   scripts/test.sh --only-long   the long tests alone
+#   scripts/test.sh --gpu-dry-run the GPU check's dry run alone (a GPU-only
+#                             build with every optional library off; ~25 min here)
 # Exits non-zero on any failure. Build dir: $TESSERA_BUILD_DIR (default build/).
 set -euo pipefail
-labels=(-LE long)
+labels=(-LE 'long|gpu-dry-run')
 case "${1:-}" in
   "") ;;
-  --long) labels=() ;;
+  --long) labels=(-LE gpu-dry-run) ;;
   --only-long) labels=(-L long) ;;
-  *) echo "usage: scripts/test.sh [--long | --only-long]" >&2; exit 2 ;;
+  --gpu-dry-run) labels=(-L gpu-dry-run) ;;
+  *) echo "usage: scripts/test.sh [--long | --only-long | --gpu-dry-run]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 

@@ -10,17 +10,13 @@
 // Each proof binds both fresh nonces, so a recorded exchange cannot be
 // replayed, and the two roles use different labels, so a proof cannot be
 // reflected back at its sender.
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
-
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
+#include "comm/net/crypto.h"
 #include "tessera/comm/net.h"
 #include "tessera/core/error.h"
 
@@ -37,13 +33,7 @@ constexpr uint8_t kRefused = 1;
 constexpr char kClientLabel[] = "tessera-join-v1 client";
 constexpr char kServerLabel[] = "tessera-join-v1 server";
 
-Bytes freshNonce() {
-  Bytes nonce(kNonceBytes);
-  if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1) {
-    throw CommError("cannot draw a random nonce for the join handshake (OpenSSL RAND_bytes failed)");
-  }
-  return nonce;
-}
+Bytes freshNonce() { return randomBytes(kNonceBytes); }
 
 Bytes makeHello(const Bytes& nonce) {
   Bytes hello(kMagic, kMagic + sizeof(kMagic));
@@ -73,27 +63,10 @@ Bytes proof(const std::string& secret, const char* label, const Bytes& first, co
 }
 
 bool sameProof(const Bytes& a, const uint8_t* b) {
-  return a.size() == kProofBytes && CRYPTO_memcmp(a.data(), b, kProofBytes) == 0;
+  return a.size() == kProofBytes && constantTimeEqual(a.data(), b, kProofBytes);
 }
 
 }  // namespace
-
-Bytes hmacSha256(const std::string& key, const Bytes& data) {
-  Bytes out(EVP_MAX_MD_SIZE);
-  unsigned int length = 0;
-  // A non-null key pointer even for the empty secret: OpenSSL treats a null
-  // key as "reuse the previous one".
-  static const unsigned char kEmpty = 0;
-  const void* keyData = key.empty() ? static_cast<const void*>(&kEmpty) : key.data();
-  static const unsigned char kNoData = 0;
-  const unsigned char* input = data.empty() ? &kNoData : data.data();
-  if (HMAC(EVP_sha256(), keyData, static_cast<int>(key.size()), input, data.size(), out.data(), &length) ==
-      nullptr) {
-    throw CommError("HMAC-SHA256 failed inside OpenSSL");
-  }
-  out.resize(length);
-  return out;
-}
 
 std::string loadJoinSecretFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -1,7 +1,14 @@
 #include "tessera/core/data/fashion_mnist.h"
 
 #include <ATen/ATen.h>
+#if TESSERA_HAVE_ZLIB
 #include <zlib.h>
+#else
+#include <fstream>
+#include <iterator>
+
+#include "tessera/core/error.h"
+#endif
 
 #include <filesystem>
 #include <iomanip>
@@ -21,6 +28,7 @@ constexpr int64_t kClasses = 10;
                   " (scripts/setup.sh)");
 }
 
+#if TESSERA_HAVE_ZLIB
 // The whole decompressed content of a gzip file (zlib reads a file that is not
 // gzip as is, so raw IDX files work too).
 std::vector<uint8_t> readGzip(const std::string& path, const std::string& package) {
@@ -48,6 +56,21 @@ std::vector<uint8_t> readGzip(const std::string& path, const std::string& packag
   if (gzclose_r(file.release()) != Z_OK) fail(path, "truncated gzip stream (unexpected end of file)", package);
   return out;
 }
+#else
+// Without zlib (TESSERA_WITH_ZLIB=OFF): raw IDX files read as they are; a
+// gzip-compressed one is refused naming the option and the fix.
+std::vector<uint8_t> readGzip(const std::string& path, const std::string& package) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw DataError("cannot open " + path + "; install " + package + " (scripts/setup.sh)");
+  std::vector<uint8_t> out((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (out.size() >= 2 && out[0] == 0x1f && out[1] == 0x8b) {
+    throw NotSupported(path + " is gzip-compressed, but this tessera build has no zlib (TESSERA_WITH_ZLIB=OFF "
+                       "or zlib1g-dev missing when it was configured): decompress it (gunzip -k) and pass the "
+                       "raw file, or install zlib1g-dev and reconfigure");
+  }
+  return out;
+}
+#endif
 
 uint32_t bigEndian32(const uint8_t* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
@@ -119,8 +142,15 @@ ImageDataset loadFashionMnist(const std::string& dir, const std::string& split, 
   TESSERA_CHECK_ARG(split == "train" || split == "test",
                     "fashion-MNIST split must be \"train\" or \"test\", got \"" << split << "\"");
   const std::string prefix = dir + "/" + (split == "train" ? "train" : "t10k");
-  const std::string imagesPath = prefix + "-images-idx3-ubyte.gz";
-  const std::string labelsPath = prefix + "-labels-idx1-ubyte.gz";
+#if TESSERA_HAVE_ZLIB
+  const std::string suffix = ".gz";
+#else
+  // Without zlib the decompressed files (gunzip -k) are read when present.
+  const bool raw = std::filesystem::exists(prefix + "-images-idx3-ubyte");
+  const std::string suffix = raw ? "" : ".gz";
+#endif
+  const std::string imagesPath = prefix + "-images-idx3-ubyte" + suffix;
+  const std::string labelsPath = prefix + "-labels-idx1-ubyte" + suffix;
   IdxArray images = readIdx(imagesPath, 3);
   IdxArray labels = readIdx(labelsPath, 1);
   if (images.dims[1] != kImageSide || images.dims[2] != kImageSide) {

@@ -4,7 +4,6 @@ tessera_add_test(test_elastic elastic_test.cc)
 # End to end in real processes: tessera-store + one tessera-train per node,
 # nodes killed, restarted and refused (each test runs a few tiny DiLoCo jobs).
 if(TARGET tessera-store)
-  find_package(nlohmann_json REQUIRED)
   tessera_add_test(test_elastic_e2e elastic_e2e_test.cc ${PROJECT_SOURCE_DIR}/tests/launcher/subprocess.cc)
   target_include_directories(test_elastic_e2e PRIVATE ${PROJECT_SOURCE_DIR})
   target_link_libraries(test_elastic_e2e PRIVATE nlohmann_json::nlohmann_json)
@@ -30,7 +29,6 @@ if(TARGET tessera-store)
 endif()
 # The fast-detection tests drive the private heartbeat monitor (parallel/elastic/).
 target_include_directories(test_elastic PRIVATE ${PROJECT_SOURCE_DIR})
-find_package(nlohmann_json REQUIRED)
 target_link_libraries(test_elastic PRIVATE nlohmann_json::nlohmann_json)
 # Elastic training on a real 3-member etcd cluster (tests/harness/etcd_cluster.h;
 # skipped where the etcd binary is missing), one tessera-run --rdzv-backend etcd
