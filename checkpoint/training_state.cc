@@ -166,8 +166,12 @@ void readSlice(const StateDict& source, const std::string& name, const TensorSli
   for (const StatePiece& piece : t.pieces) {
     if (!piece.slice.boxIntersects(slice) || overlapCount(piece.slice, slice) == 0) continue;
     const at::Tensor from = piece.local.reshape({-1}).contiguous();
-    at::Tensor to = dest.scalar_type() == from.scalar_type() ? dest : at::empty({slice.numel}, from.options());
-    copyOverlap(piece.slice, from, slice, to);
+    // copyOverlap reads and writes host memory: a device `dest` is staged on the host too.
+    at::Tensor to = dest.scalar_type() == from.scalar_type() && dest.is_cpu() && from.is_cpu()
+                        ? dest
+                        : at::empty({slice.numel}, from.options().device(at::kCPU));
+    const at::Tensor fromHost = from.cpu();
+    copyOverlap(piece.slice, fromHost, slice, to);
     forEachOverlap(piece.slice, slice, [&](int64_t, int64_t at, int64_t count) {
       held.push_back(TensorSlice::box({0}, {slice.numel}).narrowFlat(at, count));
       if (!to.is_same(dest)) dest.narrow(0, at, count).copy_(to.narrow(0, at, count));

@@ -7,6 +7,8 @@
 
 namespace tessera::comm {
 
+bool glooBackendBuilt() { return false; }
+
 CommPtr makeGlooCommunicator(StorePtr, const std::string& prefix, int, int, GlooOptions) {
   throw NotSupported("tessera was built without the Gloo backend (TESSERA_WITH_GLOO=OFF, or Gloo not found when "
                      "it was configured), so group '" + prefix +

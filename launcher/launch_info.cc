@@ -132,17 +132,25 @@ LaunchInfo detectLauncher(const EnvMap& env) {
   return LaunchInfo{};
 }
 
-std::string resolveBackend(const LaunchInfo& info, const EnvMap& env, const std::string& requested, bool mpiBuilt) {
-  if (requested != "auto" && requested != "gloo" && requested != "mpi") {
-    throw InvalidArgument("backend '" + requested + "' is not one of auto, gloo, mpi");
+bool knownBackend(const std::string& name) {
+  return name == "auto" || name == "gloo" || name == "mpi" || name == "nccl";
+}
+
+std::string resolveBackend(const LaunchInfo& info, const EnvMap& env, const std::string& requested, bool mpiBuilt,
+                           bool cuda) {
+  if (!knownBackend(requested)) {
+    throw InvalidArgument("backend '" + requested + "' is not one of auto, gloo, mpi, nccl");
   }
   std::string backend = requested;
+  // On a CUDA device only NCCL moves the tensors; tessera-run exports
+  // TESSERA_BACKEND=gloo for its own store, which does not apply here.
+  if (backend == "auto" && cuda) return info.worldSize == 1 ? "single" : "nccl";
   if (backend == "auto") {
     if (const std::string* fromEnv = lookup(env, env::kBackend)) backend = *fromEnv;
   }
-  if (backend != "auto" && backend != "gloo" && backend != "mpi") {
+  if (!knownBackend(backend)) {
     throw InvalidArgument(std::string(env::kBackend) + "='" + backend +
-                          "' is not a backend: set it to gloo or mpi, or unset it to choose automatically");
+                          "' is not a backend: set it to gloo, mpi or nccl, or unset it to choose automatically");
   }
   if (backend == "auto") {
     if (info.worldSize == 1) return "single";
@@ -174,10 +182,12 @@ void resolveStoreAddress(LaunchInfo& info, const EnvMap& env) {
   if (info.masterPort == 0 && info.launchedBy == "slurm") {
     if (auto jobId = envInt(env, "SLURM_JOB_ID")) info.masterPort = 10000 + *jobId % 20000;
   }
-  const bool needsStore = (info.backend == "gloo" && info.worldSize > 1) || info.storeHostedByLauncher;
+  const bool overStore = info.backend == "gloo" || info.backend == "nccl";
+  const bool needsStore = (overStore && info.worldSize > 1) || info.storeHostedByLauncher;
   if (!needsStore) return;
   if (info.masterPort == 0) {
-    throw InvalidArgument("MASTER_PORT is not set, but a Gloo world of " + std::to_string(info.worldSize) +
+    throw InvalidArgument("MASTER_PORT is not set, but a " + std::string(info.backend == "nccl" ? "NCCL" : "Gloo") +
+                          " world of " + std::to_string(info.worldSize) +
                           " processes meets through a TCP store: export MASTER_PORT=<free port> (and "
                           "MASTER_ADDR=<host of rank 0>) on every rank, or start the job with tessera-run");
   }
@@ -213,9 +223,9 @@ std::string LaunchInfo::describe() const {
   return out.str();
 }
 
-LaunchInfo detectLaunch(const EnvMap& env, const std::string& requestedBackend, bool mpiBuilt) {
+LaunchInfo detectLaunch(const EnvMap& env, const std::string& requestedBackend, bool mpiBuilt, bool cuda) {
   LaunchInfo info = detectLauncher(env);
-  info.backend = resolveBackend(info, env, requestedBackend, mpiBuilt);
+  info.backend = resolveBackend(info, env, requestedBackend, mpiBuilt, cuda);
   resolveStoreAddress(info, env);
   return info;
 }

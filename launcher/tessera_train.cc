@@ -6,9 +6,11 @@
 //       [--resume DIR]
 //
 // Reads and validates the config before any communication (a typo fails at
-// once on every rank with the same message), joins the job (tessera::init),
-// builds mesh -> model -> data-parallel strategy -> optimizer -> data, and
-// hands them to tessera::Trainer. The rank that has the loss (rank 0 today)
+// once on every rank with the same message), joins the job (tessera::init,
+// which resolves train.device -- "cuda" is cuda:LOCAL_RANK -- and makes the
+// NCCL world when the backend is nccl), builds mesh -> model (moved to the
+// device) -> data-parallel strategy -> optimizer -> data, and hands them to
+// tessera::Trainer. The rank that has the loss (rank 0 today)
 // writes the metrics file.
 //
 // Checkpoints: every N steps (after the step's evaluation) and after the last
@@ -90,7 +92,8 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
                                                           std::to_string(job.parallel.pipeline.microBatchesFor(
                                                               job.parallel.mesh.pp)) + " micro-batches"
                                                     : std::string())
-                       << ", " << built->threads << " threads per rank";
+                       << ", " << built->threads << " threads per rank"
+                       << (built->parts.device.is_cuda() ? " on " + built->parts.device.str() : std::string());
   }
   Trainer trainer(built->parts, job.train);
   comm::StepFaults stepFaults(plan, ctx.rank());
@@ -128,7 +131,7 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
       failure = std::current_exception();
     }
     at::Tensor failed = at::full({1}, failure ? 1.0f : 0.0f);
-    ctx.world->allReduce(failed, comm::ReduceOp::kMax);  // collective
+    ctx.host()->allReduce(failed, comm::ReduceOp::kMax);  // collective; a CPU flag
     if (failure) std::rethrow_exception(failure);
     if (failed.item<float>() > 0) throw Error("another rank could not restore " + flags.resume + " (see its message)");
     if (ctx.rank() == 0) {
@@ -142,7 +145,8 @@ int runJob(const TrainJobConfig& job, DistributedContext ctx, const std::string&
     options.dir = flags.dir;
     options.keep = flags.keep;
     options.zstdLevel = flags.level;
-    checkpointer = std::make_unique<checkpoint::Checkpointer>(options, ctx.world);  // collective
+    // Its agreements exchange CPU tensors: the host world (checkpoint/ copies device tensors to the host).
+    checkpointer = std::make_unique<checkpoint::Checkpointer>(options, ctx.host());  // collective
     if (flags.every > 0) {
       trainer.callbacks().afterStep.push_back([&](const StepReport& report) {
         if (report.step % flags.every != 0) return;
@@ -212,6 +216,13 @@ int main(int argc, char** argv) {
   }
   const char* elastic = std::getenv("TESSERA_ELASTIC");
   if (elastic != nullptr && std::string(elastic) == "1") {
+    if (job.train.device != "cpu") {
+      const tessera::ConfigError e("train.device", "is \"" + job.train.device +
+                                                       "\", but elastic runs (tessera-run --nnodes MIN:MAX) form Gloo "
+                                                       "groups of CPU tensors: set train.device = \"cpu\"");
+      std::fprintf(stderr, "tessera-train: %s\n", e.what());
+      return 2;
+    }
     // Elastic checkpoints: the leader node saves at outer-step boundaries;
     // founders resume from the latest in the directory (elastic_train.h).
     tessera::launcher::ElasticCheckpoints checkpoints;
@@ -226,6 +237,9 @@ int main(int argc, char** argv) {
   try {
     tessera::InitOptions options;
     options.backend = job.parallel.backend;
+    options.device = job.train.device;  // "cuda": this process's LOCAL_RANK-th GPU
+    options.backendKey = "parallel.backend";
+    options.deviceKey = "train.device";
     const tessera::DistributedContext ctx = tessera::init(options);
     return tessera::launcher::runJob(job, ctx, metricsPath, flags,
                                      tessera::launcher::describeRun(job, configPath, overrides, ctx.worldSize()),

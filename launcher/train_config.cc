@@ -72,7 +72,7 @@ Schema schemaOf(TrainJobConfig& c) {
   s["train"] = {{"steps", &t.steps},           {"grad_accum", &t.grad_accum}, {"clip", &t.clip},
                 {"eval_every", &t.eval_every}, {"eval_batches", &t.eval_batches}, {"log_every", &t.log_every},
                 {"seed", &t.seed},             {"threads", &t.threads},       {"progress", &t.progress},
-                {"post_validation", &t.post_validation}};
+                {"post_validation", &t.post_validation}, {"device", &t.device}};
   auto& p = c.parallel;
   s["parallel"] = {{"dp_replicate", &p.mesh.dp_replicate}, {"dp_shard", &p.mesh.dp_shard}, {"tp", &p.mesh.tp},
                    {"pp", &p.mesh.pp},     {"ep", &p.mesh.ep},           {"strategy", &p.strategy},
@@ -348,6 +348,9 @@ void TrainJobConfig::validate() const {
   optim.validate("optim.");
   schedule.validate("optim.");
   train.validate("train.");
+  // What runs on the device (and backend "nccl" only there): one check, shared with parallelize().
+  parallel.validateDevice(parseDeviceSpec(train.device, "train.device").cuda, localUpdates(), steppingOptimizer(),
+                          "train.device");
 }
 
 TrainJobConfig parseTrainJobConfig(const std::string& tomlText, const std::vector<std::string>& overrides,

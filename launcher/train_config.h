@@ -64,7 +64,9 @@ struct TrainJobConfig {
   // fits the dataset; gpt: data.seq_len <= model.block_size; fsdp and
   // hybrid need model.kind = "gpt"; parallel.tp > 1 needs a dense GPT whose
   // model.n_head, and with parallel.sequence_parallel data.seq_len, tp
-  // divides). Not the world-size checks: parallel.resolve(worldSize,
+  // divides; train.device = "cuda" runs what parallel::ParallelConfig::
+  // validateDevice allows, and parallel.backend = "nccl" needs it). Not the
+  // world-size checks: parallel.resolve(worldSize,
   // localUpdates()) does those, once. Throws ConfigError naming the key.
   void validate() const;
   // True for the optimizers that replicate over dp_replicate themselves.

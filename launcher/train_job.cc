@@ -227,8 +227,9 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
       job->numParameters += n;
     }
   }
+  // Moves the model to ctx.device (train.device) first, then wraps it.
   job->parallel = parallel::parallelize(*job->model, *job->mesh, config.parallel, localUpdates,
-                                        config.steppingOptimizer());  // collective
+                                        config.steppingOptimizer(), ctx.device);  // collective
   job->dp = job->parallel.dp.get();
   job->dpComm = job->parallel.dataComm;
   job->optimizer = makeJobOptimizer(config, *job->dp, *job->mesh, job->parallel, elastic);  // collective for DiLoCo
@@ -262,9 +263,11 @@ std::unique_ptr<TrainJob> buildTrainJob(const TrainJobConfig& config, const Dist
   parts.metrics = job->metrics.get();
   parts.reportsProgress = job->parallel.reportsMetrics;
   parts.stageNorm = job->parallel.stageNorm;
+  parts.device = job->parallel.device;  // batches are copied there
   if (config.model.kind == "gpt" && config.model.gpt.use_moe && !elastic) {  // after parallelize(): experts split
     job->moeLoad = std::make_unique<parallel::MoeLoadCollector>(
-        job->model->module(), config.model.gpt.n_layer, config.model.gpt.moe.num_experts, job->mesh->world());
+        job->model->module(), config.model.gpt.n_layer, config.model.gpt.moe.num_experts,
+        ctx.hostWorld ? ctx.hostWorld : job->mesh->world());  // CPU tables: NCCL's host group
     parts.extraMetrics = job->moeLoad->metricsHook();  // collective over the world at every logged step
   }
   if (elastic && config.optimizer == "diloco") {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "tessera/comm/nccl.h"
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/core/models/gpt.h"
@@ -22,8 +23,8 @@ namespace tessera::parallel {
 DataParallelPlan ParallelConfig::resolve(int worldSize, bool localUpdates, const std::string& prefix) const {
   TESSERA_CHECK_CONFIG(strategy == "none" || strategy == "ddp" || strategy == "fsdp" || strategy == "hybrid",
                        prefix + "strategy", "got '" << strategy << "' (valid: none, ddp, fsdp, hybrid)");
-  TESSERA_CHECK_CONFIG(backend == "auto" || backend == "gloo" || backend == "mpi", prefix + "backend",
-                       "got '" << backend << "' (valid: auto, gloo, mpi)");
+  TESSERA_CHECK_CONFIG(backend == "auto" || backend == "gloo" || backend == "mpi" || backend == "nccl",
+                       prefix + "backend", "got '" << backend << "' (valid: auto, gloo, mpi, nccl)");
   TESSERA_CHECK_CONFIG(bucket_mb > 0, prefix + "bucket_mb", "must be > 0, got " << bucket_mb);
   mesh.validate(worldSize, prefix);
   if (mesh.pp > 1) pipeline.validate(mesh.pp);
@@ -77,6 +78,41 @@ DataParallelPlan ParallelConfig::resolveDataAxes(bool localUpdates, const std::s
     plan.gradientAxes = {MeshAxis::kDpReplicate, MeshAxis::kDpShard};
   }
   return plan;
+}
+
+void ParallelConfig::validateDevice(bool cuda, bool localUpdates, const std::string& optimizer,
+                                    const std::string& deviceKey, const std::string& prefix) const {
+  const std::string backendKey = prefix + "backend";
+  if (backend == "nccl") {
+    TESSERA_CHECK_CONFIG(cuda, backendKey,
+                         "\"nccl\" moves CUDA tensors, but " << deviceKey << " is the CPU: set " << deviceKey
+                             << " = \"cuda\", or use " << backendKey << " = \"gloo\" (or \"auto\") on the CPU");
+    TESSERA_CHECK_CONFIG(comm::ncclBackendBuilt(), backendKey,
+                         "\"nccl\", but this build of tessera has no NCCL: install the CUDA toolkit and NCCL and "
+                         "reconfigure with -DTESSERA_WITH_NCCL=ON (or set CUDAToolkit_ROOT)");
+  }
+  if (!cuda) return;
+  const std::string why = " on " + deviceKey + " = \"cuda\"";
+  TESSERA_CHECK_CONFIG(backend == "auto" || backend == "nccl", backendKey,
+                       "\"" << backend << "\" moves CPU tensors only; with " << deviceKey
+                             << " = \"cuda\" use \"nccl\" or \"auto\"");
+  TESSERA_CHECK_CONFIG(strategy == "none" || strategy == "ddp", prefix + "strategy",
+                       "\"" << strategy << "\" keeps its flat shards in CPU buffers; valid" << why
+                             << ": none, ddp");
+  for (MeshAxis axis : {MeshAxis::kTp, MeshAxis::kPp, MeshAxis::kEp}) {
+    TESSERA_CHECK_CONFIG(mesh.degree(axis) == 1, prefix + toString(axis),
+                         "must be 1" << why << " (got " << mesh.degree(axis)
+                                     << "): the gradient norm over tensor-, pipeline- and expert-parallel ranks "
+                                        "reduces CPU tensors; use " << prefix << "dp_replicate for more GPUs");
+  }
+  TESSERA_CHECK_CONFIG(!localUpdates, "optim.name",
+                       "DiLoCo, DeMo and MT-DAO keep host-side copies and codecs; use \"adamw\" or \"sgd\"" << why);
+  TESSERA_CHECK_CONFIG(optimizer == "adamw" || optimizer == "sgd", "optim.name",
+                       "got '" << optimizer << "'; valid" << why << ": adamw, sgd");
+  TESSERA_CHECK_CONFIG(precision.mode != "fp8", "precision.mode",
+                       "\"fp8\" runs FP8 codecs and the FP8 gradient ring on the CPU; valid" << why << ": fp32, bf16");
+  TESSERA_CHECK_CONFIG(grad_comm != "fp8", prefix + "grad_comm",
+                       "\"fp8\" runs the FP8 ring over CPU tensors; valid" << why << ": fp32, bf16");
 }
 
 int PipelineConfig::chunksPerRank() const {
@@ -256,11 +292,18 @@ void addTraffic(std::vector<NamedComm>& traffic, const std::string& name, const 
 }  // namespace
 
 ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const ParallelConfig& config,
-                          bool localUpdates, const std::string& optimizer) {
+                          bool localUpdates, const std::string& optimizer, c10::Device device) {
   ParallelModel out;
   out.plan = config.resolve(mesh.world()->size(), localUpdates);  // the same error on every rank, before any collective
+  config.validateDevice(device.is_cuda(), localUpdates, optimizer);
   out.precision = resolvePrecision(config.precision, config.grad_comm, out.plan.strategy, optimizer);
   const DataParallelPlan& plan = out.plan;
+
+  // Step 0: the device, before any step allocates buffers shaped like the
+  // parameters (DDP's buckets take their options). On the CPU to() keeps
+  // the same tensors.
+  out.device = device;
+  model.module().to(device);
 
   // Step 1: the pipeline split. The caller built this rank's part (pipelinePart).
   const int pp = config.mesh.pp;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the machine, builds tessera (Release) and runs the default test suite
 # (every test but those labelled "long": the end-to-end equivalence matrices,
-# and "gpu-dry-run": scripts/gpu-check.sh --dry-run, a second whole build).
+# and "dry-run": scripts/gpu-check.sh --dry-run, a second whole build).
 #   scripts/test.sh           the default suite (what .ci/run runs)
 #   scripts/test.sh --long    the default suite and the long tests
 #   scripts/test.sh --only-long   the long tests alone
@@ -9,12 +9,12 @@
 #                             build with every optional library off; ~25 min here)
 # Exits non-zero on any failure. Build dir: $TESSERA_BUILD_DIR (default build/).
 set -euo pipefail
-labels=(-LE 'long|gpu-dry-run')
+labels=(-LE 'long|dry-run')
 case "${1:-}" in
   "") ;;
-  --long) labels=(-LE gpu-dry-run) ;;
+  --long) labels=(-LE dry-run) ;;
   --only-long) labels=(-L long) ;;
-  --gpu-dry-run) labels=(-L gpu-dry-run) ;;
+  --gpu-dry-run) labels=(-L dry-run) ;;
   *) echo "usage: scripts/test.sh [--long | --only-long | --gpu-dry-run]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."

@@ -102,6 +102,13 @@ Trainer::Trainer(TrainerParts parts, TrainConfig config) : parts_(std::move(part
   config_.validate();
   TESSERA_CHECK_ARG(parts_.model && parts_.dp && parts_.optimizer && parts_.train && parts_.schedule,
                     "Trainer: model, dp, optimizer, schedule and train source are required");
+  for (const at::Tensor& p : parts_.model->module().parameters()) {
+    // Empty ones are FSDP's released parameters; their data lives in the strategy.
+    TESSERA_CHECK_ARG(p.numel() == 0 || p.device() == parts_.device,
+                      "Trainer: a model parameter is on " << p.device() << " but TrainerParts::device is "
+                          << parts_.device << "; move the model (module().to(device)) before building the "
+                          << "strategy and the optimizer over its parameters, or pass its device");
+  }
   executor_ = parts_.executor;
   if (executor_ == nullptr) {
     ownExecutor_ = parallel::makeLocalStepExecutor(*parts_.model, *parts_.dp,
@@ -153,12 +160,21 @@ double Trainer::forwardBackward() {
   microBatches.reserve(static_cast<size_t>(config_.grad_accum));
   const int64_t dataRanks = parts_.dataComm ? parts_.dataComm->size() : 1;
   for (int64_t i = 0; i < config_.grad_accum; ++i) {
-    microBatches.push_back(parts_.train->next());
+    microBatches.push_back(onDevice(parts_.train->next()));
     state_.tokens += microBatches.back().tokens * dataRanks;
     windowTokens_ += microBatches.back().tokens * dataRanks;
   }
   const std::optional<double> loss = executor_->forwardBackward(microBatches, state_.step);
   return loss.value_or(std::numeric_limits<double>::quiet_NaN());
+}
+
+// non_blocking: the copy is ordered on the current stream before the forward
+// that reads it; from pageable CPU memory it is a synchronous copy anyway.
+// On the CPU, to() returns the same tensors (no copy).
+Batch Trainer::onDevice(Batch batch) const {
+  batch.inputs = batch.inputs.to(parts_.device, /*non_blocking=*/true);
+  batch.targets = batch.targets.to(parts_.device, /*non_blocking=*/true);
+  return batch;
 }
 
 // Step 3 of the header comment. Every rank reaches the same decision: the
@@ -204,7 +220,7 @@ double Trainer::evaluate() {
   module.eval();
   double sum = 0;
   for (int64_t i = 0; i < config_.eval_batches; ++i) {
-    sum += executor_->evaluate(parts_.val->next()).value_or(std::numeric_limits<double>::quiet_NaN());
+    sum += executor_->evaluate(onDevice(parts_.val->next())).value_or(std::numeric_limits<double>::quiet_NaN());
   }
   module.train(wasTraining);
   return averageOverDp(sum / static_cast<double>(config_.eval_batches));
@@ -262,8 +278,8 @@ void Trainer::countTraffic(StepReport& r) const {
 double Trainer::averageOverDp(double value) {
   if (!executor_->hasLoss()) return std::numeric_limits<double>::quiet_NaN();
   if (!parts_.dataComm || parts_.dataComm->size() == 1) return value;
-  at::Tensor t = at::tensor({value}, at::kDouble);
-  parts_.dataComm->allReduce(t, comm::ReduceOp::kAvg);
+  at::Tensor t = at::tensor({value}, at::TensorOptions().dtype(at::kDouble)).to(parts_.device);
+  parts_.dataComm->allReduce(t, comm::ReduceOp::kAvg);  // NCCL: a device tensor
   return t.item<double>();
 }
 

@@ -567,6 +567,8 @@ CommPtr GlooCommunicator::split(int color, int key, const std::string& suffix) {
 
 namespace tessera::comm {
 
+bool glooBackendBuilt() { return true; }
+
 CommPtr makeGlooCommunicator(StorePtr store, const std::string& prefix, int rank, int size, GlooOptions options) {
   TESSERA_CHECK_ARG(store != nullptr, "makeGlooCommunicator needs a store");
   TESSERA_CHECK_ARG(size >= 1, "group size must be >= 1, got " << size);

@@ -58,12 +58,14 @@ std::string goldenPath() {
          corpusHash() + ".json";
 }
 
-std::vector<double> trainLosses() {
+// The losses of `steps` steps of gpt-tiny on 2 ranks, with `extra` flags.
+std::vector<double> trainLosses(int steps = kSteps, const std::vector<std::string>& extra = {}) {
   const std::string metrics = ::testing::TempDir() + "golden_" + std::to_string(getpid()) + ".jsonl";
-  const std::vector<std::string> argv = {
+  std::vector<std::string> argv = {
       TESSERA_RUN_PATH, "--nproc-per-node", "2", "--master-port", "0", TESSERA_TRAIN_PATH, "--config",
       std::string(TESSERA_EXAMPLE_CONFIGS) + "/gpt-tiny.toml", "--metrics", metrics,
-      "--set", "train.steps=" + std::to_string(kSteps), "--set", "train.log_every=1", "--set", "train.eval_batches=0"};
+      "--set", "train.steps=" + std::to_string(steps), "--set", "train.log_every=1", "--set", "train.eval_batches=0"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
   const ProcessResult r = runProcess(argv, std::chrono::seconds(180), {}, kForeignLaunchVars);
   EXPECT_EQ(r.exitCode, 0) << r.output;
   std::vector<double> losses;
@@ -99,6 +101,16 @@ TEST(GoldenLoss, GptTinyOnTwoRanksFollowsTheRecordedCurve) {
         << "step " << i + 1 << " left the golden curve (" << path
         << "); if the math changed on purpose, re-record with TESSERA_RECORD_GOLDEN=1 and say why";
   }
+}
+
+// train.device = "cpu" spelled out is the default: the same losses, bit for bit.
+TEST(GoldenLoss, ExplicitCpuDeviceTrainsAsTheDefault) {
+  constexpr int kFewSteps = 4;
+  const std::vector<double> byDefault = trainLosses(kFewSteps);
+  const std::vector<double> onCpu = trainLosses(kFewSteps, {"--set", "train.device=\"cpu\""});
+  ASSERT_EQ(byDefault.size(), static_cast<size_t>(kFewSteps));
+  ASSERT_EQ(onCpu.size(), byDefault.size());
+  for (size_t i = 0; i < onCpu.size(); ++i) EXPECT_EQ(onCpu[i], byDefault[i]) << "step " << i + 1;
 }
 
 }  // namespace

@@ -3,10 +3,12 @@
 // in-process: single rank, rank 0 hosting the store, an unreachable store.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 
 #include "tessera/core/config.h"
 #include "tessera/core/error.h"
 #include "tessera/launcher/init.h"
+#include "tests/harness/checks.h"
 #include "tests/harness/multiprocess.h"
 #include "tests/launcher/subprocess.h"
 
@@ -212,11 +214,11 @@ TEST(DetectLaunch, BadVariablesNameTheVariableAndTheFix) {
 }
 
 TEST(DetectLaunch, BadBackendChoices) {
-  std::string error = launchError({{"TESSERA_BACKEND", "nccl"}});
-  EXPECT_NE(error.find("TESSERA_BACKEND='nccl'"), std::string::npos) << error;
+  std::string error = launchError({{"TESSERA_BACKEND", "ucc"}});
+  EXPECT_NE(error.find("TESSERA_BACKEND='ucc'"), std::string::npos) << error;
   error = launchError({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1"}, {"TESSERA_BACKEND", "mpi"}});
   EXPECT_NE(error.find("backend mpi needs processes started by mpirun"), std::string::npos) << error;
-  EXPECT_NE(launchError({}, "nccl").find("not one of auto, gloo, mpi"), std::string::npos);
+  EXPECT_NE(launchError({}, "ucc").find("not one of auto, gloo, mpi"), std::string::npos);
 }
 
 TEST(DetectLaunch, DescribeNamesEverything) {
@@ -227,10 +229,10 @@ TEST(DetectLaunch, DescribeNamesEverything) {
 
 TEST(InitOptions, ValidateNamesTheField) {
   InitOptions options;
-  options.backend = "nccl";
+  options.backend = "ucc";
   try {
     options.validate();
-    FAIL() << "validate() accepted backend 'nccl'";
+    FAIL() << "validate() accepted backend 'ucc'";
   } catch (const ConfigError& e) {
     EXPECT_EQ(e.field(), "backend");
   }
@@ -240,6 +242,9 @@ TEST(InitOptions, ValidateNamesTheField) {
   options = InitOptions{};
   options.storeTimeout = std::chrono::milliseconds(-1);
   EXPECT_THROW(options.validate(), ConfigError);
+  options = InitOptions{};
+  options.device = "gpu";
+  EXPECT_EQ(testing::configErrorOf([&] { options.validate(); }).field(), "device");
 }
 
 TEST(Init, SingleProcessGetsAWorldOfOne) {
@@ -279,6 +284,51 @@ TEST(Init, BadOptionsThrowBeforeAnythingElse) {
   InitOptions options;
   options.backend = "tcp";
   EXPECT_THROW(init(options, EnvMap{}), ConfigError);
+}
+
+// A CUDA device picks NCCL for a world of more than one, whatever tessera-run
+// exported for its own store; a world of 1 needs no backend. Explicit NCCL
+// meets through the store like Gloo.
+TEST(DetectLaunch, CudaDevicePicksNccl) {
+  EXPECT_EQ(detectLaunch({}, "auto", true, /*cuda=*/true).backend, "single");
+  const EnvMap two = {{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1234"}, {"TESSERA_BACKEND", "gloo"}};
+  EXPECT_EQ(detectLaunch(two, "auto", true, /*cuda=*/true).backend, "nccl");
+  EXPECT_EQ(detectLaunch(two, "auto", true, /*cuda=*/false).backend, "gloo");  // the CPU: as before
+  EXPECT_EQ(detectLaunch(two, "nccl", true).backend, "nccl");
+  EXPECT_EQ(detectLaunch({}, "nccl", true).backend, "nccl");  // explicit: an NCCL world of 1
+  const std::string noPort = launchError({{"RANK", "1"}, {"WORLD_SIZE", "2"}}, "nccl");
+  EXPECT_NE(noPort.find("MASTER_PORT is not set, but a NCCL world of 2"), std::string::npos) << noPort;
+  EXPECT_NE(launchError({}, "ucc").find("auto, gloo, mpi, nccl"), std::string::npos);
+}
+
+// On this machine (CPU-only libtorch) a CUDA device is a ConfigError naming
+// the key the caller gave; NCCL on the CPU names the backend's key.
+TEST(Init, DeviceAndBackendErrorsNameTheCallersKeys) {
+  InitOptions options;
+  options.deviceKey = "train.device";
+  options.backendKey = "parallel.backend";
+  options.device = "cuda:x";
+  EXPECT_EQ(testing::configErrorOf([&] { init(options, EnvMap{}); }).field(), "train.device");
+  options.device = "cpu";
+  options.backend = "nccl";
+  const ConfigError cpuNccl = testing::configErrorOf([&] { init(options, EnvMap{}); });
+  EXPECT_EQ(cpuNccl.field(), "parallel.backend");
+  EXPECT_NE(std::string(cpuNccl.what()).find("set train.device = \"cuda\""), std::string::npos) << cpuNccl.what();
+  if (at::hasCUDA() && torch::cuda::device_count() > 0) GTEST_SKIP() << "CUDA is available here";
+  options.backend = "auto";
+  options.device = "cuda";
+  const ConfigError noCuda = testing::configErrorOf([&] { init(options, EnvMap{}); });
+  EXPECT_EQ(noCuda.field(), "train.device");
+  EXPECT_NE(std::string(noCuda.what()).find("CUDA"), std::string::npos) << noCuda.what();
+}
+
+TEST(Init, ExplicitCpuDeviceIsTheDefault) {
+  InitOptions options;
+  options.device = "cpu";
+  DistributedContext ctx = init(options, EnvMap{});
+  EXPECT_TRUE(ctx.device.is_cpu());
+  EXPECT_EQ(ctx.hostWorld, nullptr);
+  EXPECT_EQ(ctx.host(), ctx.world);
 }
 
 // Every rank runs init() over a torchrun-style environment without a

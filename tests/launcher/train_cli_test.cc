@@ -3,7 +3,9 @@
 // shipped tiny GPT config must end at least 0.3 nats/byte below a smoothed
 // bigram model fitted here on the same training split and scored on the same
 // validation bytes.
+#include <ATen/Context.h>
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
@@ -98,6 +100,26 @@ TEST(TrainCli, BadConfigFailsOnEveryRankNamingTheKey) {
                                                 std::chrono::seconds(60));
   EXPECT_NE(degrees.exitCode, 0);
   EXPECT_NE(degrees.output.find("the world has 2 ranks"), std::string::npos) << degrees.output;
+}
+
+// train.device and parallel.backend = "nccl" as a user meets them, from the
+// binary alone (a world of 1): on this machine CUDA is not there, which the
+// startup check reports naming train.device (exit 2, a config error);
+// NCCL on the CPU is refused before anything starts.
+TEST(TrainCli, DeviceErrorsNameTheKey) {
+  if (at::hasCUDA() && torch::cuda::device_count() > 0) GTEST_SKIP() << "CUDA is available here";
+  const std::string config = std::string(TESSERA_EXAMPLE_CONFIGS) + "/mnist-mlp.toml";
+  const ProcessResult cuda = runProcess({TESSERA_TRAIN_PATH, "--config", config, "--set", "train.device=cuda"},
+                                        std::chrono::seconds(60), {}, kForeignLaunchVars);
+  EXPECT_EQ(cuda.exitCode, 2) << cuda.output;
+  EXPECT_NE(cuda.output.find("config field 'train.device': is \"cuda\", but"), std::string::npos) << cuda.output;
+  EXPECT_NE(cuda.output.find("CUDA"), std::string::npos) << cuda.output;
+
+  const ProcessResult nccl = runProcess({TESSERA_TRAIN_PATH, "--config", config, "--set", "parallel.backend=nccl"},
+                                        std::chrono::seconds(60), {}, kForeignLaunchVars);
+  EXPECT_EQ(nccl.exitCode, 2) << nccl.output;
+  EXPECT_NE(nccl.output.find("config field 'parallel.backend'"), std::string::npos) << nccl.output;
+  EXPECT_NE(nccl.output.find("set train.device = \"cuda\""), std::string::npos) << nccl.output;
 }
 
 // The example program (examples/train_gpt.cc) trains alone for a few steps.

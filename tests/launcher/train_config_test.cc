@@ -2,7 +2,11 @@
 // ConfigError naming the exact dotted key (and, for keys, the valid ones).
 #include <gtest/gtest.h>
 
+#include <ATen/Context.h>
+#include <torch/cuda.h>
+
 #include "launcher/train_config.h"
+#include "tessera/comm/nccl.h"
 #include "tests/harness/checks.h"
 
 namespace tessera::launcher {
@@ -329,6 +333,81 @@ TEST(TrainConfig, ElasticAndFaultSectionsAreReadAndChecked) {
   EXPECT_EQ(plan.slow.size(), 1u);
   EXPECT_EQ(plan.delays.size(), 1u);
   EXPECT_EQ(configErrorOf([&] { runFaultPlan(c, "kill:step=3"); }).field(), "faults.plan");
+}
+
+// train.device: its spelling is the parser's check (no CUDA call: "cuda"
+// parses on a machine without one); the device's existence is startup's.
+TEST(TrainConfig, TrainDeviceIsReadAndItsSpellingChecked) {
+  EXPECT_EQ(parseTrainJobConfig(kMinimalGpt).train.device, "cpu");
+  for (const std::string device : {"cpu", "cuda", "cuda:0", "cuda:3"}) {
+    EXPECT_EQ(parseTrainJobConfig(kMinimalGpt, {"train.device=" + device}).train.device, device);
+  }
+  for (const std::string bad : {"gpu", "CUDA", "cuda:", "cuda:-1", "cuda:1x", "cuda0", ""}) {
+    const ConfigError e = parseError(kMinimalGpt, {"train.device=\"" + bad + "\""});
+    EXPECT_EQ(e.field(), "train.device") << bad;
+    EXPECT_NE(std::string(e.what()).find("\"cuda:N\""), std::string::npos) << e.what();
+  }
+  const DeviceSpec local = parseDeviceSpec("cuda");
+  EXPECT_TRUE(local.cuda);
+  EXPECT_EQ(local.index, -1);
+  EXPECT_EQ(parseDeviceSpec("cuda:2").index, 2);
+  EXPECT_FALSE(parseDeviceSpec("cpu").cuda);
+  EXPECT_TRUE(resolveDevice("cpu", 3).is_cpu());
+}
+
+// The startup check on a machine without CUDA (this one: CPU-only libtorch).
+TEST(TrainConfig, CudaDeviceWithoutCudaNamesTrainDevice) {
+  if (at::hasCUDA() && torch::cuda::device_count() > 0) GTEST_SKIP() << "CUDA is available here";
+  for (const std::string device : {"cuda", "cuda:0"}) {
+    const ConfigError e = configErrorOf([&] { resolveDevice(device, 0); });
+    EXPECT_EQ(e.field(), "train.device");
+    const std::string text = e.what();
+    EXPECT_TRUE(text.find("has no CUDA") != std::string::npos ||
+                text.find("no CUDA device is visible") != std::string::npos) << text;
+    EXPECT_NE(text.find("train.device = \"cpu\""), std::string::npos) << text;  // the fix
+  }
+}
+
+TEST(TrainConfig, NcclBackendNeedsACudaDevice) {
+  const ConfigError onCpu = parseError(kMinimalGpt, {"parallel.backend=nccl"});
+  EXPECT_EQ(onCpu.field(), "parallel.backend");
+  EXPECT_NE(std::string(onCpu.what()).find("set train.device = \"cuda\""), std::string::npos) << onCpu.what();
+  if (comm::ncclBackendBuilt()) {
+    EXPECT_EQ(parseTrainJobConfig(kMinimalGpt, {"parallel.backend=nccl", "train.device=cuda"}).parallel.backend,
+              "nccl");
+  } else {
+    const ConfigError e = parseError(kMinimalGpt, {"parallel.backend=nccl", "train.device=cuda"});
+    EXPECT_EQ(e.field(), "parallel.backend");
+    EXPECT_NE(std::string(e.what()).find("-DTESSERA_WITH_NCCL=ON"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(parseTrainJobConfig(kMinimalGpt, {"train.device=cuda"}).parallel.backend, "auto");
+  const TrainJobConfig ucc = parseTrainJobConfig(kMinimalGpt, {"parallel.backend=ucc"});
+  EXPECT_EQ(configErrorOf([&] { ucc.parallel.validate(1); }).field(), "parallel.backend");  // resolve()'s check
+}
+
+// What keeps CPU buffers or CPU codecs is refused on CUDA at parse time,
+// naming the key to change; the same keys are fine on the CPU.
+TEST(TrainConfig, CudaRefusesWhatRunsOnTheCpuOnly) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"parallel.backend=gloo"}, "parallel.backend"},
+      {{"parallel.strategy=fsdp", "parallel.dp_shard=2"}, "parallel.strategy"},
+      {{"parallel.pp=2"}, "parallel.pp"},
+      {{"optim.name=diloco"}, "optim.name"},
+      {{"optim.name=demo"}, "optim.name"},
+      {{"precision.mode=fp8"}, "precision.mode"},
+      {{"parallel.grad_comm=fp8"}, "parallel.grad_comm"},
+  };
+  for (const auto& [overrides, key] : cases) {
+    EXPECT_NO_THROW(parseTrainJobConfig(kMinimalGpt, overrides)) << key;
+    std::vector<std::string> onCuda = overrides;
+    onCuda.push_back("train.device=cuda");
+    const ConfigError e = parseError(kMinimalGpt, onCuda);
+    EXPECT_EQ(e.field(), key) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cuda"), std::string::npos) << e.what();
+  }
+  // What runs there: DDP, SGD, bf16.
+  EXPECT_NO_THROW(parseTrainJobConfig(
+      kMinimalGpt, {"train.device=cuda", "optim.name=sgd", "precision.mode=bf16", "parallel.grad_comm=bf16"}));
 }
 
 }  // namespace

@@ -71,6 +71,31 @@ TEST(ParallelConfigResolve, ErrorsNameTheKeyTheAxisAndTheDegrees) {
   EXPECT_EQ(e.field(), "job.parallel.dp_replicate");
 }
 
+// The device check of the C++ API (parallelize() runs it before any
+// collective): NCCL only on CUDA, and on CUDA only what is device-generic.
+TEST(ParallelConfigValidateDevice, NcclNeedsCudaAndCudaRefusesCpuOnlyParts) {
+  ParallelConfig nccl = configOf(1, 1, "ddp");
+  nccl.backend = "nccl";
+  EXPECT_NO_THROW(nccl.resolve(1, false));
+  ConfigError e = configErrorOf([&] { nccl.validateDevice(/*cuda=*/false, false); });
+  EXPECT_EQ(e.field(), "parallel.backend");
+  EXPECT_TRUE(mentions(e, "set train.device = \"cuda\"")) << e.what();
+  EXPECT_NO_THROW(configOf(2, 1, "ddp").validateDevice(true, false));
+  EXPECT_NO_THROW(configOf(4, 1, "hybrid").validateDevice(false, false));  // the CPU: nothing refused
+
+  e = configErrorOf([] { configOf(1, 2, "fsdp").validateDevice(true, false, "adamw", "job.device", "job.parallel."); });
+  EXPECT_EQ(e.field(), "job.parallel.strategy");
+  EXPECT_TRUE(mentions(e, "job.device = \"cuda\"")) << e.what();
+  ParallelConfig tp = configOf(1, 1, "none");
+  tp.mesh.tp = 2;
+  EXPECT_EQ(configErrorOf([&] { tp.validateDevice(true, false); }).field(), "parallel.tp");
+  EXPECT_EQ(configErrorOf([] { configOf(2, 1, "ddp").validateDevice(true, /*localUpdates=*/true); }).field(),
+            "optim.name");
+  ParallelConfig gloo = configOf(1, 1, "none");
+  gloo.backend = "gloo";
+  EXPECT_EQ(configErrorOf([&] { gloo.validateDevice(true, false); }).field(), "parallel.backend");
+}
+
 TEST(ParallelConfigResolve, PlanPerStrategy) {
   using A = MeshAxis;
   EXPECT_EQ(configOf(4, 1, "ddp").resolve(4, false).gradientAxes, std::vector<A>{A::kDpReplicate});
@@ -151,7 +176,8 @@ TESSERA_WORKER(parallelize_ddp_grad_norm) {
   DeviceMesh mesh(ctx.world(), config.mesh);
   models::Gpt gpt(tinyGpt());
   auto model = makeTrainable(gpt);
-  ParallelModel pm = parallelize(*model, mesh, config, false);
+  ParallelModel pm = parallelize(*model, mesh, config, false, "adamw", c10::Device(c10::kCPU));
+  TESSERA_CHECK(pm.device.is_cpu(), "the device parallelize() was given is recorded");
   std::set<std::string> names;
   for (const NamedComm& c : pm.traffic) names.insert(c.name);
   TESSERA_CHECK((names == std::set<std::string>{"dp_replicate"}), "DDP talks on dp_replicate only");

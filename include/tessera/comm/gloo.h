@@ -31,6 +31,10 @@ struct GlooOptions {
 // the store, so a fresh prefix forms a fresh group (how the elastic mesh
 // re-forms). Throws TimeoutError naming the ranks that did not join within
 // options.timeout, StoreError if the store is unreachable.
+// Whether this build of tessera includes the Gloo backend (TESSERA_WITH_GLOO;
+// without it makeGlooCommunicator throws NotSupported naming the option).
+bool glooBackendBuilt();
+
 CommPtr makeGlooCommunicator(StorePtr store, const std::string& prefix, int rank, int size,
                              GlooOptions options = {});
 

@@ -13,6 +13,8 @@
 // where it is needed. The only process-wide effect is setLogRank(rank).
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <chrono>
 #include <string>
 
@@ -23,10 +25,22 @@
 namespace tessera {
 
 struct InitOptions {
-  // "auto", "gloo" or "mpi". An explicit "gloo"/"mpi" wins over the
-  // TESSERA_BACKEND variable; "auto" takes TESSERA_BACKEND if set, else MPI
-  // under mpirun (when tessera was built with MPI), else Gloo.
+  // "auto", "gloo", "mpi" or "nccl". An explicit one wins over the
+  // TESSERA_BACKEND variable. "auto" on a CUDA `device`: NCCL for a world of
+  // more than one (Gloo and MPI move CPU tensors; TESSERA_BACKEND is not
+  // consulted), none for a world of 1. "auto" on the CPU: TESSERA_BACKEND if
+  // set, else MPI under mpirun (when tessera was built with MPI), else Gloo.
+  // "nccl" needs a CUDA device and a build with NCCL; it meets through the
+  // same TCP store as Gloo (an in-process one for a world of 1).
   std::string backend = "auto";
+  // Where this process computes: "cpu", "cuda" (the LOCAL_RANK-th CUDA
+  // device of this node) or "cuda:N" (train.device). Resolved once the
+  // launch is known (DistributedContext::device); an NCCL world binds it.
+  std::string device = "cpu";
+  // The names ConfigErrors give the two settings above (tessera-train passes
+  // its keys, "parallel.backend" and "train.device").
+  std::string backendKey = "backend";
+  std::string deviceKey = "device";
   // Gloo's rendezvous timeout and the default timeout of every operation of
   // the world communicator.
   comm::Timeout timeout = comm::kDefaultCommTimeout;
@@ -59,7 +73,17 @@ struct DistributedContext {
   comm::StorePtr store;
   // The world communicator; every rank of the job is in it.
   comm::CommPtr world;
+  // With NCCL: a Gloo group of the same ranks over the same store (its own
+  // prefix), for collectives over CPU tensors. Null otherwise; use host().
+  comm::CommPtr hostWorld;
+  // The resolved InitOptions::device (cuda:LOCAL_RANK for "cuda"); when
+  // CUDA, also the calling thread's current CUDA device.
+  c10::Device device = c10::Device(c10::kCPU);
 
+  // The world for CPU tensors (agreement flags, checkpoint metadata, metrics
+  // tables): hostWorld under NCCL, else `world` (whatever the caller made it,
+  // e.g. wrapped with faults).
+  const comm::CommPtr& host() const { return hostWorld ? hostWorld : world; }
   int rank() const { return info.rank; }
   int worldSize() const { return info.worldSize; }
 };
@@ -67,7 +91,9 @@ struct DistributedContext {
 // Collective over every process of the job. Validates `options`, reads this
 // process's environment (launch_info.h), connects to or hosts the store,
 // creates the world communicator and calls setLogRank(rank).
-// Throws ConfigError for bad options; InvalidArgument naming the variable for
+// Throws ConfigError for bad options (naming options.deviceKey when CUDA is
+// asked for and this build or machine has none, or the index is out of
+// range; options.backendKey for "nccl" on the CPU or without NCCL); InvalidArgument naming the variable for
 // bad launch variables (RANK >= WORLD_SIZE, missing MASTER_PORT, ...);
 // StoreError when the store cannot be reached or hosted; TimeoutError naming
 // the missing ranks when they do not all arrive within options.timeout;

@@ -38,7 +38,7 @@ inline constexpr const char* kLocalWorldSize = "LOCAL_WORLD_SIZE";
 inline constexpr const char* kGroupRank = "GROUP_RANK";  // the node's rank (torchrun's name)
 inline constexpr const char* kMasterAddr = "MASTER_ADDR";
 inline constexpr const char* kMasterPort = "MASTER_PORT";
-inline constexpr const char* kBackend = "TESSERA_BACKEND";    // gloo | mpi
+inline constexpr const char* kBackend = "TESSERA_BACKEND";    // gloo | mpi | nccl
 inline constexpr const char* kLauncher = "TESSERA_LAUNCHER";  // "tessera-run" under tessera-run
 // "1" when a launcher hosts the TCP store at MASTER_ADDR:MASTER_PORT, so rank 0
 // must connect to it instead of hosting one itself.
@@ -59,7 +59,7 @@ struct LaunchInfo {
   int localRank = 0;       // rank among the processes of this node, in [0, localWorldSize)
   int localWorldSize = 1;  // processes on this node
   int nodeRank = 0;        // index of this node in the job
-  // Resolved backend: "gloo", "mpi", or "single" (a world of 1 with no backend).
+  // Resolved backend: "gloo", "mpi", "nccl", or "single" (a world of 1 with no backend).
   std::string backend = "single";
   std::string masterAddr;  // host of the TCP store; empty when no store is needed
   int masterPort = 0;      // port of the TCP store; 0 when no store is needed
@@ -79,15 +79,17 @@ struct LaunchInfo {
 };
 
 // Reads the launch from `env` (see the detection order above) and resolves the
-// backend. `requestedBackend` is InitOptions::backend: "gloo" or "mpi" win;
-// "auto" takes TESSERA_BACKEND if set, else "mpi" under mpirun when
-// `mpiBuilt`, else "gloo" (or "single" for a world of 1).
+// backend. `requestedBackend` is InitOptions::backend: "gloo", "mpi" or
+// "nccl" win; "auto" is "single" for a world of 1, else "nccl" when `cuda`
+// (the process computes on a CUDA device; TESSERA_BACKEND is not consulted),
+// else TESSERA_BACKEND if set, else "mpi" under mpirun when `mpiBuilt`, else
+// "gloo". Whether NCCL is built and the device is CUDA is init()'s check.
 // Pure: reads nothing but its arguments.
 // Throws InvalidArgument naming the variable and the fix when a value is not
 // an integer, out of range (RANK >= WORLD_SIZE, ...), half of a pair is
 // missing (RANK without WORLD_SIZE), or the store address is missing for a
 // Gloo world of more than one process.
-LaunchInfo detectLaunch(const EnvMap& env, const std::string& requestedBackend, bool mpiBuilt);
+LaunchInfo detectLaunch(const EnvMap& env, const std::string& requestedBackend, bool mpiBuilt, bool cuda = false);
 
 // Slurm's compressed tasks-per-node list ("2(x3),1": nodes 0-2 run 2 tasks,
 // node 3 runs 1): the count of node `nodeIndex`. Throws InvalidArgument naming

@@ -4,6 +4,7 @@
 //
 // Composition order (torchtitan's; later issues extend it in place, never in
 // a second copy):
+//   0. device              (train.device)  the model's parameters and buffers moved to it
 //   1. pipeline split      (pp)            the model cut into stages; each rank keeps its stage
 //   2. tensor parallel     (tp)            per stage: column/row/vocabulary-parallel layers
 //   3. expert parallel     (ep)            per stage: experts over ep (TED: tp inside experts)
@@ -22,6 +23,8 @@
 // The strategy string and the degrees are reconciled once, in
 // ParallelConfig::resolve(); everything downstream reads the resolved plan.
 #pragma once
+
+#include <c10/core/Device.h>
 
 #include <memory>
 #include <string>
@@ -92,7 +95,9 @@ struct ParallelConfig {
   // over dp_shard) or "hybrid" (shard within dp_shard, replicate across dp_replicate).
   std::string strategy = "ddp";
   double bucket_mb = 25;              // DDP gradient bucket size in MiB; > 0
-  std::string backend = "auto";       // communicator: "auto", "gloo" or "mpi" (see InitOptions::backend)
+  // Communicator: "auto", "gloo", "mpi" or "nccl" (see InitOptions::backend). "nccl" needs
+  // train.device = "cuda" and a build with NCCL (validateDevice); "auto" on a CUDA device is NCCL.
+  std::string backend = "auto";
   // With tp > 1: split the activations between TP blocks along the sequence
   // (Megatron's sequence parallelism); the sequence length must divide by tp.
   // No effect with tp = 1.
@@ -119,6 +124,20 @@ struct ParallelConfig {
   DataParallelPlan resolve(int worldSize, bool localUpdates = false, const std::string& prefix = "parallel.") const;
   // resolve()'s strategy part: the plan's axes before ep is added. Local.
   DataParallelPlan resolveDataAxes(bool localUpdates, const std::string& prefix) const;
+  // What runs with the model on a CUDA device (cuda = true), checked before
+  // any collective: strategy none / ddp, adamw / sgd (optimizer: the stepping
+  // one), grad_comm fp32 / bf16, precision fp32 / bf16, and backend auto or
+  // nccl. Refused, each with a ConfigError naming its key and why: fsdp /
+  // hybrid (flat shards are CPU buffers), tp / pp / ep > 1 (the logical norm
+  // and the cross-stage norm reduce CPU tensors), local-update optimizers
+  // (localUpdates: DiLoCo's outer copies, DeMo's and MT-DAO's codecs are
+  // host-side; key optim.name), grad_comm / precision.mode fp8 (CPU FP8 ring
+  // and codecs), and backend gloo / mpi (CPU tensors only). With cuda =
+  // false: backend "nccl" is refused (it moves CUDA tensors; set
+  // `deviceKey` = "cuda"). Backend "nccl" in a build without NCCL is refused
+  // either way. Local.
+  void validateDevice(bool cuda, bool localUpdates, const std::string& optimizer = "adamw",
+                      const std::string& deviceKey = "train.device", const std::string& prefix = "parallel.") const;
   // resolve() for its checks only.
   void validate(int worldSize, bool localUpdates = false, const std::string& prefix = "parallel.") const {
     resolve(worldSize, localUpdates, prefix);
@@ -156,6 +175,9 @@ struct ParallelModel {
   // O3 with strategy "fsdp" (precision.h): the ranks the optimizer shards
   // whole tensors over (the dense gradient group). Null otherwise.
   comm::CommPtr wholeTensorShardComm;
+  // Where the model's parameters, buffers and the strategy's buffers live
+  // (parallelize()'s `device`): the Trainer moves each batch here (TrainerParts::device).
+  c10::Device device = c10::Device(c10::kCPU);
   // True on the one rank that writes metrics: the rank that has the loss
   // with every data, tp and ep coordinate 0 (world rank 0 until pipelines).
   bool reportsMetrics = false;
@@ -163,12 +185,16 @@ struct ParallelModel {
 
 // Collective over mesh.world() (DDP and FSDP broadcast rank 0's parameters;
 // hybrid and local updates flatten dp axes). Applies the composition order
-// above to `model`. Throws ConfigError as ParallelConfig::resolve does, and
-// for a strategy the model cannot run ("fsdp" needs a GPT); CommError /
+// above to `model`, after moving its parameters and buffers to `device`
+// (step 0: every strategy buffer is then allocated there; the mesh's
+// communicators must take tensors on it -- NCCL for CUDA). Throws
+// ConfigError as ParallelConfig::resolve and validateDevice do, and for a
+// strategy the model cannot run ("fsdp" needs a GPT); CommError /
 // TimeoutError from the comms.
 // `optimizer` (optim.name) is what resolvePrecision checks the levels against.
 ParallelModel parallelize(TrainableModel& model, DeviceMesh& mesh, const ParallelConfig& config,
-                          bool localUpdates, const std::string& optimizer = "adamw");
+                          bool localUpdates, const std::string& optimizer = "adamw",
+                          c10::Device device = c10::Device(c10::kCPU));
 
 // The part of the GPT that pipeline rank `ppRank` builds under `config`
 // (the whole model when mesh.pp == 1). Local; throws ConfigError as

@@ -1,6 +1,8 @@
 // The [train] section: how long to train and how often to evaluate and log.
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <cstdint>
 #include <string>
 
@@ -23,9 +25,32 @@ struct TrainConfig {
   // Trainer has a stage norm (TrainerParts::stageNorm) and the optimizer can be rolled back (AdamW,
   // SGD); "off" waits for the norm before the step. Either way the parameters are the same bits.
   std::string post_validation = "auto";
+  // Where the model, its gradients, the optimizer state and each batch live: "cpu", "cuda" (this
+  // process's LOCAL_RANK-th CUDA device) or "cuda:N". What runs on CUDA and what is refused:
+  // parallel::ParallelConfig::validateDevice. Resolved at startup by resolveDevice().
+  std::string device = "cpu";
 
   // Throws ConfigError naming the field (prefix + "steps") and the accepted values.
+  // Checks train.device's spelling only; whether the device exists is resolveDevice()'s.
   void validate(const std::string& prefix = "train.") const;
 };
+
+// A device spec as TrainConfig::device spells it, parsed: CPU, or CUDA with
+// an explicit index (index >= 0) or this process's local rank (index = -1).
+struct DeviceSpec {
+  bool cuda = false;
+  int index = -1;
+};
+
+// Local, no CUDA calls. Throws ConfigError naming `key` for anything but
+// "cpu", "cuda" and "cuda:N" (N a decimal integer >= 0).
+DeviceSpec parseDeviceSpec(const std::string& spec, const std::string& key = "train.device");
+
+// The device `spec` names for the process whose LOCAL_RANK is `localRank`
+// ("cuda" -> cuda:localRank). Local. Throws ConfigError naming `key` and the
+// fix when CUDA is asked for and this libtorch build has no CUDA, no CUDA
+// device is visible, or the index is out of range. Makes `cuda:N` the
+// calling thread's current CUDA device (NCCL and the caching allocator use it).
+c10::Device resolveDevice(const std::string& spec, int localRank, const std::string& key = "train.device");
 
 }  // namespace tessera

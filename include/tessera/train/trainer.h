@@ -53,6 +53,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <functional>
@@ -180,12 +181,19 @@ struct TrainerParts {
   // collectives over any group of the job; the fields it adds are written by
   // the rank with `metrics`, after the standard ones. Empty: nothing.
   std::function<void(MetricsRecord&)> extraMetrics;
+  // Where the model lives (parallel::ParallelModel::device; resolveDevice for
+  // train.device). The sources may hand out CPU batches: each batch is copied
+  // here (non_blocking) before the executor sees it, and the loss average over
+  // dataComm runs on a tensor here (NCCL takes device tensors only). The
+  // Trainer does not move the model: parallelize() did, or the caller did
+  // before building dp and the optimizer over its parameters.
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 class Trainer {
  public:
   // Validates config (ConfigError) and the parts (InvalidArgument naming a
-  // missing one); seeds torch's global generator with config.seed (the
+  // missing one, or a model parameter that is not on parts.device); seeds torch's global generator with config.seed (the
   // randomness left outside the models' keyed dropout; saved per rank).
   Trainer(TrainerParts parts, TrainConfig config);
   ~Trainer();
@@ -227,6 +235,7 @@ class Trainer {
   };
 
   double forwardBackward();
+  Batch onDevice(Batch batch) const;      // the batch's tensors on parts_.device
   Update update();                        // step 3 up to the zeroing (collective)
   Update clipAndStep(double globalNorm);  // skip, or clip then step
   Update skip(double globalNorm);  // this rank's mean loss of the step's micro-batches (NaN without the loss)
