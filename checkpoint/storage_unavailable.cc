@@ -5,6 +5,7 @@
 // validate; every operation throws NotSupported naming the option, at the
 // first use rather than at build time.
 #include "tessera/checkpoint/checkpoint.h"
+#include "tessera/core/config.h"
 #include "tessera/core/error.h"
 
 namespace tessera::checkpoint {

@@ -171,32 +171,23 @@ endif()
 tessera_feature(HDF5 _hdf5_found "checkpoints (HDF5 shards with zstd chunks, tessera-export)"
   "HDF5 and zstd (libhdf5-dev, libzstd-dev, pkg-config)")
 
-# OpenSSL: HMAC-SHA256 of the join handshake (tessera's store, live recovery).
-set(_openssl_found OFF)
-if(NOT TESSERA_WITH_OPENSSL STREQUAL "OFF")
-  find_package(OpenSSL QUIET)
-  if(OpenSSL_FOUND AND TARGET OpenSSL::Crypto)
-    set(_openssl_found ON)
+# A part that needs one find_package(PACKAGE) and its FOUND variable.
+macro(tessera_package_feature name package what how)
+  set(_found OFF)
+  if(NOT TESSERA_WITH_${name} STREQUAL "OFF")
+    find_package(${package} QUIET)
+    set(_found ${${package}_FOUND})
   endif()
-endif()
-tessera_feature(OPENSSL _openssl_found
+  tessera_feature(${name} _found "${what}" "${how}")
+endmacro()
+
+# OpenSSL: HMAC-SHA256 of the join handshake (tessera's store, live recovery).
+tessera_package_feature(OPENSSL OpenSSL
   "the join handshake (tessera-store, elastic rendezvous, live recovery)" "OpenSSL (libssl-dev)")
-
 # libcurl: the etcd store (etcd v3's HTTP gateway).
-set(_curl_found OFF)
-if(NOT TESSERA_WITH_CURL STREQUAL "OFF")
-  find_package(CURL QUIET)
-  set(_curl_found ${CURL_FOUND})
-endif()
-tessera_feature(CURL _curl_found "the etcd store (--rdzv-backend etcd)" "libcurl (libcurl4-openssl-dev)")
-
+tessera_package_feature(CURL CURL "the etcd store (--rdzv-backend etcd)" "libcurl (libcurl4-openssl-dev)")
 # zlib: gzip-compressed datasets (fashion-MNIST ships .gz files).
-set(_zlib_found OFF)
-if(NOT TESSERA_WITH_ZLIB STREQUAL "OFF")
-  find_package(ZLIB QUIET)
-  set(_zlib_found ${ZLIB_FOUND})
-endif()
-tessera_feature(ZLIB _zlib_found "gzip-compressed datasets (fashion-MNIST .gz files)" "zlib (zlib1g-dev)")
+tessera_package_feature(ZLIB ZLIB "gzip-compressed datasets (fashion-MNIST .gz files)" "zlib (zlib1g-dev)")
 
 # The summary: what is built, and what is not and why.
 function(tessera_dependency_summary)
