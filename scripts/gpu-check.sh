@@ -106,6 +106,9 @@ build_ok=false
 if $configure_ok; then
   log "building ${targets[*]} with $jobs jobs"
   cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}" > "$work/build.log" 2>&1 && build_ok=true
+  $build_ok || { log "the build failed; its end ($work/build.log):"; tail -25 "$work/build.log" >&2; }
+else
+  log "configuring failed; its end ($work/configure.log):"; tail -25 "$work/configure.log" >&2
 fi
 built=$(date +%s)
 
@@ -179,6 +182,7 @@ summary = {
                   "seconds": $configured - $step_start},
     "build": {"ok": "$build_ok" == "true", "seconds": $built - $configured},
     "checks_seconds": $finished - $built,
+    "logs": work,
     "checks": [],
 }
 
