@@ -223,7 +223,8 @@ def gtest(name):
         for test in suite.get("testsuite", []):
             full = "%s/%s.%s" % (name, suite["name"], test["name"])
             if test.get("failures"):
-                add(full, "failed", test["failures"][0].get("failure", "").splitlines()[0])
+                # "file:line" then the message: keep both, on one line.
+                add(full, "failed", " ".join(test["failures"][0].get("failure", "").splitlines()[:3]))
             elif test.get("result") == "SKIPPED" or test.get("status") == "NOTRUN":
                 add(full, "skipped", reasons.get("%s.%s" % (suite["name"], test["name"]), ""))
             else:
