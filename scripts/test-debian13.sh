@@ -214,8 +214,9 @@ say "build took $((built - start)) s"
 [ "$mode" = build ] && exit 0
 
 # ---- Tests ----------------------------------------------------------------------------------
-label=()
-[ "$long" -eq 1 ] || label=(-LE long)
+# Never "dry-run" (scripts/gpu-check.sh --dry-run: a second whole build); "long" on request.
+label=(-LE 'long|dry-run')
+[ "$long" -eq 1 ] && label=(-LE dry-run)
 # Multi-process tests oversubscribe the cores on purpose: one at a time, like scripts/test.sh.
 in_root bash -c 'cd /build && exec nice -n 19 ctest --output-on-failure --timeout 900 -j1 "$@"' \
   ctest "${label[@]}" "${ctest_extra[@]}"
